@@ -1,0 +1,105 @@
+"""The exceptions lora_core raises: one small tree, each naming what the caller got wrong.
+
+    LoraCoreError                 base; `.code`, `.message`, `.param`, `.user_fault`
+    ├── SpecError                 a spec field is out of range / unknown   (user)
+    ├── DatasetError              a data line is malformed                (user)  `.line`, `.errors`
+    ├── ModelError                model dir missing, pickle-only, bad config (user)
+    ├── TrainingError             the run itself failed (NaN loss, OOM)   (system)
+    ├── MergeError                a merge failed or failed verification   (system)
+    └── StorageError              disk full / unwritable output           (system)
+
+`to_dict()` gives the `{code, message, param}` shape the service stores and returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "LoraCoreError",
+    "SpecError",
+    "DatasetError",
+    "ModelError",
+    "TrainingError",
+    "MergeError",
+    "StorageError",
+]
+
+
+class LoraCoreError(Exception):
+    """Base of every error lora_core raises on purpose."""
+
+    code = "lora_core_error"
+    user_fault = False
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "user_fault": self.user_fault,
+        }
+
+
+class SpecError(LoraCoreError):
+    """A spec field has a bad value: `param` is the dotted field name, e.g. `lora.r`."""
+
+    code = "invalid_spec"
+    user_fault = True
+
+    def __init__(self, message: str, *, param: str | None = None, value: Any = None) -> None:
+        super().__init__(message, param=param)
+        self.value = value
+
+
+class DatasetError(LoraCoreError):
+    """One or more data lines are malformed. `errors` holds `{line, field, message}` dicts."""
+
+    code = "invalid_dataset"
+    user_fault = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message, param=field)
+        self.line = line
+        self.field = field
+        self.errors = errors or ([{"line": line, "field": field, "message": message}] if line else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "errors": self.errors}
+
+
+class ModelError(LoraCoreError):
+    """The base model directory is missing, unsafe (pickle-only) or unusable."""
+
+    code = "invalid_model"
+    user_fault = True
+
+
+class TrainingError(LoraCoreError):
+    """Training failed for a reason that is not the user's input (OOM, NaN loss, crash)."""
+
+    code = "training_failed"
+
+
+class MergeError(LoraCoreError):
+    """A merge failed, produced NaN/Inf, or its logits check exceeded the tolerance."""
+
+    code = "merge_failed"
+
+
+class StorageError(LoraCoreError):
+    """Writing output failed (disk full, permissions). Earlier checkpoints stay intact."""
+
+    code = "storage_error"

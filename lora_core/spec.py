@@ -1,0 +1,112 @@
+"""The training spec: the one definition of every field a LoRA run takes.
+
+Shared by the local CLI (`lorajobs train spec.yaml`), the trainer child process and the HTTP
+job spec (the API reuses `LoraSpec`, `TrainingSpec`, `DistributedSpec`), so a field means the
+same thing everywhere. Torch-free: the API imports this module.
+
+Unknown fields are rejected (`extra="forbid"`), out-of-range values name their field.
+Defaults follow the LLMBook recipe where it is sound (r=16, alpha=16, dropout=0.05,
+targets = the architecture's default) and deviate where it is not (lr 1e-4, not 1e-5:
+1e-5 barely moves a LoRA adapter in a short run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "LoraSpec",
+    "TrainingSpec",
+    "DistributedSpec",
+    "MergeMode",
+    "RunSpec",
+    "DATA_FORMATS",
+    "VLLM_LORA_RANKS",
+]
+
+MergeMode = Literal["final", "all", "none"]
+DATA_FORMATS = ("alpaca", "completion", "chat", "text")
+# Ranks vLLM's punica kernels accept (vllm/config LoRAConfig.max_lora_rank choices).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+MAX_RANK = 1024  # beyond this a "low-rank" adapter is a full fine-tune in disguise
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class LoraSpec(_Strict):
+    """LoRA hyper-parameters. `target_modules`: names, "all-linear", or None (arch default)."""
+
+    r: int = Field(16, ge=1, le=MAX_RANK)
+    alpha: float = Field(16, gt=0, le=1e4)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    use_rslora: bool = False
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_names(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one module, or be omitted")
+            for name in v:
+                if not name or not name.replace("_", "").replace(".", "").isalnum():
+                    raise ValueError(f"invalid module name {name!r}")
+        return v
+
+
+class TrainingSpec(_Strict):
+    """Optimisation settings. `save_steps=None` saves once per epoch (the book's choice)."""
+
+    epochs: float = Field(2, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=1_000_000)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(2, ge=1, le=1024)
+    max_seq_length: int = Field(2048, ge=8, le=262_144)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_steps: int | None = Field(None, ge=1, le=1_000_000)
+    save_total_limit: int | None = Field(None, ge=1, le=1000)
+    eval_steps: int | None = Field(None, ge=1, le=1_000_000)
+    validation_split: float = Field(0.0, ge=0, lt=1)
+    packing: bool | Literal["auto"] = "auto"
+    logging_steps: int = Field(1, ge=1, le=100_000)
+
+
+class DistributedSpec(_Strict):
+    """How many processes train one job and with which ZeRO stage (0 = plain DDP/single)."""
+
+    num_processes: int = Field(1, ge=1, le=64)
+    zero_stage: Literal[0, 2, 3] = 0
+
+
+class RunSpec(_Strict):
+    """A whole local run: paths instead of registered names and dataset ids.
+
+    `output_dir/checkpoints/checkpoint-<step>/` (resumable) and `adapter/` beside it,
+    `output_dir/merged/...` for merges, `output_dir/adapter/` for the final adapter.
+    """
+
+    model_dir: Path
+    train_file: Path
+    validation_file: Path | None = None
+    data_format: Literal["alpaca", "completion", "chat", "text"] | None = None
+    output_dir: Path
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    merge: MergeMode = "final"
+    merge_shard_size: str = "2GB"
+    resume: bool = True

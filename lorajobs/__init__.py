@@ -1,0 +1,1 @@
+"""lorajobs: a self-hosted REST service that runs LoRA fine-tuning jobs."""
