@@ -1,0 +1,301 @@
+"""What a base model directory holds, read from its safetensors headers alone.
+
+TORCH-FREE: the API process imports this module to register models and to validate a job's
+`lora` section at submit time, long before a worker loads a single weight. It only parses
+`config.json` and the JSON header every safetensors file starts with:
+
+    [ 8 bytes: header length N, little-endian u64 ][ N bytes: JSON header ][ raw tensor bytes ]
+    header = {"model.layers.0.self_attn.q_proj.weight":
+                  {"dtype": "BF16", "shape": [d_out, d_in], "data_offsets": [start, end]},
+              "__metadata__": {...}}
+
+A 2-D `*.weight` that is not an embedding is taken to be a linear layer (d_out, d_in). Pickle
+weights (`*.bin`, `*.pt`, `*.pth`) are never read: a directory that has only those is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_core.errors import ModelError, SpecError
+
+__all__ = [
+    "ModelInfo",
+    "read_safetensors_header",
+    "inspect_model_dir",
+    "resolve_target_modules",
+    "validate_lora_spec",
+    "DEFAULT_TARGET_MODULES",
+    "SAFETENSORS_DTYPE_BYTES",
+]
+
+# Bytes per element of each safetensors dtype tag (safetensors' `Dtype` enum).
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+# safetensors tag -> the name torch / config.json use for it.
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# A header larger than this is not a real model header (safetensors itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# PEFT's per-architecture defaults (peft.utils.constants.
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, 0.21), keyed by config.json `model_type`;
+# copied for the decoder-only families we serve so this module stays torch-free.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+}
+# Leaf names of output heads: never a LoRA target under "all-linear" (PEFT excludes them too).
+OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+
+
+@dataclass
+class ModelInfo:
+    """A base model as seen from its files. `linear_shapes[name] = (d_out, d_in)`."""
+
+    model_dir: Path
+    architecture: str | None
+    model_type: str | None
+    num_parameters: int
+    dtype: str | None
+    weight_modules: list[str]
+    linear_names: list[str]
+    weight_files: list[str]
+    total_bytes: int
+    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    module_names: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able summary the API stores for a registered model."""
+        return {
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "num_parameters": self.num_parameters,
+            "dtype": self.dtype,
+            "linear_names": self.linear_names,
+            "weight_files": self.weight_files,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse one file's header without reading its tensors. Raises ModelError if corrupt."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) != 8:
+                raise ModelError(f"corrupt safetensors header in {p.name}: file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ModelError(f"corrupt safetensors header in {p.name}: header length {n}")
+            header = json.loads(fh.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"corrupt safetensors header in {p.name}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"corrupt safetensors header in {p.name}: not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPE_BYTES:
+            raise ModelError(f"corrupt safetensors header in {p.name}: bad entry {name!r}")
+        end = entry.get("data_offsets", [0, 0])[1]
+        if 8 + n + end > size:
+            raise ModelError(f"corrupt safetensors file {p.name}: tensor {name!r} is truncated")
+    return header
+
+
+def _weight_files(model_dir: Path) -> list[str]:
+    """The safetensors files of a model dir (index shards or the single file), else ModelError."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"corrupt model.safetensors.index.json in {model_dir}: {exc}") from exc
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise ModelError(f"shard(s) listed in the index are missing: {missing}")
+        return files
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelError(
+            f"refusing to load pickle weights {pickles} in {model_dir}: convert the model to "
+            "safetensors (pickle files can run arbitrary code when loaded)"
+        )
+    raise ModelError(f"no safetensors weights (model.safetensors or its index) in {model_dir}")
+
+
+def _is_embedding(module: str) -> bool:
+    leaf = module.rsplit(".", 1)[-1]
+    return "embed" in leaf or leaf in ("wte", "wpe")
+
+
+def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelInfo:
+    """Read config.json and every weight file's header: no tensor byte is loaded."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelError(f"model directory {d} does not exist")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"no config.json in {d}")
+    try:
+        config = json.loads(cfg_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"config.json in {d} is not valid JSON: {exc}") from exc
+    files = _weight_files(d)
+    num_params, total_bytes = 0, 0
+    dtypes: Counter[str] = Counter()
+    weight_modules: list[str] = []
+    modules: set[str] = set()
+    shapes: dict[str, tuple[int, int]] = {}
+    for fname in files:
+        total_bytes += (d / fname).stat().st_size
+        for name, entry in read_safetensors_header(d / fname).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            num_params += count
+            dtypes[entry["dtype"]] += count
+            module = name.rsplit(".", 1)[0] if "." in name else name
+            modules.add(module)
+            if name.endswith(".weight") and len(entry["shape"]) == 2:
+                weight_modules.append(module)
+                if not _is_embedding(module):
+                    shapes[module] = (int(entry["shape"][0]), int(entry["shape"][1]))
+    top = dtypes.most_common(1)[0][0] if dtypes else None
+    archs = config.get("architectures") or [None]
+    return ModelInfo(
+        model_dir=d,
+        architecture=archs[0],
+        model_type=config.get("model_type"),
+        num_parameters=num_params,
+        dtype=DTYPE_NAMES.get(top, top) if top else None,
+        weight_modules=sorted(weight_modules),
+        linear_names=sorted({m.rsplit(".", 1)[-1] for m in shapes}),
+        weight_files=files,
+        total_bytes=total_bytes,
+        linear_shapes=shapes,
+        module_names=sorted(modules),
+        config=config,
+    )
+
+
+def _as_info(info_or_dir: ModelInfo | str | os.PathLike[str]) -> ModelInfo:
+    return info_or_dir if isinstance(info_or_dir, ModelInfo) else inspect_model_dir(info_or_dir)
+
+
+def matches(module: str, name: str) -> bool:
+    """PEFT's rule: `name` targets `module` if equal or a dotted suffix (`...self_attn.q_proj`)."""
+    return module == name or module.endswith("." + name)
+
+
+def resolve_target_modules(
+    info_or_dir: ModelInfo | str | os.PathLike[str],
+    target_modules: list[str] | str | None,
+) -> list[str]:
+    """Turn the spec's `target_modules` into explicit names that exist in the model.
+
+    None -> the architecture's default (PEFT's table); "all-linear" -> every linear leaf name
+    except output heads and embeddings; names -> checked, SpecError lists the available ones.
+    """
+    info = _as_info(info_or_dir)
+    available = [n for n in info.linear_names if n not in OUTPUT_HEADS]
+    if target_modules is None:
+        default = DEFAULT_TARGET_MODULES.get(info.model_type or "")
+        if default is None:
+            raise SpecError(
+                f"no default target modules for model_type {info.model_type!r}; "
+                f"set lora.target_modules, available: {available}",
+                param="lora.target_modules",
+                value=None,
+            )
+        target_modules = default
+    elif target_modules == "all-linear":
+        return available
+    elif isinstance(target_modules, str):
+        target_modules = [target_modules]
+    unknown = [t for t in target_modules if not any(matches(m, t) for m in info.linear_shapes)]
+    if unknown:
+        raise SpecError(
+            f"unknown target module(s) {unknown}; available linear modules: {available}",
+            param="lora.target_modules",
+            value=unknown,
+        )
+    return list(target_modules)
+
+
+def _spec_field(spec: Any, name: str) -> Any:
+    return spec.get(name) if isinstance(spec, dict) else getattr(spec, name, None)
+
+
+def validate_lora_spec(lora_spec: Any, model_info: ModelInfo | str | os.PathLike[str]) -> list[str]:
+    """Check a LoraSpec (or dict) against a model; collect every problem, raise one SpecError.
+
+    Checks what pydantic cannot: targets exist, modules_to_save exist, and r <= min(d_in, d_out)
+    of every target (a rank above that adds parameters without adding expressiveness).
+    Returns the resolved target names.
+    """
+    info = _as_info(model_info)
+    problems: list[tuple[str, Any, str]] = []  # (param, value, message)
+    targets: list[str] = []
+    try:
+        targets = resolve_target_modules(info, _spec_field(lora_spec, "target_modules"))
+    except SpecError as exc:
+        problems.append((exc.param or "lora.target_modules", exc.value, exc.message))
+    for name in _spec_field(lora_spec, "modules_to_save") or []:
+        if not any(matches(m, name) for m in info.module_names):
+            problems.append(
+                ("lora.modules_to_save", name, f"modules_to_save {name!r} not found in the model")
+            )
+    r = _spec_field(lora_spec, "r")
+    if r is not None and targets:
+        limit = min(
+            min(shape)
+            for module, shape in info.linear_shapes.items()
+            if any(matches(module, t) for t in targets)
+        )
+        if r > limit:
+            problems.append(
+                ("lora.r", r, f"r={r} exceeds min(d_in, d_out)={limit} of the targeted modules")
+            )
+    if problems:
+        param, value, _ = problems[0]
+        message = "; ".join(f"{p}: {m}" for p, _, m in problems)
+        raise SpecError(message, param=param, value=value)
+    return targets

@@ -1,0 +1,233 @@
+"""The job state machine: every change of a job's status goes through `transition`.
+
+    queued ──claim──▶ running ──▶ succeeded | failed | cancelled
+      │  ▲               │
+      │  └──requeue──────┘   (lease expired, graceful shutdown: attempt < max_attempts)
+      └──▶ cancelled | failed
+
+Each transition is one conditional UPDATE (`WHERE id = ? AND status = <from>` and, for a
+worker, `AND lease_owner = <me>`), so two actors racing (the worker finishing, the reaper
+requeueing, a user cancelling) cannot both win; the loser gets `IllegalTransition`. Every
+successful transition writes a `status` event in the same transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from lorajobs.service.errors import IllegalTransition
+from lorajobs.service.models import Job, JobEvent, JobStatus, utcnow
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "transition",
+    "add_event",
+    "claim",
+    "renew_lease",
+    "request_cancel",
+    "reap_expired_leases",
+    "stale_queued_jobs",
+    "mark_enqueued",
+    "update_progress",
+]
+
+S = JobStatus
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    type_: str,
+    message: str = "",
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, type=type_, message=message, level=level, data=data or {})
+    session.add(event)
+    return event
+
+
+def transition(
+    session: Session,
+    job: Job,
+    *,
+    to: str,
+    expect_owner: str | None = None,
+    error: dict[str, Any] | None = None,
+    message: str = "",
+    stage: str | None = None,
+) -> Job:
+    """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit."""
+    from_status = job.status
+    if to not in ALLOWED_TRANSITIONS.get(from_status, frozenset()):
+        raise IllegalTransition(f"job {job.id} is {from_status}; cannot become {to}",
+                                param="status")
+    now = utcnow()
+    values: dict[str, Any] = {"status": to, "updated_at": now, "stage": stage}
+    if to in S.TERMINAL:
+        values |= {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
+    if to == S.QUEUED:
+        values |= {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now}
+    if error is not None:
+        values["error"] = error
+    stmt = update(Job).where(Job.id == job.id, Job.status == from_status)
+    if expect_owner is not None:
+        stmt = stmt.where(Job.lease_owner == expect_owner)
+    if session.execute(stmt.values(**values)).rowcount != 1:
+        session.refresh(job)
+        raise IllegalTransition(
+            f"job {job.id} changed concurrently (now {job.status}); cannot become {to}",
+            param="status",
+        )
+    session.refresh(job)
+    level = "error" if to == S.FAILED else "info"
+    add_event(session, job.id, "status", message or f"{from_status} -> {to}", level=level,
+              data={"from": from_status, "to": to, "attempt": job.attempt,
+                    **({"error": error} if error else {})})
+    return job
+
+
+def claim(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> Job | None:
+    """Take a queued job with a lease, or return None if it is not claimable. Commits.
+
+    Not claimable: running under someone's lease, finished, cancelled, or cancel requested.
+    This is what makes a duplicate task delivery a no-op.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == S.QUEUED, Job.cancel_requested.is_(False))
+        .values(status=S.RUNNING, stage="preparing", lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempt=Job.attempt + 1, updated_at=now, started_at=now, error=None)
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_event(session, job_id, "status", f"queued -> running (attempt {job.attempt})",
+              data={"from": S.QUEUED, "to": S.RUNNING, "attempt": job.attempt, "owner": owner})
+    session.commit()
+    return job
+
+
+def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:
+    """Extend our lease. False means we lost the job (reaped or finished): stop working on it."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Queued: cancelled at once. Running: flag it; the worker stops the trainer. Commits.
+
+    A finished job raises IllegalTransition (409 at the edge).
+    """
+    if job.status == S.QUEUED:
+        try:
+            transition(session, job, to=S.CANCELLED, message="cancelled while queued")
+        except IllegalTransition:
+            session.rollback()
+            session.refresh(job)
+            if job.status != S.RUNNING:
+                raise
+        else:
+            session.commit()
+            return job
+    if job.status == S.RUNNING:
+        if not job.cancel_requested:
+            session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+            add_event(session, job.id, "cancel_requested", "cancel requested; stopping trainer")
+            session.commit()
+            session.refresh(job)
+        return job
+    raise IllegalTransition(f"job {job.id} is already {job.status}", param="status",
+                            code="job_not_cancellable")
+
+
+def reap_expired_leases(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Requeue running jobs whose lease expired (their worker died); fail those out of attempts.
+
+    Returns the ids that went back to queued (the caller sends them to the broker). Commits.
+    """
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Job).where(Job.status == S.RUNNING, Job.lease_expires_at < now)
+    ).all()
+    requeued: list[str] = []
+    for job in expired:
+        owner = job.lease_owner
+        try:
+            if job.cancel_requested:
+                transition(session, job, to=S.CANCELLED, expect_owner=owner,
+                           message="cancelled (worker lost while stopping)")
+            elif job.attempt >= job.max_attempts:
+                transition(session, job, to=S.FAILED, expect_owner=owner, error={
+                    "code": "worker_lost", "user_fault": False, "param": None,
+                    "message": f"worker lost {job.attempt} times (max_attempts="
+                               f"{job.max_attempts}); giving up"})
+            else:
+                transition(session, job, to=S.QUEUED, expect_owner=owner,
+                           message=f"lease expired (worker {owner} lost); requeued")
+                requeued.append(job.id)
+            session.commit()
+        except IllegalTransition:
+            session.rollback()  # the worker finished or renewed in between: fine
+    return requeued
+
+
+def stale_queued_jobs(session: Session, *, older_than_seconds: float) -> list[str]:
+    """Queued jobs nobody picked up within `older_than_seconds` of their last send."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return list(session.scalars(
+        select(Job.id).where(Job.status == S.QUEUED, Job.cancel_requested.is_(False),
+                             (Job.enqueued_at.is_(None)) | (Job.enqueued_at < cutoff))
+    ).all())
+
+
+def mark_enqueued(session: Session, job_ids: list[str]) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
+        session.commit()
+
+
+def update_progress(
+    session: Session,
+    job_id: str,
+    *,
+    owner: str,
+    progress: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    stage: str | None = None,
+) -> bool:
+    """Store the latest progress/metrics snapshot while we hold the lease. Does not commit."""
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    if metrics is not None:
+        values["metrics"] = metrics
+    if stage is not None:
+        values["stage"] = stage
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
+        .values(**values)
+    )
+    return result.rowcount == 1

@@ -1,0 +1,85 @@
+"""The one settings object, read from `LORAJOBS_*` environment variables, failing fast.
+
+Embedded defaults (SQLite, an embedded broker on SQLite, a local artifact directory) live
+under one `data_dir`; production sets `LORAJOBS_DATABASE_URL=postgresql+psycopg://...` and
+`LORAJOBS_BROKER_URL=redis://...`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAJOBS_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".lorajobs")
+    database_url: str | None = None  # default: sqlite under data_dir
+    broker_url: str | None = None  # default: embedded kombu SQLAlchemy transport under data_dir
+    artifact_root: Path | None = None  # default: data_dir/artifacts
+    model_root: Path | None = None  # default: data_dir/models; registered models live here
+
+    # Leases: a worker renews every LEASE_RENEW_SECONDS; a lease not renewed for
+    # lease_seconds means the worker died and the reaper may requeue the job.
+    lease_seconds: int = Field(60, ge=2)
+    lease_renew_seconds: float = Field(10, gt=0)
+    reaper_interval_seconds: float = Field(15, gt=0)
+    # A queued job whose message nobody picked up within this is sent again (broker lost it).
+    requeue_after_seconds: float = Field(60, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+    # Cancel: the trainer gets a stop file, then SIGTERM, then SIGKILL after this grace.
+    cancel_grace_seconds: float = Field(15, gt=0)
+    worker_poll_seconds: float = Field(0.5, gt=0)
+
+    # Resource limits (OWASP API4).
+    max_upload_bytes: int = Field(200 * MiB, ge=1)
+    max_examples_per_dataset: int = Field(2_000_000, ge=1)
+    max_request_bytes: int = Field(1 * MiB, ge=1024)
+    max_active_jobs_per_tenant: int = Field(16, ge=1)
+    max_total_steps: int = Field(1_000_000, ge=1)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    # Python used to run the trainer child (`python -m lora_core run`); default: this one.
+    trainer_python: str | None = None
+    torchrun: str | None = None
+    # Extra environment for the trainer child, e.g. thread counts in tests.
+    trainer_threads: int | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'lorajobs.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def resolved_artifact_root(self) -> Path:
+        return self.artifact_root or self.data_dir / "artifacts"
+
+    @property
+    def resolved_model_root(self) -> Path:
+        return self.model_root or self.data_dir / "models"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the embedded server writes the local admin key for the CLI to find."""
+        return self.data_dir / "admin_key"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith(("sqla+", "filesystem"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
