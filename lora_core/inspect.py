@@ -115,7 +115,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         with open(p, "rb") as fh:
             raw_len = fh.read(8)
             if len(raw_len) != 8:
-                raise ModelError(f"corrupt safetensors header in {p.name}: file shorter than 8 bytes")
+                raise ModelError(f"corrupt safetensors header in {p.name}: shorter than 8 bytes")
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ModelError(f"corrupt safetensors header in {p.name}: header length {n}")
