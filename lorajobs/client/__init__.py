@@ -1,0 +1,41 @@
+"""The lorajobs Python SDK: `Client` (sync) and `AsyncClient`, typed results, clear errors."""
+
+from lorajobs.client.aio import AsyncClient
+from lorajobs.client.errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    ChecksumError,
+    ConflictError,
+    InvalidRequestError,
+    LorajobsError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServerError,
+)
+from lorajobs.client.sync import Client
+from lorajobs.client.types import Artifact, Checkpoint, Dataset, Event, Job, MetricRow, Model
+
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "LorajobsError",
+    "APIConnectionError",
+    "APIError",
+    "AuthenticationError",
+    "ChecksumError",
+    "ConflictError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "RateLimitError",
+    "ServerError",
+    "Artifact",
+    "Checkpoint",
+    "Dataset",
+    "Event",
+    "Job",
+    "MetricRow",
+    "Model",
+]

@@ -1,0 +1,43 @@
+"""`lorajobs`: one command line for local runs, the server, and driving a server.
+
+    lorajobs train spec.yaml            run the whole LoRA workflow locally (no service)
+    lorajobs serve                      API + worker + reaper, embedded (SQLite, no Redis)
+    lorajobs submit job.yaml --wait     submit to a server and watch it
+    lorajobs jobs list | show | logs | cancel | download | plot
+
+Every error is one line on stderr that says what to fix, and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lorajobs.cli import local, remote, server
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="lorajobs: LoRA fine-tuning jobs, locally or as a service.")
+local.register(app)
+server.register(app)
+remote.register(app)
+
+EXIT_USER_ERROR = 1
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning our errors into one line + exit code."""
+    from lora_core.errors import LoraCoreError
+    from lorajobs.client.errors import LorajobsError
+
+    try:
+        app()
+    except (LorajobsError, LoraCoreError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        errors = getattr(exc, "errors", None) or []
+        for e in errors[1:10]:
+            where = f"line {e.get('line')}" if e.get("line") else e.get("field", "")
+            typer.echo(f"  {where}: {e.get('field') or ''} {e.get('message')}", err=True)
+        sys.exit(EXIT_USER_ERROR)

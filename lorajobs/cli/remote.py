@@ -1,0 +1,293 @@
+"""Commands that drive a lorajobs server through the SDK."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from lorajobs.cli.output import console, print_json
+from lorajobs.client import Client, Job
+
+jobs_app = typer.Typer(help="list and inspect jobs", no_args_is_help=True)
+datasets_app = typer.Typer(help="training files", no_args_is_help=True)
+models_app = typer.Typer(help="registered base models", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys", no_args_is_help=True)
+
+URL = typer.Option(None, "--url", envvar="LORAJOBS_URL", help="server URL")
+KEY = typer.Option(None, "--api-key", envvar="LORAJOBS_API_KEY", help="API key")
+JSON = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _client(url: str | None, key: str | None) -> Client:
+    return Client(url, key)
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"{path}: not valid YAML/JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise typer.BadParameter(f"{path}: the spec must be a mapping of fields")
+    return spec
+
+
+def _upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> None:
+    """`training_file: ./train.jsonl` is uploaded first (validated locally, then sent)."""
+    from lora_core.data.formats import validate_file
+    from lora_core.errors import DatasetError
+
+    for field in ("training_file", "validation_file"):
+        value = spec.get(field)
+        if not isinstance(value, str) or value.startswith("ds_"):
+            continue
+        path = (base / value) if not Path(value).is_absolute() else Path(value)
+        if not path.is_file():
+            raise typer.BadParameter(f"{field}: {value!r} is neither a dataset id nor a file")
+        report = validate_file(path)
+        if report.num_errors:
+            raise DatasetError(f"{path}: {report.num_errors} bad line(s)", errors=report.errors)
+        spec[field] = client.datasets.upload(path).id
+        console.print(f"uploaded {path.name} as {spec[field]}")
+
+
+def _progress_line(job: Job) -> str:
+    p = job.progress
+    loss = (job.metrics or {}).get("train_loss")
+    parts = [f"{job.status}" + (f"/{job.stage}" if job.stage else "")]
+    if p and p.total_steps:
+        parts.append(f"step {p.step or 0}/{p.total_steps}")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if p and p.eta_seconds is not None:
+        parts.append(f"eta {p.eta_seconds:.0f}s")
+    return "  ".join(parts)
+
+
+def watch(client: Client, job_id: str) -> Job:
+    """A live progress bar (step/total, loss, ETA) until the job is terminal."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(job_id, total=None, info="queued")
+
+        def update(job: Job) -> None:
+            p = job.progress
+            total = p.total_steps if p and p.total_steps else None
+            bar.update(task, total=total, completed=(p.step or 0) if p else 0,
+                       info=_progress_line(job))
+
+        return client.jobs.wait(job_id, on_progress=update, poll_interval=1.0)
+
+
+def submit(spec_file: Path = typer.Argument(..., exists=True, dir_okay=False),
+           wait: bool = typer.Option(False, "--wait", help="watch until the job ends"),
+           url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    """Submit a job spec (YAML/JSON); local data files are validated and uploaded first."""
+    spec = _load_spec(spec_file)
+    with _client(url, api_key) as client:
+        _upload_local_files(client, spec, spec_file.parent)
+        job = client.jobs.create(spec)
+        if not wait:
+            print_json(job) if json_out else console.print(f"submitted [bold]{job.id}[/]")
+            return
+        if not json_out:
+            console.print(f"submitted [bold]{job.id}[/]")
+        job = watch(client, job.id) if not json_out else client.jobs.wait(job.id)
+    _report_end(job, json_out)
+
+
+def _report_end(job: Job, json_out: bool) -> None:
+    if json_out:
+        print_json(job)
+    elif job.status == "succeeded":
+        m = job.metrics or {}
+        console.print(f"[green]succeeded[/]: train_loss={m.get('train_loss')} "
+                      f"eval_loss={m.get('eval_loss')}")
+        console.print(f"download: lorajobs download {job.id} -o ./adapter   "
+                      f"(merged model: --merged)")
+    else:
+        err = job.error or {}
+        console.print(f"[red]{job.status}[/]: {err.get('message', '')}")
+    if job.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(status: str | None = typer.Option(None), limit: int = typer.Option(20),
+              url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    """Newest jobs first."""
+    from rich.table import Table
+
+    with _client(url, api_key) as client:
+        jobs = [j for _, j in zip(range(limit), client.jobs.list(status=status, limit=limit),
+                                  strict=False)]
+    if json_out:
+        return print_json(jobs)
+    table = Table("id", "status", "stage", "progress", "loss", "created")
+    for j in jobs:
+        frac = j.progress.fraction if j.progress and j.progress.fraction is not None else None
+        loss = (j.metrics or {}).get("train_loss")
+        table.add_row(j.id, j.status, j.stage or "", f"{frac:.0%}" if frac is not None else "",
+                      f"{loss:.4f}" if loss is not None else "",
+                      j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "")
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: str | None = URL, api_key: str | None = KEY,
+              json_out: bool = JSON) -> None:
+    """One job in full."""
+    with _client(url, api_key) as client:
+        job = client.jobs.get(job_id)
+    if json_out:
+        return print_json(job)
+    console.print(f"[bold]{job.id}[/]  {_progress_line(job)}  attempt {job.attempt}")
+    console.print_json(data=job.model_dump(mode="json"))
+
+
+def logs(job_id: str, follow: bool = typer.Option(False, "-f", "--follow"),
+         url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    """A job's events; `-f` follows the live stream until the job ends."""
+    with _client(url, api_key) as client:
+        events = client.jobs.stream_events(job_id) if follow else client.jobs.events(job_id)
+        for e in events:
+            if json_out:
+                print_json(e)
+            else:
+                ts = e.created_at.strftime("%H:%M:%S") if e.created_at else ""
+                console.print(f"{ts} [{e.level}] {e.type}: {e.message}")
+
+
+def cancel(job_id: str, url: str | None = URL, api_key: str | None = KEY,
+           json_out: bool = JSON) -> None:
+    """Ask a job to stop (it keeps its last checkpoint)."""
+    with _client(url, api_key) as client:
+        job = client.jobs.cancel(job_id)
+    print_json(job) if json_out else console.print(f"{job.id}: {job.status}"
+                                                   + (" (stopping)" if job.status == "running"
+                                                      else ""))
+
+
+def download(job_id: str, out: Path = typer.Option(..., "-o", "--out"),
+             merged: bool = typer.Option(False, "--merged", help="the merged model"),
+             step: int | None = typer.Option(None, "--step", help="a checkpoint's step"),
+             url: str | None = URL, api_key: str | None = KEY) -> None:
+    """Download the adapter (or merged model), resuming and verifying sha256."""
+    with _client(url, api_key) as client:
+        files = client.jobs.download(job_id, out, merged=merged, step=step)
+    console.print(f"{len(files)} files in [bold]{out}[/] (sha256 verified)")
+
+
+def plot(job_id: str, out: Path = typer.Option(Path("loss.png"), "-o", "--out"),
+         url: str | None = URL, api_key: str | None = KEY) -> None:
+    """Plot train and eval loss against step to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with _client(url, api_key) as client:
+        rows = client.jobs.metrics(job_id)
+    if not rows:
+        raise typer.BadParameter(f"job {job_id} has no metrics yet")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r.step, r.train_loss) for r in rows if r.train_loss is not None]
+    evals = [(r.step, r.eval_loss) for r in rows if r.eval_loss is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(job_id)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    console.print(f"wrote {out}")
+
+
+@datasets_app.command("upload")
+def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+                    format: str | None = typer.Option(None, "--format"),
+                    url: str | None = URL, api_key: str | None = KEY,
+                    json_out: bool = JSON) -> None:
+    """Validate locally (line-numbered errors), then upload."""
+    from lora_core.data.formats import validate_file
+    from lora_core.errors import DatasetError
+
+    report = validate_file(file, format)
+    if report.num_errors:
+        raise DatasetError(f"{file}: {report.num_errors} bad line(s)", errors=report.errors)
+    with _client(url, api_key) as client:
+        ds = client.datasets.upload(file, format=format)
+    print_json(ds) if json_out else console.print(
+        f"{ds.id}: {ds.num_examples} examples ({ds.format})")
+
+
+@datasets_app.command("list")
+def datasets_list(url: str | None = URL, api_key: str | None = KEY,
+                  json_out: bool = JSON) -> None:
+    with _client(url, api_key) as client:
+        rows = list(client.datasets.list())
+    if json_out:
+        return print_json(rows)
+    for d in rows:
+        console.print(f"{d.id}  {d.format:10} {d.num_examples:>8} examples")
+
+
+@models_app.command("list")
+def models_list(url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    with _client(url, api_key) as client:
+        rows = client.models.list()
+    if json_out:
+        return print_json(rows)
+    for m in rows:
+        console.print(f"{m.name:24} {m.architecture or '':28} {m.num_parameters or 0:>12,} "
+                      f"{m.dtype or ''}")
+
+
+@models_app.command("register")
+def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True,
+                                                                file_okay=False),
+                    url: str | None = URL, api_key: str | None = KEY,
+                    json_out: bool = JSON) -> None:
+    """Copy a local safetensors model dir into the server's model root and register it."""
+    from lorajobs.service.settings import get_settings
+
+    root = get_settings().resolved_model_root
+    dest = root / name
+    if model_dir.resolve() != dest.resolve():
+        if dest.exists():
+            raise typer.BadParameter(f"{dest} already exists in the model root")
+        shutil.copytree(model_dir, dest)
+    with _client(url, api_key) as client:
+        model = client.models.register(name, name)
+    print_json(model) if json_out else console.print(f"registered {model.name}")
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Option(""), tenant: str | None = typer.Option(None),
+                url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    """Create an API key (admins may create one for a new tenant). Shown once."""
+    with _client(url, api_key) as client:
+        body = client.keys.create(name=name, tenant=tenant)
+    print_json(body) if json_out else console.print(f"{body.get('id')}: {body.get('key')}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit)
+    app.command("logs")(logs)
+    app.command("cancel")(cancel)
+    app.command("download")(download)
+    app.command("plot")(plot)
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(datasets_app, name="datasets")
+    app.add_typer(models_app, name="models")
+    app.add_typer(keys_app, name="keys")

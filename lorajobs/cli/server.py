@@ -1,0 +1,69 @@
+"""Server commands: embedded all-in-one, or the production processes one by one."""
+
+from __future__ import annotations
+
+import typer
+
+from lorajobs.cli.output import console
+
+db_app = typer.Typer(help="database schema (Alembic migrations)", no_args_is_help=True)
+
+
+def serve(
+    host: str = typer.Option(None, help="bind address (default: settings.api_host)"),
+    port: int = typer.Option(None, help="port (default: settings.api_port)"),
+) -> None:
+    """API + worker + reaper in one command: SQLite, embedded broker, local artifacts."""
+    from lorajobs.service.settings import get_settings
+    from lorajobs.worker.embedded import serve as run
+
+    settings = get_settings()
+    run(settings, host or settings.api_host, port or settings.api_port)
+
+
+def api(host: str = typer.Option(None), port: int = typer.Option(None),
+        workers: int = typer.Option(1, help="uvicorn worker processes")) -> None:
+    """The HTTP API alone (production: behind a load balancer, several replicas)."""
+    import uvicorn
+
+    from lorajobs.service.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run("lorajobs.api.app:create_app", factory=True, host=host or settings.api_host,
+                port=port or settings.api_port, workers=workers, loop="uvloop",
+                http="httptools", log_level="info")
+
+
+def worker() -> None:
+    """One Celery worker: one job at a time (one per GPU node)."""
+    from lorajobs.service.settings import get_settings
+    from lorajobs.worker.main import run_worker
+
+    run_worker(get_settings())
+
+
+def beat() -> None:
+    """The periodic reaper (Celery beat) for production."""
+    from lorajobs.service.settings import get_settings
+    from lorajobs.worker.main import run_beat
+
+    run_beat(get_settings())
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from lorajobs.service.migrate import current_revision, upgrade
+    from lorajobs.service.settings import get_settings
+
+    settings = get_settings()
+    upgrade(settings, revision)
+    console.print(f"database at revision {current_revision(settings)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("api")(api)
+    app.command("worker")(worker)
+    app.command("beat")(beat)
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,100 @@
+"""The asyncio SDK: the same calls as `Client` for the job lifecycle, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying
+
+from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwargs
+from lorajobs.client.config import resolve_api_key, resolve_url
+from lorajobs.client.errors import APIConnectionError, raise_for_response
+from lorajobs.client.types import Dataset, Job
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 30.0, max_retries: int = 3,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base_url = resolve_url(base_url)
+        key = resolve_api_key(api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                       timeout=timeout, transport=transport)
+        self.max_retries = max_retries
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            async for attempt in AsyncRetrying(**retry_kwargs(self.max_retries)):
+                with attempt:
+                    response = await self._http.request(method, path, **kwargs)
+                    if response.status_code in RETRYABLE_STATUS:
+                        raise RetryableStatus(response)
+        except RetryableStatus as exc:
+            response = exc.response
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+        raise_for_response(response)
+        return response
+
+    async def upload_dataset(self, path: str | Path, *, format: str | None = None) -> Dataset:
+        path = Path(path)
+        data = {"format": format} if format else {}
+        r = await self.request("POST", "/v1/datasets",
+                               files={"file": (path.name, path.read_bytes())}, data=data)
+        return Dataset.model_validate(r.json())
+
+    async def create_job(self, spec: dict[str, Any], *, idempotency_key: str | None = None
+                         ) -> Job:
+        key = idempotency_key or str(uuid.uuid4())
+        r = await self.request("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
+        return Job.model_validate(r.json())
+
+    async def get_job(self, job_id: str) -> Job:
+        return Job.model_validate((await self.request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def list_jobs(self, *, status: str | None = None, limit: int = 50
+                        ) -> AsyncIterator[Job]:
+        after: str | None = None
+        while True:
+            params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items()
+                      if v is not None}
+            page = (await self.request("GET", "/v1/jobs", params=params)).json()
+            for row in page["data"]:
+                yield Job.model_validate(row)
+            if not page.get("has_more"):
+                return
+            after = page.get("next_cursor") or page["data"][-1]["id"]
+
+    async def cancel_job(self, job_id: str) -> Job:
+        r = await self.request("POST", f"/v1/jobs/{job_id}/cancel")
+        return Job.model_validate(r.json())
+
+    async def wait(self, job_id: str, *,
+                   on_progress: Callable[[Job], Awaitable[None] | None] | None = None,
+                   poll_interval: float = 1.0) -> Job:
+        while True:
+            job = await self.get_job(job_id)
+            if on_progress:
+                maybe = on_progress(job)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+            if job.is_terminal:
+                return job
+            await asyncio.sleep(poll_interval)

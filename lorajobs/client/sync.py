@@ -1,0 +1,261 @@
+"""The synchronous Python SDK.
+
+    from lorajobs.client import Client
+    c = Client()                                   # URL + key from env or the embedded server
+    ds = c.datasets.upload("train.jsonl")
+    job = c.jobs.create({"base_model": "tiny-llama", "training_file": ds.id})
+    job = c.jobs.wait(job.id, on_progress=lambda j: print(j.progress))
+    c.jobs.download(job.id, "out/adapter")         # resumes with Range, verifies sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import Retrying
+
+from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwargs
+from lorajobs.client.config import resolve_api_key, resolve_url
+from lorajobs.client.errors import APIConnectionError, ChecksumError, raise_for_response
+from lorajobs.client.types import (
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Event,
+    Job,
+    MetricRow,
+    Model,
+)
+
+__all__ = ["Client"]
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_RETRIES = 3
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class Client:
+    """One HTTP connection pool to a lorajobs server. Use as a context manager or `close()`."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = resolve_url(base_url)
+        key = resolve_api_key(api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                  transport=transport)
+        self.max_retries = max_retries
+        self.datasets = _Datasets(self)
+        self.models = _Models(self)
+        self.jobs = _Jobs(self)
+        self.keys = _Keys(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send with retries on transport errors, 429 and 5xx; raise APIError on other errors."""
+        try:
+            for attempt in Retrying(**retry_kwargs(self.max_retries)):
+                with attempt:
+                    response = self._http.request(method, path, **kwargs)
+                    if response.status_code in RETRYABLE_STATUS:
+                        raise RetryableStatus(response)
+        except RetryableStatus as exc:
+            response = exc.response
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+        raise_for_response(response)
+        return response
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self.request("GET", path, params=clean).json()
+
+    def paginate(self, path: str, *, limit: int = 50, **params: Any) -> Iterator[dict]:
+        """Follow `next_cursor` until `has_more` is false."""
+        after = params.pop("after", None)
+        while True:
+            page = self.get_json(path, limit=limit, after=after, **params)
+            yield from page["data"]
+            if not page.get("has_more"):
+                return
+            after = page.get("next_cursor") or page["data"][-1]["id"]
+
+
+class _Resource:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+
+class _Datasets(_Resource):
+    def upload(self, path: str | Path, *, format: str | None = None) -> Dataset:
+        path = Path(path)
+        data = {"format": format} if format else {}
+        with open(path, "rb") as fh:
+            r = self._c.request("POST", "/v1/datasets", files={"file": (path.name, fh)},
+                                data=data)
+        return Dataset.model_validate(r.json())
+
+    def get(self, dataset_id: str) -> Dataset:
+        return Dataset.model_validate(self._c.get_json(f"/v1/datasets/{dataset_id}"))
+
+    def list(self) -> Iterator[Dataset]:
+        for row in self._c.paginate("/v1/datasets"):
+            yield Dataset.model_validate(row)
+
+
+class _Models(_Resource):
+    def list(self) -> list[Model]:
+        body = self._c.get_json("/v1/models")
+        return [Model.model_validate(m) for m in body["data"]]
+
+    def register(self, name: str, path: str) -> Model:
+        r = self._c.request("POST", "/v1/models", json={"name": name, "path": path})
+        return Model.model_validate(r.json())
+
+
+class _Keys(_Resource):
+    def create(self, *, name: str = "", tenant: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if tenant:
+            body["tenant"] = tenant
+        return self._c.request("POST", "/v1/keys", json=body).json()
+
+    def revoke(self, key_id: str) -> None:
+        self._c.request("DELETE", f"/v1/keys/{key_id}")
+
+
+class _Jobs(_Resource):
+    def create(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Submit a job. One Idempotency-Key per call, reused by every retry of that call."""
+        key = idempotency_key or str(uuid.uuid4())
+        r = self._c.request("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
+        return Job.model_validate(r.json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._c.get_json(f"/v1/jobs/{job_id}"))
+
+    def list(self, *, status: str | None = None, limit: int = 50) -> Iterator[Job]:
+        for row in self._c.paginate("/v1/jobs", limit=limit, status=status):
+            yield Job.model_validate(row)
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._c.request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def wait(self, job_id: str, *, on_progress: Callable[[Job], None] | None = None,
+             poll_interval: float = 1.0, timeout: float | None = None) -> Job:
+        """Poll until the job is terminal; `on_progress` sees every poll's job."""
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            job = self.get(job_id)
+            if on_progress:
+                on_progress(job)
+            if job.is_terminal:
+                return job
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
+            time.sleep(poll_interval)
+
+    def events(self, job_id: str, *, after: int | None = None, limit: int = 100) -> list[Event]:
+        body = self._c.get_json(f"/v1/jobs/{job_id}/events", after=after, limit=limit)
+        return [Event.model_validate(e) for e in body["data"]]
+
+    def stream_events(self, job_id: str, *, last_event_id: int | None = None
+                      ) -> Iterator[Event]:
+        """Live events over SSE, resumed with Last-Event-ID; ends when the job is terminal."""
+        from httpx_sse import connect_sse
+
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        try:
+            with connect_sse(self._c._http, "GET", f"/v1/jobs/{job_id}/events/stream",
+                             headers=headers, timeout=None) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    raise_for_response(source.response)
+                for sse in source.iter_sse():
+                    if sse.event == "end":
+                        return
+                    if sse.data:
+                        yield Event.model_validate_json(sse.data)
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"event stream broke: {exc}") from exc
+
+    def metrics(self, job_id: str) -> list[MetricRow]:
+        body = self._c.get_json(f"/v1/jobs/{job_id}/metrics")
+        return [MetricRow.model_validate(m) for m in body["data"]]
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        body = self._c.get_json(f"/v1/jobs/{job_id}/checkpoints")
+        return [Checkpoint.model_validate(c) for c in body["data"]]
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        body = self._c.get_json(f"/v1/jobs/{job_id}/artifacts")
+        return [Artifact.model_validate(a) for a in body["data"]]
+
+    def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
+                 step: int | None = None) -> list[Path]:
+        """Download the adapter (or merged model) file by file, verifying each sha256."""
+        kind = "merged" if merged else "adapter"
+        wanted = [a for a in self.artifacts(job_id) if a.kind == kind and a.step == step]
+        if not wanted and step is None:  # the final artifact may carry its step number
+            steps = [a.step for a in self.artifacts(job_id) if a.kind == kind and a.step]
+            if steps:
+                wanted = [a for a in self.artifacts(job_id)
+                          if a.kind == kind and a.step == max(steps)]
+        if not wanted:
+            from lorajobs.client.errors import NotFoundError
+
+            raise NotFoundError(404, "not_found", f"job {job_id} has no {kind} artifact"
+                                + (f" at step {step}" if step is not None else ""))
+        out = Path(out_dir)
+        return [self.download_artifact(job_id, a, out / a.name) for a in wanted]
+
+    def download_artifact(self, job_id: str, artifact: Artifact, dest: Path) -> Path:
+        """Resume a partial `dest.part` with Range; verify sha256; rename into place."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        for _ in range(self._c.max_retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with self._c._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact.id}",
+                                          headers=headers) as r:
+                    if r.status_code >= 400 and r.status_code != 416:
+                        r.read()
+                        raise_for_response(r)
+                    mode = "ab" if r.status_code == 206 else "wb"
+                    if r.status_code != 416:
+                        with open(part, mode) as fh:
+                            for chunk in r.iter_bytes(DOWNLOAD_CHUNK):
+                                fh.write(chunk)
+                break
+            except httpx.TransportError:
+                continue  # resume from what we have
+        digest = _sha256(part)
+        if digest != artifact.sha256:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{artifact.name}: sha256 {digest} != expected {artifact.sha256}")
+        part.replace(dest)
+        return dest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(DOWNLOAD_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,92 @@
+"""Typed results. `extra="allow"`: a newer server's extra fields never break an older client."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["Job", "Progress", "Dataset", "Model", "Event", "Checkpoint", "Artifact", "MetricRow"]
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Progress(_Result):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    fraction: float | None = None
+    eta_seconds: float | None = None
+
+
+class Job(_Result):
+    id: str
+    status: str
+    stage: str | None = None
+    attempt: int = 0
+    progress: Progress | None = None
+    metrics: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    spec: dict[str, Any] | None = None
+    estimate: dict[str, Any] | None = None
+    fine_tuned_model: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class Dataset(_Result):
+    id: str
+    format: str
+    num_examples: int
+    num_tokens: int | None = None
+    sha256: str
+    stats: dict[str, Any] | None = None
+
+
+class Model(_Result):
+    name: str
+    architecture: str | None = None
+    num_parameters: int | None = None
+    dtype: str | None = None
+
+
+class Event(_Result):
+    id: int
+    type: str
+    message: str = ""
+    level: str = "info"
+    data: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+
+class MetricRow(_Result):
+    step: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+
+
+class Checkpoint(_Result):
+    step: int
+    resumable: bool = True
+
+
+class Artifact(_Result):
+    id: str
+    kind: str
+    name: str
+    size: int
+    sha256: str
+    step: int | None = None
