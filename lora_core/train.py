@@ -266,8 +266,25 @@ def train(
         raise
 
 
-def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
+def _trainer_class() -> type:
+    """Trainer whose length-grouped sampler is seeded per epoch (exact resume; see collate)."""
     from transformers import Trainer
+
+    from lora_core.data.collate import SeededLengthGroupedSampler
+
+    class LoraTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            mega = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            lengths = [len(f["input_ids"]) for f in dataset]
+            return SeededLengthGroupedSampler(lengths, mega, self.args.data_seed or self.args.seed)
+
+    return LoraTrainer
+
+
+def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     from lora_core.callbacks import (
@@ -287,7 +304,7 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
         "resumed_from_step": ckpt_step, "num_examples": data.num_examples,
         "num_tokens": data.num_tokens})
     stop = StopCallback(should_stop)
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collator, processing_class=data.tokenizer,
         callbacks=[events, stop, CheckpointCallback(root, emit)],

@@ -105,3 +105,30 @@ class PackingCollator:
                 mask[r, 0, p, p] = 0.0
         self.label_tokens += int((labels != IGNORE_INDEX).sum())
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+
+
+class SeededLengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """transformers' length-grouped order, but drawn from a generator seeded by (seed, epoch).
+
+    transformers' LengthGroupedSampler draws from the global RNG when iterated, which a
+    resumed run has in a different state: the resumed run would see other batches than the
+    straight run. Seeding per epoch (Trainer calls `set_epoch`) makes resume exact.
+    """
+
+    def __init__(self, lengths: list[int], mega_batch_size: int, seed: int) -> None:
+        self.lengths = lengths
+        self.mega_batch_size = mega_batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.mega_batch_size, generator=g))
