@@ -174,6 +174,7 @@ def build_training_args(
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_strategy="steps",
+        logging_nan_inf_filter=False,  # a NaN loss must reach EventCallback, not be averaged away
         train_sampling_strategy="random" if packing else "group_by_length",
         remove_unused_columns=False,  # our collators build the model inputs themselves
         dataloader_num_workers=0,  # the collator's token counter must live in this process
