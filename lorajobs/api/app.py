@@ -1,0 +1,55 @@
+"""The FastAPI app factory: `create_app(settings)` wires settings, DB, store, errors, metrics.
+
+    request ─▶ MetricsMiddleware (latency by route) ─▶ BodyLimitMiddleware (413 early/streaming)
+            ─▶ FastAPI router (/healthz /readyz /metrics, /v1/...) ─▶ error handlers (api.errors)
+
+Everything a request needs hangs off `app.state` (settings, sessionmaker, store, enqueue,
+metrics registry): no module globals, so tests can run a SQLite app and a PostgreSQL app side
+by side. This module, like the whole API package, never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from lorajobs.api.errors import install_error_handlers
+from lorajobs.api.limits import BodyLimitMiddleware
+from lorajobs.api.observability import MetricsMiddleware, make_registry
+from lorajobs.api.routes import (
+    artifacts,
+    checkpoints,
+    datasets,
+    events,
+    health,
+    jobs,
+    keys,
+    metrics,
+    models,
+)
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.settings import Settings, get_settings
+from lorajobs.service.storage import get_store
+from lorajobs.service.submit import default_enqueue
+
+__all__ = ["create_app"]
+
+ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for one settings object (default: from the environment)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="lorajobs", version="1", summary="LoRA fine-tuning jobs over HTTP")
+    app.state.settings = settings
+    app.state.sessionmaker = get_sessionmaker(settings)
+    app.state.store = get_store(settings)
+    app.state.enqueue = default_enqueue
+    registry, latency = make_registry(app.state.sessionmaker)
+    app.state.metrics_registry = registry
+    for module in ROUTERS:
+        app.include_router(module.router)
+    install_error_handlers(app)
+    # Added last = outermost: latency includes the limit check and the error handlers.
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(MetricsMiddleware, latency=latency)
+    return app

@@ -1,0 +1,71 @@
+"""Dependency aliases, defined once: `SessionDep`, `SettingsDep`, `StoreDep`, `PrincipalDep`.
+
+Everything comes from `app.state` (set by `create_app(settings)`), never from module globals,
+so two apps with two settings objects (tests: SQLite and PostgreSQL) never share state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy.orm import Session
+
+from lorajobs.api.auth import authenticate, bearer, require_admin
+from lorajobs.service.models import ApiKey
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import ArtifactStore
+
+__all__ = [
+    "SessionDep",
+    "SettingsDep",
+    "StoreDep",
+    "PrincipalDep",
+    "AdminDep",
+    "EnqueueDep",
+    "get_session",
+    "get_principal",
+]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+def get_enqueue(request: Request) -> Callable[[str], None]:
+    """How a committed job id reaches the broker (tests swap it on `app.state`)."""
+    return request.app.state.enqueue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
+
+
+def get_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> ApiKey:
+    return authenticate(session, credentials)
+
+
+PrincipalDep = Annotated[ApiKey, Depends(get_principal)]
+
+
+def get_admin(principal: PrincipalDep) -> ApiKey:
+    return require_admin(principal)
+
+
+AdminDep = Annotated[ApiKey, Depends(get_admin)]

@@ -1,0 +1,128 @@
+"""The one place exceptions become HTTP: `{"error": {"code", "message", "param"}}` + a status.
+
+    ServiceError (lorajobs.service.errors)   -> its status (404, 409, 413, 422, 429, 401, 403)
+    LoraCoreError reaching the edge          -> 422 if the user's fault, else 500
+    RequestValidationError                   -> 422, `errors: [{field, message, type}]` for
+                                                every bad field, `param` = the first one
+    HTTPException (unknown route, 405 ...)   -> its status, same shape
+    anything else                            -> 500 internal_error; the traceback goes to the
+                                                log, never to the client
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lora_core.errors import LoraCoreError
+from lorajobs.service.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
+
+__all__ = ["install_error_handlers", "error_body", "status_for"]
+
+log = logging.getLogger(__name__)
+
+# Most specific first: Forbidden is an Unauthorized, IllegalTransition a Conflict.
+_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (Forbidden, 403),
+    (Unauthorized, 401),
+    (NotFound, 404),
+    (Conflict, 409),
+    (PayloadTooLarge, 413),
+    (InvalidRequest, 422),
+    (LimitExceeded, 429),
+)
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+               416: "range_not_satisfiable", 429: "limit_exceeded"}
+
+
+def status_for(exc: ServiceError) -> int:
+    return next((status for cls, status in _STATUS if isinstance(exc, cls)), 400)
+
+
+def error_body(code: str, message: str, param: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}, **extra}
+
+
+def _service_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = status_for(exc)
+    details = dict(exc.details)
+    # A rejected dataset lists its bad lines beside the error, not inside it.
+    errors = details.pop("errors", None)
+    body = error_body(exc.code, exc.message, exc.param, **({"errors": errors} if errors else {}))
+    body["error"].update(details)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _lora_core_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LoraCoreError)
+    if not exc.user_fault:
+        log.error("lora_core error reached the API", exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal error"), status_code=500)
+    extra = {"errors": exc.errors} if getattr(exc, "errors", None) else {}
+    return JSONResponse(error_body(exc.code, exc.message, exc.param, **extra), status_code=422)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """("body", "lora", "r") -> "lora.r"; ("body", "x", 0) -> "x[0]"; ("query", "n") -> "n"."""
+    parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "cookie") else loc
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or (str(loc[0]) if loc else "body")
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        field = _field_name(loc)
+        if err.get("type") == "extra_forbidden":
+            message = "unknown field (not accepted here)"
+        else:
+            message = str(err.get("msg", "invalid value"))
+        errors.append({"field": field, "message": message, "type": err.get("type")})
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    param = errors[0]["field"] if errors else None
+    return JSONResponse(error_body("invalid_request", summary, param, errors=errors),
+                        status_code=422)
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return JSONResponse(error_body(code, message), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal error; see the server log"),
+                        status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(LoraCoreError, _lora_core_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)

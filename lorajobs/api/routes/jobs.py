@@ -1,0 +1,67 @@
+"""`/v1/jobs`: create (idempotent with `Idempotency-Key`), list, get, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from lorajobs.api import queries
+from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
+from lorajobs.api.schemas import JobCreate, JobPublic, JobsPublic
+from lorajobs.service import jobs, submit
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    enqueue: EnqueueDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Create a job: 201; a replay of the same Idempotency-Key and body: the same job, 200."""
+    job, created = submit.create_job(
+        session, tenant_id=principal.tenant_id, request=body, settings=settings, store=store,
+        idempotency_key=idempotency_key, enqueue=enqueue,
+    )
+    if not created:
+        response.status_code = 200
+    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> JobsPublic:
+    """The tenant's jobs, newest first; `after` = the previous page's `next_cursor`."""
+    rows, has_more = queries.list_jobs(session, tenant_id=principal.tenant_id, status=status,
+                                       limit=limit, after=after)
+    data = [JobPublic.from_row(j, queue_position=queries.queue_position(session, j))
+            for j in rows]
+    return JobsPublic(data=data, has_more=has_more,
+                      next_cursor=rows[-1].id if has_more else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    """One job with progress, estimate, compatibility and queue position."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    """Queued: cancelled now. Running: the worker stops it. Finished: 409."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = jobs.request_cancel(session, job)
+    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))

@@ -1,0 +1,280 @@
+"""Job creation: resolve the spec, check it against the model and the data, then commit + send.
+
+    JobRequest ─▶ replay? (Idempotency-Key: same body -> same job; other body -> 422)
+               ─▶ model registered? datasets the tenant's? targets exist, r <= dims?
+               ─▶ estimate (examples, tokens with the model's tokenizer, total steps)
+               ─▶ compatibility report (vLLM ranks, modules_to_save)
+               ─▶ active-job quota ─▶ INSERT job + event + idempotency record ─▶ COMMIT
+               ─▶ enqueue(job_id)   (after the commit: the worker re-reads the row)
+
+Concurrent duplicates: the idempotency record's primary key (tenant, key) is inserted in the
+same transaction as the job, so of two racing requests exactly one commits; the other gets
+IntegrityError, rolls back and answers with the winner's job. This module is the only writer
+of new `jobs` rows and of `idempotency_records`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from lora_core.errors import LoraCoreError, SpecError
+from lora_core.inspect import validate_lora_spec
+from lora_core.spec import VLLM_LORA_RANKS, DistributedSpec, LoraSpec, MergeMode, TrainingSpec
+from lorajobs.service import jobs
+from lorajobs.service.datasets import get_dataset
+from lorajobs.service.errors import InvalidRequest, LimitExceeded, NotFound
+from lorajobs.service.models import Dataset, IdempotencyRecord, Job, JobStatus, new_id
+from lorajobs.service.registry import get_model, inspect_registered, model_dir
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import ArtifactStore
+
+__all__ = ["JobRequest", "Resolved", "request_hash", "resolve", "create_job", "default_enqueue"]
+
+log = logging.getLogger(__name__)
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64  # OpenAI's metadata limits, so the compat layer can pass it through
+MAX_METADATA_VALUE_CHARS = 512
+MAX_IDEMPOTENCY_KEY_CHARS = 255  # the column width
+
+
+class JobRequest(BaseModel):
+    """What a client may set on a job. No status/tenant/attempt/lease: mass assignment is moot."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=40)
+    validation_file: str | None = Field(None, min_length=1, max_length=40)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    merge: MergeMode = "final"
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_sizes(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:20]!r}: 1 to {MAX_METADATA_KEY_CHARS} characters")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"value of {key!r}: at most {MAX_METADATA_VALUE_CHARS} chars")
+        return v
+
+
+@dataclass
+class Resolved:
+    """A request checked against model and data: what gets stored on the job row."""
+
+    spec: dict[str, Any]
+    estimate: dict[str, Any]
+    compatibility: dict[str, Any]
+
+
+def request_hash(request: JobRequest) -> str:
+    """sha256 of the canonical request (defaults included: `{}` and the spelled-out defaults
+    are the same request)."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def default_enqueue(job_id: str) -> None:
+    """Send the job id to the broker via `lorajobs.service.queue`, if that module exists.
+
+    Never raises: a job that is not sent now stays queued and the reaper re-sends it.
+    """
+    try:
+        from lorajobs.service.queue import enqueue_job
+    except ImportError:
+        log.warning("lorajobs.service.queue missing: job %s stays queued", job_id)
+        return
+    try:
+        enqueue_job(job_id)
+    except Exception:  # noqa: BLE001 - the reaper re-sends; the client already has its job
+        log.exception("enqueue of job %s failed; the reaper will re-send it", job_id)
+
+
+def _replay(session: Session, *, tenant_id: str, key: str, digest: str) -> Job | None:
+    """The job an earlier request with this key made, or None; 422 if its body differed."""
+    record = session.get(IdempotencyRecord, (tenant_id, key))
+    if record is None:
+        return None
+    if record.request_hash != digest:
+        raise InvalidRequest(
+            "this Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key", code="idempotency_key_reused",
+        )
+    return session.get(Job, record.job_id)
+
+
+def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> Dataset:
+    """422 (not 404: the URL exists, a field is wrong) naming the field, same text as a 404."""
+    try:
+        return get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=param)
+    except NotFound as exc:
+        raise InvalidRequest(exc.message, param=param, code="dataset_not_found") from exc
+
+
+def total_steps(num_examples: int, request: JobRequest) -> int:
+    """Optimizer steps: ceil(examples / (batch * accum * processes)) per epoch, or max_steps.
+
+    Counted before packing (packing can only lower it), like HF Trainer's step count.
+    """
+    t = request.training
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.batch_size * t.gradient_accumulation_steps * request.distributed.num_processes
+    return max(1, math.ceil(math.ceil(num_examples / per_step) * t.epochs))
+
+
+def _count_tokens(model_path: Path, store: ArtifactStore, dataset: Dataset,
+                  max_seq_length: int) -> tuple[int | None, int]:
+    """(tokens after formatting, truncated at max_seq_length; examples that get truncated).
+
+    Uses `tokenizers` on the model's tokenizer.json: torch- and transformers-free.
+    """
+    tokenizer_file = model_path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None, 0
+    from tokenizers import Tokenizer
+
+    from lora_core.data.formats import count_tokens, load_examples
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    _, examples = load_examples(store.local_path(dataset.storage_key), dataset.format)
+    lengths = [count_tokens(example, tokenizer) for example in examples]
+    return (sum(min(n, max_seq_length) for n in lengths),
+            sum(n > max_seq_length for n in lengths))
+
+
+def compatibility_report(lora: LoraSpec, truncated: int) -> dict[str, Any]:
+    """What will bite at serving time: vLLM's fixed rank set, modules_to_save, truncation."""
+    r = lora.r
+    max_rank = next((rank for rank in VLLM_LORA_RANKS if rank >= r), None)
+    warnings: list[str] = []
+    if r not in VLLM_LORA_RANKS:
+        warnings.append(
+            f"lora.r={r} is not one of vLLM's ranks {list(VLLM_LORA_RANKS)}; serve it with "
+            + (f"--max-lora-rank {max_rank}" if max_rank else "the merged model instead")
+        )
+    if lora.modules_to_save:
+        warnings.append(
+            f"lora.modules_to_save={lora.modules_to_save}: vLLM's LoRA serving does not load "
+            "these full-weight copies; serve the merged model instead"
+        )
+    if truncated:
+        warnings.append(f"{truncated} training example(s) exceed max_seq_length and will be "
+                        "truncated")
+    return {"warnings": warnings,
+            "vllm": {"supported_rank": r in VLLM_LORA_RANKS, "max_lora_rank": max_rank}}
+
+
+def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: Settings,
+            store: ArtifactStore) -> Resolved:
+    """Check the request against the registered model and the tenant's data; fill defaults."""
+    try:
+        model = get_model(session, name=request.base_model, param="base_model")
+    except NotFound as exc:
+        raise InvalidRequest(exc.message, param="base_model", code="model_not_found") from exc
+    train = _tenant_dataset(session, tenant_id, request.training_file, "training_file")
+    if request.validation_file is not None:
+        _tenant_dataset(session, tenant_id, request.validation_file, "validation_file")
+    info = inspect_registered(settings, model)
+    try:
+        targets = validate_lora_spec(request.lora, info)
+    except SpecError as exc:
+        raise InvalidRequest(exc.message, param=exc.param, code="invalid_spec") from exc
+    steps = total_steps(train.num_examples, request)
+    if steps > settings.max_total_steps:
+        param = "training.max_steps" if request.training.max_steps else "training.epochs"
+        raise InvalidRequest(f"{steps} total steps exceed the limit of "
+                             f"{settings.max_total_steps}", param=param, code="too_many_steps")
+    try:
+        num_tokens, truncated = _count_tokens(model_dir(settings, model), store, train,
+                                              request.training.max_seq_length)
+    except LoraCoreError as exc:  # the stored file was validated at upload: this is ours
+        raise InvalidRequest(exc.message, param="training_file") from exc
+    spec = request.model_copy(deep=True)
+    spec.lora.target_modules = targets
+    return Resolved(
+        spec=spec.model_dump(mode="json"),
+        estimate={"num_examples": train.num_examples, "num_tokens": num_tokens,
+                  "total_steps": steps, "eta_seconds": None},
+        compatibility=compatibility_report(request.lora, truncated),
+    )
+
+
+def _check_quota(session: Session, tenant_id: str, settings: Settings) -> None:
+    """Soft per-tenant cap on queued + running jobs (two racing submits may both pass)."""
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise LimitExceeded(
+            f"{active} active jobs: the limit is {settings.max_active_jobs_per_tenant}; wait for "
+            "one to finish or cancel one", param=None, code="too_many_active_jobs")
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    request: JobRequest,
+    settings: Settings,
+    store: ArtifactStore,
+    idempotency_key: str | None = None,
+    enqueue: Callable[[str], None] = default_enqueue,
+) -> tuple[Job, bool]:
+    """Create (and send) a job; returns (job, created). created=False: an idempotent replay."""
+    digest = request_hash(request)
+    if idempotency_key is not None:
+        if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
+                                 "characters", param="Idempotency-Key")
+        if (job := _replay(session, tenant_id=tenant_id, key=idempotency_key, digest=digest)):
+            return job, False
+    resolved = resolve(session, tenant_id=tenant_id, request=request, settings=settings,
+                       store=store)
+    _check_quota(session, tenant_id, settings)
+    job = Job(
+        id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED,
+        base_model=request.base_model, training_file=request.training_file,
+        validation_file=request.validation_file, spec=resolved.spec, suffix=request.suffix,
+        metadata_=dict(request.metadata), max_attempts=settings.max_attempts,
+        estimate=resolved.estimate, compatibility=resolved.compatibility,
+    )
+    session.add(job)
+    session.flush()
+    jobs.add_event(session, job.id, "created", "job created",
+                   data={"estimate": resolved.estimate})
+    for warning in resolved.compatibility["warnings"]:
+        jobs.add_event(session, job.id, "warning", warning, level="warning")
+    if idempotency_key is not None:
+        session.add(IdempotencyRecord(tenant_id=tenant_id, key=idempotency_key,
+                                      request_hash=digest, job_id=job.id))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        winner = _replay(session, tenant_id=tenant_id, key=idempotency_key, digest=digest)
+        if winner is None:
+            raise
+        return winner, False
+    enqueue(job.id)
+    return job, True
