@@ -1,0 +1,144 @@
+"""The broker side of the service: one Celery app config, a never-raising `enqueue_job`.
+
+The broker is only a wake-up call (DESIGN.md): the job row is committed first, then its id is
+sent. A lost or duplicated message is harmless: the reaper re-sends queued jobs nobody picked
+up, and a task whose job is not claimable is a no-op. So `enqueue_job` must never fail a
+request because the broker is down; it returns False and the reaper sends the id later.
+
+Celery settings for hours-long jobs, and why:
+- `task_acks_late` + `worker_prefetch_multiplier=1` + `worker_concurrency=1`: a worker holds
+  one job at a time and takes the next message only when it is free.
+- `task_reject_on_worker_lost`: a prefork child killed mid-task puts the message back.
+- Redis `visibility_timeout` set far beyond any job: a long job is not redelivered while it
+  runs; if it were, the lease would make the duplicate a no-op, but nothing relies on it.
+- Embedded broker: kombu's SQLAlchemy transport on SQLite. Its `polling_interval` must be set
+  on the class (as a transport option it is forwarded to `create_engine` and crashes).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu import Connection
+
+from lorajobs.service.settings import Settings, get_settings
+
+__all__ = [
+    "RUN_JOB_TASK",
+    "QUEUE_NAME",
+    "get_celery_app",
+    "enqueue_job",
+    "broker_ok",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "lorajobs.run_job"
+QUEUE_NAME = "lorajobs"
+# Embedded broker poll: a queued job waits at most this long for an idle worker to see it.
+EMBEDDED_POLL_SECONDS = 0.1
+# Far longer than any training run: Redis never redelivers a running job on its own.
+REDIS_VISIBILITY_TIMEOUT_SECONDS = 7 * 24 * 3600
+# Publishing must not hold an API request: one quick retry, then give up (the reaper re-sends).
+PUBLISH_CONNECT_TIMEOUT_SECONDS = 1.0
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.2}
+BROKER_CHECK_TIMEOUT_SECONDS = 1.0
+
+_apps: dict[str, Celery] = {}
+
+
+def _configure_embedded_transport() -> None:
+    from kombu.transport.sqlalchemy import Transport
+
+    Transport.polling_interval = EMBEDDED_POLL_SECONDS
+
+
+def _transport_options(settings: Settings) -> dict[str, object]:
+    if settings.is_embedded_broker:
+        return {}
+    return {
+        "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS,
+        "socket_connect_timeout": PUBLISH_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": 30,
+        # Fail a publish fast when Redis is gone instead of retrying for minutes.
+        "max_retries": 1,
+    }
+
+
+def get_celery_app(settings: Settings | None = None) -> Celery:
+    """The Celery app for `settings`' broker (one per broker URL per process)."""
+    settings = settings or get_settings()
+    url = settings.resolved_broker_url
+    if url in _apps:
+        return _apps[url]
+    if settings.is_embedded_broker:
+        _configure_embedded_transport()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Celery("lorajobs", broker=url, set_as_current=False)
+    app.conf.update(
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=PUBLISH_CONNECT_TIMEOUT_SECONDS,
+        broker_transport_options=_transport_options(settings),
+        task_default_queue=QUEUE_NAME,
+        task_serializer="json",
+        accept_content=["json"],
+        # The worker re-reads the row; a stale message only costs a no-op claim.
+        task_track_started=False,
+        worker_send_task_events=False,
+        worker_enable_remote_control=not settings.is_embedded_broker,
+    )
+    _apps[url] = app
+    return app
+
+
+def enqueue_job(job_id: str, settings: Settings | None = None) -> bool:
+    """Send the job id to the worker queue. Never raises: False means the broker is down.
+
+    On success the job's `enqueued_at` is stamped, so the reaper waits `requeue_after_seconds`
+    before sending it again.
+    """
+    settings = settings or get_settings()
+    try:
+        app = get_celery_app(settings)
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE_NAME, retry=True,
+                      retry_policy=PUBLISH_RETRY_POLICY)
+    except Exception as exc:  # noqa: BLE001 - any broker failure means "send later"
+        log.warning("enqueue of %s failed (broker down?): %s", job_id, exc)
+        return False
+    try:
+        from lorajobs.service import jobs
+        from lorajobs.service.db import get_sessionmaker
+
+        with get_sessionmaker(settings)() as session:
+            jobs.mark_enqueued(session, [job_id])
+    except Exception as exc:  # noqa: BLE001 - sent is sent; a missing stamp costs a re-send
+        log.warning("could not stamp enqueued_at for %s: %s", job_id, exc)
+    return True
+
+
+def broker_ok(settings: Settings | None = None) -> bool:
+    """Can we reach the broker right now? For /readyz: one connection, short timeout."""
+    settings = settings or get_settings()
+    try:
+        if settings.is_embedded_broker:
+            _configure_embedded_transport()
+        with Connection(settings.resolved_broker_url,
+                        connect_timeout=BROKER_CHECK_TIMEOUT_SECONDS,
+                        transport_options=_transport_options(settings)) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
+                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+            if not settings.is_embedded_broker:
+                conn.default_channel.client.ping()  # type: ignore[attr-defined]
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.info("broker not reachable: %s", exc)
+        return False

@@ -1,0 +1,59 @@
+"""The worker's Celery app: `celery -A lorajobs.worker.celery_app worker --pool=solo -c 1`.
+
+The app's broker config is the service's (`queue.get_celery_app`); this module adds the task
+bodies, the reaper's beat entry and the warm-shutdown hook. `app` is built on first access from
+the environment's settings, so importing this module has no side effects.
+
+Pool: `solo` is the default. Training runs in a child process of its own anyway, so there is no
+memory to reclaim by recycling pool processes, and in `solo` the shutdown signal reaches the
+supervisor directly (in prefork it reaches the parent, not the child running the task).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_shutting_down
+
+from lorajobs.service.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
+from lorajobs.service.settings import Settings, get_settings
+from lorajobs.worker import reaper, tasks
+from lorajobs.worker.supervisor import SHUTDOWN
+
+__all__ = ["build_app", "WORKER_QUEUES"]
+
+# A worker consumes jobs and, when idle, the reaper's beat messages.
+WORKER_QUEUES = (QUEUE_NAME, reaper.MAINTENANCE_QUEUE)
+
+_app: Celery | None = None
+
+
+def _reap() -> dict[str, Any]:
+    return reaper.reap_once(tasks.current_settings())
+
+
+def build_app(settings: Settings | None = None) -> Celery:
+    """The Celery app for `settings` with our tasks registered (idempotent)."""
+    global _app
+    settings = settings or get_settings()
+    tasks.bind_settings(settings)
+    app = get_celery_app(settings)
+    if RUN_JOB_TASK not in app.tasks:
+        app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)(tasks.run_job)
+        app.task(name=reaper.REAP_TASK, ignore_result=True, acks_late=False)(_reap)
+    app.conf.beat_schedule = reaper.beat_schedule(settings)
+    _app = app
+    return app
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:
+    """Warm shutdown (SIGTERM/SIGINT): the running trainer checkpoints and the job is requeued."""
+    SHUTDOWN.set()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return _app or build_app()
+    raise AttributeError(name)

@@ -1,0 +1,83 @@
+"""`serve`: the whole service from one command (embedded mode: SQLite + embedded broker).
+
+    migrate -> ensure the local admin key -> worker subprocess + reaper thread -> uvicorn
+
+The worker is a subprocess, not a thread: Celery installs signal handlers (main thread only)
+and a crash in training supervision must not take the API down. Ctrl-C / SIGTERM stops uvicorn;
+then the worker gets SIGTERM (its trainer checkpoints, the job is requeued for the next start)
+and the reaper thread stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.keys import ensure_admin_key
+from lorajobs.service.migrate import upgrade
+from lorajobs.service.settings import Settings, get_settings
+from lorajobs.worker.main import settings_env
+from lorajobs.worker.reaper import run_reaper_loop
+
+__all__ = ["serve", "start_worker_process"]
+
+log = logging.getLogger(__name__)
+
+APP_FACTORY = "lorajobs.api.app:create_app"
+# A warm worker shutdown waits for the trainer's checkpoint: give it the cancel grace twice
+# (stop file, then SIGTERM), plus time to settle the job.
+WORKER_STOP_MARGIN_SECONDS = 10.0
+
+
+def start_worker_process(settings: Settings, *, log_path: str | None = None
+                         ) -> subprocess.Popen[bytes]:
+    """`python -m lorajobs.worker.main worker` with `settings` in its environment."""
+    env = {**os.environ, **settings_env(settings)}
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
+    return subprocess.Popen([sys.executable, "-m", "lorajobs.worker.main", "worker"],
+                            env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+
+def _stop_worker(proc: subprocess.Popen[bytes], settings: Settings) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=2 * settings.cancel_grace_seconds + WORKER_STOP_MARGIN_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("worker did not stop in time; killing it (the reaper requeues its job)")
+        proc.kill()
+        proc.wait()
+
+
+def serve(settings: Settings | None = None, host: str | None = None,
+          port: int | None = None) -> None:
+    """Run API + worker + reaper until Ctrl-C/SIGTERM; prints where the admin key is."""
+    import uvicorn
+
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings)
+    with get_sessionmaker(settings)() as session:
+        ensure_admin_key(session, key_file=settings.admin_key_file)
+    print(f"lorajobs: admin key in {settings.admin_key_file}", flush=True)
+    # The API process builds its settings from the environment (create_app is a factory).
+    os.environ.update(settings_env(settings))
+    get_settings.cache_clear()
+    worker = start_worker_process(settings)
+    stop = threading.Event()
+    reaper = threading.Thread(target=run_reaper_loop, args=(settings, stop), daemon=True,
+                              name="lorajobs-reaper")
+    reaper.start()
+    try:
+        uvicorn.run(APP_FACTORY, factory=True, host=host or settings.api_host,
+                    port=port if port is not None else settings.api_port, log_level="info")
+    finally:
+        stop.set()
+        _stop_worker(worker, settings)
+        reaper.join(timeout=5)

@@ -1,0 +1,64 @@
+"""The reaper: the periodic sweep that makes a lost worker or a lost message harmless.
+
+- Running jobs whose lease expired (their worker died): requeued (or failed after max_attempts,
+  or cancelled if a cancel was pending) by `jobs.reap_expired_leases`, then re-sent.
+- Queued jobs nobody picked up within `requeue_after_seconds` of their last send (the broker
+  lost the message, or was down at submit): sent again. A duplicate is a no-op claim.
+
+Runs as a loop (embedded server, `python -m lorajobs.worker.main reaper`) or as a Celery beat
+entry (`BEAT_SCHEDULE`) whose task goes to a maintenance queue any idle worker consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from lorajobs.service import jobs
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.queue import enqueue_job
+from lorajobs.service.settings import Settings
+
+__all__ = ["REAP_TASK", "MAINTENANCE_QUEUE", "reap_once", "run_reaper_loop", "beat_schedule"]
+
+log = logging.getLogger(__name__)
+
+REAP_TASK = "lorajobs.reap"
+MAINTENANCE_QUEUE = "lorajobs.maintenance"
+
+
+def reap_once(settings: Settings) -> dict[str, Any]:
+    """One sweep. Returns {requeued, resent, unsent} job ids (unsent: broker still down)."""
+    sessions = get_sessionmaker(settings)
+    with sessions() as session:
+        requeued = jobs.reap_expired_leases(session)
+    unsent = [job_id for job_id in requeued if not enqueue_job(job_id, settings)]
+    with sessions() as session:
+        stale = jobs.stale_queued_jobs(session,
+                                       older_than_seconds=settings.requeue_after_seconds)
+    stale = [job_id for job_id in stale if job_id not in requeued]
+    resent: list[str] = []
+    for job_id in stale:
+        (resent if enqueue_job(job_id, settings) else unsent).append(job_id)
+    if requeued or resent or unsent:
+        log.info("reaper: requeued %s, re-sent %s, unsent %s", requeued, resent, unsent)
+    return {"requeued": requeued, "resent": resent, "unsent": unsent}
+
+
+def run_reaper_loop(settings: Settings, stop_event: threading.Event) -> None:
+    """Sweep every `reaper_interval_seconds` until `stop_event` is set. Never dies on an error."""
+    while not stop_event.is_set():
+        try:
+            reap_once(settings)
+        except Exception:  # noqa: BLE001 - a DB outage must not kill the loop
+            log.exception("reaper sweep failed; retrying next interval")
+        stop_event.wait(settings.reaper_interval_seconds)
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    """The Celery beat entry for production; messages expire so an idle fleet never piles up."""
+    interval = settings.reaper_interval_seconds
+    return {"lorajobs-reaper": {"task": REAP_TASK, "schedule": interval,
+                                "options": {"queue": MAINTENANCE_QUEUE,
+                                            "expires": max(2 * interval, 5.0)}}}

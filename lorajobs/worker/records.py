@@ -1,0 +1,224 @@
+"""Trainer events -> database rows. The supervisor tails the events file and hands batches here.
+
+    started     -> JobEvent, job.resumed_from_step, progress.total_steps
+    progress    -> JobMetric upsert by (job, step), job.progress / job.metrics snapshot
+    eval        -> JobMetric.eval_loss, job.metrics.eval_loss, JobEvent
+    checkpoint  -> Checkpoint row + its adapter files as Artifacts (kind "adapter", step)
+    stage       -> job.stage, JobEvent
+    merged      -> Artifacts (kind "merged"), Checkpoint.merged_key, JobEvent
+    warning     -> JobEvent (level warning)
+    error       -> JobEvent (level error); the supervisor decides the job's outcome
+    finished    -> kept for the supervisor; final artifacts are registered by it
+
+Every write is guarded by our lease (`jobs.update_progress` filters on the owner), and only the
+lease holder writes a job's metrics, so a plain select-then-write upsert is race-free. A resumed
+run redoes steps after its checkpoint: their metric rows are overwritten, not duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from lora_core.manifest import MANIFEST_NAME, sha256_file
+from lorajobs.service import jobs
+from lorajobs.service.models import Artifact, Checkpoint, Job, JobMetric, JobStatus, new_id
+from lorajobs.service.storage import LocalArtifactStore
+
+__all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for"]
+
+log = logging.getLogger(__name__)
+
+# Event types copied verbatim into the job's event log (progress is too chatty: it goes to
+# job_metrics; the API serves it as the loss curve).
+LOGGED_TYPES = frozenset({"started", "stage", "checkpoint", "warning", "eval", "merged", "error",
+                          "finished"})
+
+
+def storage_key_for(store: LocalArtifactStore, path: str | Path) -> str:
+    """The store key of a file the trainer wrote under the artifact root."""
+    return Path(path).resolve().relative_to(store.root).as_posix()
+
+
+def _known_digests(directory: Path) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) from the trainer's manifest.json, to avoid hashing GBs twice."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        return {f["path"]: (int(f["size"]), f["sha256"]) for f in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def register_file(session: Session, store: LocalArtifactStore, *, job_id: str, kind: str,
+                  step: int | None, path: Path, name: str, sha256: str | None = None) -> None:
+    """One Artifact row for one file (replacing a row of the same job/kind/step/name)."""
+    size = path.stat().st_size
+    session.execute(delete(Artifact).where(
+        Artifact.job_id == job_id, Artifact.kind == kind, Artifact.name == name,
+        Artifact.step.is_(None) if step is None else Artifact.step == step))
+    session.add(Artifact(id=new_id("art"), job_id=job_id, kind=kind, step=step, name=name,
+                         storage_key=storage_key_for(store, path), size=size,
+                         sha256=sha256 or sha256_file(path)))
+
+
+def register_dir(session: Session, store: LocalArtifactStore, *, job_id: str, kind: str,
+                 step: int | None, directory: Path) -> int:
+    """Artifact rows for every file of an adapter / merged-model directory; returns the count."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        log.warning("artifact directory %s missing; nothing registered", directory)
+        return 0
+    session.execute(delete(Artifact).where(
+        Artifact.job_id == job_id, Artifact.kind == kind,
+        Artifact.step.is_(None) if step is None else Artifact.step == step))
+    known = _known_digests(directory)
+    count = 0
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file() or p.name.endswith(".part"):
+            continue
+        name = p.relative_to(directory).as_posix()
+        size = p.stat().st_size
+        digest = known.get(name, (None, None))
+        sha = digest[1] if digest[0] == size else None
+        session.add(Artifact(id=new_id("art"), job_id=job_id, kind=kind, step=step, name=name,
+                             storage_key=storage_key_for(store, p), size=size,
+                             sha256=sha or sha256_file(p)))
+        count += 1
+    return count
+
+
+def _is_final_merge(event: dict[str, Any]) -> bool:
+    """A merge of the final adapter (step None in our rows) vs. of a checkpoint."""
+    if event.get("final") is not None:
+        return bool(event["final"])
+    return event.get("step") is None or Path(str(event.get("path", ""))).name == "final"
+
+
+class EventRecorder:
+    """Applies trainer events for one job attempt; remembers what the supervisor needs."""
+
+    def __init__(self, session_factory: sessionmaker[Session], store: LocalArtifactStore, *,
+                 job_id: str, owner: str) -> None:
+        self.session_factory = session_factory
+        self.store = store
+        self.job_id = job_id
+        self.owner = owner
+        self.started: dict[str, Any] | None = None
+        self.finished: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.last_checkpoint_step: int | None = None
+        self._total_steps: int | None = None
+        self._metrics: dict[str, Any] = {"train_loss": None, "eval_loss": None}
+        self.count = 0
+
+    def apply(self, events: list[dict[str, Any]]) -> None:
+        """Write one batch in one transaction. Rows are lease-guarded by the owner filter."""
+        if not events:
+            return
+        with self.session_factory() as session:
+            job = session.get(Job, self.job_id)
+            if job is not None and job.metrics:
+                self._metrics = {**self._metrics, **job.metrics}
+            progress: dict[str, Any] | None = None
+            stage: str | None = None
+            for event in events:
+                self.count += 1
+                kind = event.get("type")
+                if kind == "progress":
+                    progress = self._on_progress(session, event)
+                elif kind == "eval":
+                    self._on_eval(session, event)
+                elif kind == "stage":
+                    stage = str(event.get("stage") or "") or None
+                elif kind == "started":
+                    self._on_started(session, event)
+                elif kind == "checkpoint":
+                    self._on_checkpoint(session, event)
+                elif kind == "merged":
+                    self._on_merged(session, event)
+                elif kind == "finished":
+                    self.finished = event
+                elif kind == "error":
+                    self.error = {k: event.get(k) for k in ("code", "message", "param",
+                                                            "user_fault")}
+                if kind in LOGGED_TYPES:
+                    self._log_event(session, event)
+            jobs.update_progress(session, self.job_id, owner=self.owner, progress=progress,
+                                 metrics=dict(self._metrics), stage=stage)
+            session.commit()
+
+    def _log_event(self, session: Session, event: dict[str, Any]) -> None:
+        kind = str(event["type"])
+        data = {k: v for k, v in event.items() if k not in ("type", "time")}
+        level = {"warning": "warning", "error": "error"}.get(kind, "info")
+        message = str(event.get("message") or event.get("stage") or kind)
+        jobs.add_event(session, self.job_id, kind, message, level=level, data=data)
+
+    def _on_started(self, session: Session, event: dict[str, Any]) -> None:
+        self.started = event
+        self._total_steps = event.get("total_steps")
+        session.execute(
+            update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING,
+                              Job.lease_owner == self.owner)
+            .values(resumed_from_step=event.get("resumed_from_step") or None))
+
+    def _metric_row(self, session: Session, step: int) -> JobMetric:
+        row = session.scalar(select(JobMetric).where(JobMetric.job_id == self.job_id,
+                                                     JobMetric.step == step))
+        if row is None:
+            row = JobMetric(job_id=self.job_id, step=step)
+            session.add(row)
+        return row
+
+    def _on_progress(self, session: Session, event: dict[str, Any]) -> dict[str, Any]:
+        step = int(event.get("step") or 0)
+        total = event.get("total_steps") or self._total_steps
+        row = self._metric_row(session, step)
+        row.epoch = event.get("epoch")
+        row.train_loss = event.get("loss")
+        row.learning_rate = event.get("learning_rate")
+        row.grad_norm = event.get("grad_norm")
+        row.tokens_per_second = event.get("tokens_per_second")
+        if event.get("loss") is not None:
+            self._metrics["train_loss"] = event["loss"]
+        return {"step": step, "total_steps": total, "epoch": event.get("epoch"),
+                "fraction": round(step / total, 4) if total else None,
+                "eta_seconds": event.get("eta_seconds")}
+
+    def _on_eval(self, session: Session, event: dict[str, Any]) -> None:
+        step = int(event.get("step") or 0)
+        self._metric_row(session, step).eval_loss = event.get("eval_loss")
+        self._metrics["eval_loss"] = event.get("eval_loss")
+
+    def _on_checkpoint(self, session: Session, event: dict[str, Any]) -> None:
+        step = int(event["step"])
+        self.last_checkpoint_step = step
+        adapter = event.get("adapter_path")
+        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id,
+                                                      Checkpoint.step == step))
+        if row is None:
+            row = Checkpoint(job_id=self.job_id, step=step)
+            session.add(row)
+        row.resumable = bool(event.get("resumable", True))
+        row.path = storage_key_for(self.store, event["path"])
+        row.adapter_key = storage_key_for(self.store, adapter) if adapter else None
+        row.metrics = {k: v for k, v in self._metrics.items() if v is not None}
+        if adapter:
+            register_dir(session, self.store, job_id=self.job_id, kind="adapter", step=step,
+                         directory=Path(adapter))
+
+    def _on_merged(self, session: Session, event: dict[str, Any]) -> None:
+        final = _is_final_merge(event)
+        step = None if final else int(event["step"])
+        register_dir(session, self.store, job_id=self.job_id, kind="merged", step=step,
+                     directory=Path(event["path"]))
+        if event.get("step") is not None:
+            session.execute(
+                update(Checkpoint)
+                .where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(event["step"]))
+                .values(merged_key=storage_key_for(self.store, event["path"])))

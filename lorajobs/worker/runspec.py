@@ -1,0 +1,144 @@
+"""From a claimed job row to what the trainer child runs: RunSpec, paths, command, environment.
+
+Per job, under the artifact store (`jobs/<job_id>/`):
+
+    spec.json                     the RunSpec the child reads (rewritten every attempt)
+    reproducibility.json          written when the job succeeds (repro.py)
+    run/                          the trainer's output_dir: checkpoints/, adapter/, merged/
+    run/STOP                      created by the worker to ask the child to stop cooperatively
+    run/events-attempt<N>.jsonl   the child's JSON-lines report channel, one file per attempt
+    run/trainer-attempt<N>.log    the child's stdout + stderr
+
+Paths never come from the client: the model is a registered name under `model_root`, datasets
+are store keys the API wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from lora_core.spec import RunSpec
+from lorajobs.service.models import Dataset, Job, RegisteredModel
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import LocalArtifactStore
+
+__all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_command", "trainer_env"]
+
+STOP_FILE_NAME = "STOP"
+# Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "LORAJOBS_TRAINER_THREADS")
+
+
+class PrepareError(Exception):
+    """The job cannot start: its error dict becomes the job's error (`failed`)."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None,
+                 user_fault: bool = False) -> None:
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param, "user_fault": user_fault}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    job_dir: Path
+    run_dir: Path
+    spec_file: Path
+    stop_file: Path
+    events_file: Path
+    log_file: Path
+
+    @classmethod
+    def for_attempt(cls, store: LocalArtifactStore, job_id: str, attempt: int) -> RunPaths:
+        job_dir = store.local_path(f"jobs/{job_id}")
+        run_dir = store.local_path(f"jobs/{job_id}/run")
+        return cls(job_dir=job_dir, run_dir=run_dir, spec_file=job_dir / "spec.json",
+                   stop_file=run_dir / STOP_FILE_NAME,
+                   events_file=run_dir / f"events-attempt{attempt}.jsonl",
+                   log_file=run_dir / f"trainer-attempt{attempt}.log")
+
+    def log_files(self) -> list[Path]:
+        """Every attempt's events and trainer log (kind "log" artifacts)."""
+        return sorted([*self.run_dir.glob("events-attempt*.jsonl"),
+                       *self.run_dir.glob("trainer-attempt*.log")])
+
+
+def _dataset_path(session: Session, store: LocalArtifactStore, dataset_id: str,
+                  param: str) -> tuple[Dataset, Path]:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise PrepareError("dataset_missing", f"dataset {dataset_id} no longer exists",
+                           param=param, user_fault=True)
+    path = store.local_path(dataset.storage_key)
+    if not path.is_file():
+        raise PrepareError("dataset_missing", f"dataset {dataset_id}'s file is gone from the "
+                           "artifact store", param=param)
+    return dataset, path
+
+
+def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalArtifactStore,
+                   paths: RunPaths) -> tuple[RunSpec, RegisteredModel, Dataset]:
+    """Resolve names to paths and validate; raises PrepareError naming the bad field."""
+    model = session.query(RegisteredModel).filter_by(name=job.base_model).one_or_none()
+    if model is None:
+        raise PrepareError("model_missing", f"base model {job.base_model!r} is not registered",
+                           param="base_model", user_fault=True)
+    model_root = settings.resolved_model_root.resolve()
+    model_dir = (model_root / model.path).resolve()
+    if not model_dir.is_relative_to(model_root) or not model_dir.is_dir():
+        raise PrepareError("model_missing", f"base model {job.base_model!r}'s files are missing "
+                           "under the model root", param="base_model")
+    dataset, train_file = _dataset_path(session, store, job.training_file, "training_file")
+    validation_file = None
+    if job.validation_file:
+        _, validation_file = _dataset_path(session, store, job.validation_file,
+                                           "validation_file")
+    spec: dict[str, Any] = job.spec or {}
+    try:
+        run_spec = RunSpec(
+            model_dir=model_dir, train_file=train_file, validation_file=validation_file,
+            data_format=dataset.format, output_dir=paths.run_dir,
+            lora=spec.get("lora") or {}, training=spec.get("training") or {},
+            distributed=spec.get("distributed") or {}, merge=spec.get("merge") or "final",
+            resume=True,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PrepareError("invalid_spec", f"{first['msg']}",
+                           param=".".join(str(p) for p in first["loc"]), user_fault=True) from exc
+    return run_spec, model, dataset
+
+
+def write_spec(run_spec: RunSpec, paths: RunPaths) -> None:
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = paths.spec_file.with_name(paths.spec_file.name + ".part")
+    tmp.write_text(run_spec.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, paths.spec_file)
+
+
+def trainer_command(settings: Settings, run_spec: RunSpec, paths: RunPaths) -> list[str]:
+    """`python -m lora_core run ...`, or under torchrun for more than one process."""
+    args = ["-m", "lora_core", "run", "--spec", str(paths.spec_file),
+            "--events-file", str(paths.events_file), "--stop-file", str(paths.stop_file)]
+    nproc = run_spec.distributed.num_processes
+    if nproc > 1:
+        torchrun = settings.torchrun or str(Path(sys.executable).with_name("torchrun"))
+        return [torchrun, "--standalone", "--nproc_per_node", str(nproc), *args]
+    return [settings.trainer_python or sys.executable, *args]
+
+
+def trainer_env(settings: Settings) -> dict[str, str]:
+    """The worker's environment plus thread limits and unbuffered output for the child."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if settings.trainer_threads:
+        for name in THREAD_ENV_VARS:
+            env[name] = str(settings.trainer_threads)
+    return env

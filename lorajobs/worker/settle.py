@@ -1,0 +1,161 @@
+"""Decide and record how a trainer attempt ended. Every status change goes via `jobs.transition`,
+guarded by our lease owner: if the reaper or a cancel won a race, we lose quietly ("lost").
+
+    finished completed            -> succeeded  (final adapter, manifest, logs registered first)
+    error event                   -> failed     (the child's {code, message, param, user_fault})
+    stopped / killed for a cancel -> cancelled  (checkpoints kept)
+    stopped for worker shutdown   -> queued     (and re-sent: another worker resumes it)
+    no verdict (crash, OOM kill)  -> queued while attempts remain, else failed trainer_crashed
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from lora_core.spec import RunSpec
+from lorajobs.service import jobs
+from lorajobs.service.errors import IllegalTransition
+from lorajobs.service.models import Dataset, Job, JobStatus, RegisteredModel
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import LocalArtifactStore
+from lorajobs.worker import repro
+from lorajobs.worker.records import EventRecorder, register_dir, register_file
+from lorajobs.worker.runspec import RunPaths
+
+__all__ = ["SUCCEEDED", "FAILED", "CANCELLED", "REQUEUED", "LOST", "SettleContext",
+           "settle", "fail", "requeue"]
+
+log = logging.getLogger(__name__)
+
+SUCCEEDED, FAILED, CANCELLED, REQUEUED, LOST = (
+    "succeeded", "failed", "cancelled", "requeued", "lost")
+MANIFEST_FILE = "reproducibility.json"
+
+
+@dataclass(frozen=True)
+class SettleContext:
+    paths: RunPaths
+    run_spec: RunSpec
+    model: RegisteredModel
+    dataset: Dataset
+    store: LocalArtifactStore
+    settings: Settings
+
+
+def _exit_description(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _try_transition(session: Session, job: Job, *, owner: str, to: str, **kwargs: Any) -> bool:
+    try:
+        jobs.transition(session, job, to=to, expect_owner=owner, **kwargs)
+        session.commit()
+        return True
+    except IllegalTransition as exc:
+        session.rollback()
+        log.warning("job %s: could not become %s: %s", job.id, to, exc.message)
+        return False
+
+
+def _register_logs(session: Session, context: SettleContext, job_id: str) -> None:
+    for path in context.paths.log_files():
+        register_file(session, context.store, job_id=job_id, kind="log", step=None, path=path,
+                      name=path.name)
+
+
+def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any],
+         context: SettleContext | None = None) -> str:
+    if context is not None:
+        _register_logs(session, context, job.id)
+    ok = _try_transition(session, job, owner=owner, to=JobStatus.FAILED, error=error,
+                         message=f"failed: {error.get('code')}: {error.get('message')}")
+    return FAILED if ok else LOST
+
+
+def requeue(session: Session, job: Job, *, owner: str, settings: Settings, message: str) -> str:
+    """Back to queued and re-sent now; the next attempt resumes from the newest checkpoint."""
+    if job.cancel_requested:
+        ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
+                             message="cancelled")
+        return CANCELLED if ok else LOST
+    if not _try_transition(session, job, owner=owner, to=JobStatus.QUEUED, message=message):
+        return LOST
+    from lorajobs.service.queue import enqueue_job
+
+    if not enqueue_job(job.id, settings):
+        log.warning("job %s requeued but not sent (broker down); the reaper will send it", job.id)
+    return REQUEUED
+
+
+def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
+             context: SettleContext) -> str:
+    finished = recorder.finished or {}
+    adapter = Path(finished.get("adapter_path") or context.paths.run_dir / "adapter")
+    register_dir(session, context.store, job_id=job.id, kind="adapter", step=None,
+                 directory=adapter)
+    started = recorder.started or {}
+    manifest = repro.write_manifest(
+        context.paths.job_dir / MANIFEST_FILE, job_id=job.id, spec=job.spec,
+        run_spec=context.run_spec.model_dump(mode="json"),
+        base_model={"name": context.model.name, "architecture": context.model.architecture,
+                    "weights_sha256": repro.weights_digests(context.run_spec.model_dir,
+                                                            context.model.weights_sha256)},
+        dataset={"id": context.dataset.id, "sha256": context.dataset.sha256,
+                 "num_examples": context.dataset.num_examples, "format": context.dataset.format},
+        world_size=started.get("world_size"), attempt=job.attempt,
+        resumed_from_step=started.get("resumed_from_step"))
+    register_file(session, context.store, job_id=job.id, kind="manifest", step=None,
+                  path=manifest, name=MANIFEST_FILE)
+    _register_logs(session, context, job.id)
+    ok = _try_transition(session, job, owner=owner, to=JobStatus.SUCCEEDED,
+                         message="training completed")
+    return SUCCEEDED if ok else LOST
+
+
+def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
+           returncode: int, stop_reason: str | None, lost: bool,
+           context: SettleContext) -> str:
+    """Turn (events seen, exit code, why we stopped it) into the job's next state."""
+    if lost:
+        _register_logs(session, context, job.id)
+        session.commit()
+        return LOST
+    finished = recorder.finished or {}
+    if finished.get("status") == "completed" and recorder.error is None:
+        return _succeed(session, job, owner=owner, recorder=recorder, context=context)
+    if recorder.error is not None:
+        error = {"code": recorder.error.get("code") or "training_error",
+                 "message": recorder.error.get("message") or "the trainer reported an error",
+                 "param": recorder.error.get("param"),
+                 "user_fault": bool(recorder.error.get("user_fault"))}
+        return fail(session, job, owner=owner, error=error, context=context)
+    _register_logs(session, context, job.id)
+    step = recorder.last_checkpoint_step
+    resume_note = f"; resumes from step {step}" if step else ""
+    if stop_reason == "cancel":
+        ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
+                             message=f"cancelled; last checkpoint step {step}")
+        return CANCELLED if ok else LOST
+    if stop_reason == "shutdown":
+        return requeue(session, job, owner=owner, settings=context.settings,
+                       message=f"worker shutting down; requeued{resume_note}")
+    how = _exit_description(returncode)
+    if job.attempt < job.max_attempts:
+        return requeue(session, job, owner=owner, settings=context.settings,
+                       message=f"trainer {how} without a verdict (attempt {job.attempt} of "
+                               f"{job.max_attempts}); requeued{resume_note}")
+    return fail(session, job, owner=owner, error={
+        "code": "trainer_crashed", "param": None, "user_fault": False,
+        "message": f"the trainer {how} without reporting a result, on all {job.max_attempts} "
+                   "attempts (out of memory?); see the trainer log artifact"})

@@ -1,0 +1,213 @@
+"""Run one claimed job attempt: spawn the trainer child, watch it, and settle the job.
+
+The child runs in its own process group (`start_new_session`), so a cancel or a lost lease can
+stop every rank of a torchrun launch at once, and dies with the worker (`PR_SET_PDEATHSIG`), so
+a worker killed outright never leaves a trainer writing into a directory the next attempt
+resumes from. Every `worker_poll_seconds` the loop:
+
+    tails the events file       -> records.EventRecorder (rows, progress, checkpoints)
+    renews the lease            -> lost it? SIGKILL the group: someone else owns the job now
+    reads cancel_requested      -> stop file, SIGTERM after cancel_grace_seconds, then SIGKILL
+    checks the shutdown flag    -> the same stop sequence; the job is requeued, not failed
+
+Outcomes (`settle`): finished completed -> succeeded; finished stopped -> cancelled (cancel) or
+queued (shutdown); an error event -> failed with the child's {code, message, param, user_fault};
+no verdict (crash, OOM kill) -> queued again while attempts remain, else failed trainer_crashed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+
+from lora_core.events import read_events
+from lora_core.spec import RunSpec
+from lorajobs.service import jobs
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.models import Job
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import get_store
+from lorajobs.worker import settle
+from lorajobs.worker.records import EventRecorder
+from lorajobs.worker.runspec import (
+    PrepareError,
+    RunPaths,
+    build_run_spec,
+    trainer_command,
+    trainer_env,
+    write_spec,
+)
+
+__all__ = ["SHUTDOWN", "Supervisor", "supervise"]
+
+log = logging.getLogger(__name__)
+
+# Set when the worker begins a warm shutdown (celery_app connects it to worker_shutting_down).
+SHUTDOWN = threading.Event()
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn: the kernel SIGKILLs the child when the worker thread that spawned it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Supervisor:
+    """One attempt of one job, from spawn to a settled job row."""
+
+    def __init__(self, settings: Settings, job_id: str, owner: str,
+                 shutdown: threading.Event = SHUTDOWN) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.owner = owner
+        self.shutdown = shutdown
+        self.sessions = get_sessionmaker(settings)
+        self.store = get_store(settings)
+        self.stop_reason: str | None = None  # "cancel" | "shutdown"
+        self.lost = False
+        self._stop_sent_at: float | None = None
+        self._term_sent_at: float | None = None
+        self._killed = False
+        self._offset = 0
+
+    def run(self) -> str:
+        """Spawn, watch, settle. Returns the outcome (a settle.* constant)."""
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            paths = RunPaths.for_attempt(self.store, self.job_id, job.attempt)
+            try:
+                run_spec, model, dataset = build_run_spec(session, job, self.settings,
+                                                          self.store, paths)
+            except PrepareError as exc:
+                return settle.fail(session, job, owner=self.owner, error=exc.error)
+            write_spec(run_spec, paths)
+            context = settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
+                                           dataset=dataset, store=self.store,
+                                           settings=self.settings)
+        paths.stop_file.unlink(missing_ok=True)  # a previous attempt's stop request
+        recorder = EventRecorder(self.sessions, self.store, job_id=self.job_id,
+                                 owner=self.owner)
+        proc = self._spawn(run_spec, paths)
+        try:
+            returncode = self._watch(proc, paths, recorder)
+        finally:
+            if proc.poll() is None:  # we are leaving on an exception: never orphan a trainer
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            return settle.settle(session, job, owner=self.owner, recorder=recorder,
+                                 returncode=returncode, stop_reason=self.stop_reason,
+                                 lost=self.lost, context=context)
+
+    def _spawn(self, run_spec: RunSpec, paths: RunPaths) -> subprocess.Popen[bytes]:
+        cmd = trainer_command(self.settings, run_spec, paths)
+        log.info("job %s: starting trainer: %s", self.job_id, " ".join(cmd))
+        with open(paths.log_file, "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=paths.run_dir,
+                                    env=trainer_env(self.settings), start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+
+    def _drain(self, paths: RunPaths, recorder: EventRecorder) -> None:
+        events, self._offset = read_events(paths.events_file, self._offset)
+        if events:
+            try:
+                recorder.apply(events)
+            except Exception:  # noqa: BLE001 - a DB hiccup must not orphan the child
+                log.exception("job %s: recording %d events failed", self.job_id, len(events))
+
+    def _watch(self, proc: subprocess.Popen[bytes], paths: RunPaths,
+               recorder: EventRecorder) -> int:
+        """Poll until the child exits; returns its returncode (negative: killed by a signal)."""
+        poll = self.settings.worker_poll_seconds
+        renew_every = self.settings.lease_renew_seconds
+        last_renewed = next_renew = time.monotonic()
+        next_renew += renew_every
+        while True:
+            returncode = proc.poll()
+            self._drain(paths, recorder)
+            if returncode is not None:
+                _killpg(proc.pid, signal.SIGKILL)  # stray ranks/grandchildren
+                self._drain(paths, recorder)
+                return returncode
+            now = time.monotonic()
+            if now >= next_renew and not self.lost:
+                next_renew = now + renew_every
+                renewed = self._renew()
+                if renewed:
+                    last_renewed = now
+                if renewed is False or now - last_renewed > self.settings.lease_seconds:
+                    log.warning("job %s: lease lost; killing the trainer", self.job_id)
+                    self.lost = True
+                    _killpg(proc.pid, signal.SIGKILL)
+            if self.stop_reason is None and not self.lost:
+                if self.shutdown.is_set():
+                    self._request_stop(paths, "shutdown")
+                elif self._cancel_requested():
+                    self._request_stop(paths, "cancel")
+            self._escalate(proc.pid, now)
+            time.sleep(poll)
+
+    def _renew(self) -> bool | None:
+        """True renewed, False lost, None unknown (database unreachable: retry next time)."""
+        try:
+            with self.sessions() as session:
+                return jobs.renew_lease(session, self.job_id, owner=self.owner,
+                                        lease_seconds=self.settings.lease_seconds)
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: lease renewal failed", self.job_id)
+            return None
+
+    def _cancel_requested(self) -> bool:
+        try:
+            with self.sessions() as session:
+                return bool(session.query(Job.cancel_requested)
+                            .filter(Job.id == self.job_id).scalar())
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: reading cancel flag failed", self.job_id)
+            return False
+
+    def _request_stop(self, paths: RunPaths, reason: str) -> None:
+        """Cooperative first: the child sees the stop file, checkpoints and exits."""
+        log.info("job %s: asking the trainer to stop (%s)", self.job_id, reason)
+        self.stop_reason = reason
+        paths.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        paths.stop_file.write_text(reason + "\n")
+        self._stop_sent_at = time.monotonic()
+
+    def _escalate(self, pgid: int, now: float) -> None:
+        """Stop file ignored for cancel_grace_seconds: SIGTERM; as long again: SIGKILL."""
+        grace = self.settings.cancel_grace_seconds
+        if self._stop_sent_at is not None and self._term_sent_at is None \
+                and now - self._stop_sent_at > grace:
+            log.warning("job %s: trainer ignored the stop file; SIGTERM", self.job_id)
+            _killpg(pgid, signal.SIGTERM)
+            self._term_sent_at = now
+        elif self._term_sent_at is not None and not self._killed \
+                and now - self._term_sent_at > grace:
+            log.warning("job %s: trainer ignored SIGTERM; SIGKILL", self.job_id)
+            _killpg(pgid, signal.SIGKILL)
+            self._killed = True
+
+
+def supervise(settings: Settings, job_id: str, owner: str,
+              shutdown: threading.Event = SHUTDOWN) -> str:
+    return Supervisor(settings, job_id, owner, shutdown).run()

@@ -1,0 +1,91 @@
+"""Rows a worker needs, written straight to the database (the API's job creation is not under
+test here): a tenant, a registered model directory, a dataset file, and the job itself."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from sqlalchemy import select
+
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.keys import get_or_create_tenant
+from lorajobs.service.models import Dataset, Job, JobEvent, RegisteredModel, new_id
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import get_store
+
+MODEL_NAME = "fake-tiny"
+DATA = b'{"instruction": "say hi", "output": "hi"}\n' * 4
+
+
+def ensure_model_and_dataset(settings: Settings) -> tuple[str, str]:
+    """(tenant_id, dataset_id); the model directory holds a fake safetensors file."""
+    store = get_store(settings)
+    with get_sessionmaker(settings)() as session:
+        tenant = get_or_create_tenant(session, name="test")
+        if session.scalar(select(RegisteredModel).where(RegisteredModel.name == MODEL_NAME)) \
+                is None:
+            model_dir = settings.resolved_model_root / MODEL_NAME
+            model_dir.mkdir(parents=True, exist_ok=True)
+            (model_dir / "config.json").write_text("{}")
+            (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+            session.add(RegisteredModel(id=new_id("mdl"), name=MODEL_NAME, architecture="fake",
+                                        num_parameters=16, dtype="float32",
+                                        linear_modules=["q_proj"], path=MODEL_NAME))
+        dataset_id = new_id("ds")
+        key = f"datasets/{dataset_id}.jsonl"
+        store.put_stream(key, io.BytesIO(DATA))
+        session.add(Dataset(id=dataset_id, tenant_id=tenant.id, filename="train.jsonl",
+                            format="alpaca", num_examples=4, size_bytes=len(DATA),
+                            sha256="0" * 64, storage_key=key))
+        session.commit()
+        return tenant.id, dataset_id
+
+
+def make_job(settings: Settings, *, max_steps: int = 10, save_steps: int = 2,
+             max_attempts: int = 3, control: dict[str, Any] | None = None,
+             merge: str = "final") -> str:
+    """A queued job (not yet sent). `control` configures the fake trainer for this job."""
+    tenant_id, dataset_id = ensure_model_and_dataset(settings)
+    job_id = new_id("job")
+    spec = {"base_model": MODEL_NAME, "training_file": dataset_id, "validation_file": None,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"]},
+            "training": {"max_steps": max_steps, "save_steps": save_steps, "seed": 7},
+            "distributed": {"num_processes": 1, "zero_stage": 0}, "merge": merge}
+    if control:
+        run_dir = get_store(settings).local_path(f"jobs/{job_id}/run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "fake_control.json").write_text(json.dumps(control))
+    with get_sessionmaker(settings)() as session:
+        session.add(Job(id=job_id, tenant_id=tenant_id, base_model=MODEL_NAME,
+                        training_file=dataset_id, spec=spec, max_attempts=max_attempts))
+        session.commit()
+    return job_id
+
+
+def get_job(settings: Settings, job_id: str) -> Job:
+    with get_sessionmaker(settings)() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def events(settings: Settings, job_id: str, type_: str | None = None) -> list[JobEvent]:
+    with get_sessionmaker(settings)() as session:
+        stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        if type_:
+            stmt = stmt.where(JobEvent.type == type_)
+        return list(session.scalars(stmt).all())
+
+
+def trainer_starts(settings: Settings, job_id: str) -> list[int]:
+    """The resume step of every fake-trainer start for this job (one entry per start)."""
+    path = get_store(settings).local_path(f"jobs/{job_id}/run/fake_starts.log")
+    if not path.exists():
+        return []
+    return [int(line.split()[1]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def status_history(settings: Settings, job_id: str) -> list[str]:
+    return [e.data.get("to") for e in events(settings, job_id, "status")]
