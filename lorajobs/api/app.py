@@ -10,6 +10,8 @@ by side. This module, like the whole API package, never imports torch or transfo
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import FastAPI
 
 from lorajobs.api.errors import install_error_handlers
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = get_sessionmaker(settings)
     app.state.store = get_store(settings)
-    app.state.enqueue = default_enqueue
+    app.state.enqueue = partial(default_enqueue, settings=settings)
     registry, latency = make_registry(app.state.sessionmaker)
     app.state.metrics_registry = registry
     for module in ROUTERS:

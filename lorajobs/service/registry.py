@@ -45,7 +45,8 @@ def resolve_model_path(settings: Settings, path: str) -> Path:
     if not isinstance(path, str) or not path.strip() or "\x00" in path or "\\" in path:
         raise bad
     pure = PurePosixPath(path)
-    if pure.is_absolute() or path.startswith("~") or ".." in pure.parts or ":" in pure.parts[0]:
+    if (not pure.parts or pure.is_absolute() or path.startswith("~") or ".." in pure.parts
+            or ":" in pure.parts[0]):
         raise bad
     root = settings.resolved_model_root.resolve()
     full = (root / pure).resolve()  # resolve() follows symlinks: a link out of the root fails

@@ -93,7 +93,7 @@ def request_hash(request: JobRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def default_enqueue(job_id: str) -> None:
+def default_enqueue(job_id: str, settings: Settings | None = None) -> None:
     """Send the job id to the broker via `lorajobs.service.queue`, if that module exists.
 
     Never raises: a job that is not sent now stays queued and the reaper re-sends it.
@@ -104,7 +104,7 @@ def default_enqueue(job_id: str) -> None:
         log.warning("lorajobs.service.queue missing: job %s stays queued", job_id)
         return
     try:
-        enqueue_job(job_id)
+        enqueue_job(job_id, settings)
     except Exception:  # noqa: BLE001 - the reaper re-sends; the client already has its job
         log.exception("enqueue of job %s failed; the reaper will re-send it", job_id)
 

@@ -10,13 +10,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from lorajobs.api.deps import SessionDep
+from lorajobs.api.deps import SessionDep, SettingsDep
+from lorajobs.service.settings import Settings
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
-def _broker_ok() -> bool | None:
+def _broker_ok(settings: Settings) -> bool | None:
     """`lorajobs.service.queue.broker_ok()` when that module exists; None when it does not."""
     try:
         queue = importlib.import_module("lorajobs.service.queue")
@@ -26,7 +27,7 @@ def _broker_ok() -> bool | None:
     if check is None:
         return None
     try:
-        return bool(check())
+        return bool(check(settings))
     except Exception:  # noqa: BLE001 - a failing check means "not ready", never a 500
         log.exception("broker check failed")
         return False
@@ -39,7 +40,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(session: SessionDep) -> JSONResponse:
+def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Ready when the database (and the broker, if checkable) answers; 503 otherwise."""
     checks: dict[str, str] = {}
     try:
@@ -48,7 +49,7 @@ def readyz(session: SessionDep) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001
         log.warning("readiness: database unreachable: %s", exc)
         checks["database"] = "unreachable"
-    broker = _broker_ok()
+    broker = _broker_ok(settings)
     checks["broker"] = {None: "unchecked", True: "ok", False: "unreachable"}[broker]
     ready = checks["database"] == "ok" and broker is not False
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
