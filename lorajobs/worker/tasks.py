@@ -12,6 +12,8 @@ import os
 import socket
 import uuid
 
+from celery.exceptions import Reject
+
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.settings import Settings, get_settings
@@ -40,8 +42,13 @@ def worker_owner() -> str:
 
 def run_job(job_id: str) -> str:
     """Claim and run one job attempt; returns the outcome ("noop" when not claimable)."""
-    from lorajobs.worker.supervisor import supervise
+    from lorajobs.worker.supervisor import SHUTDOWN, supervise
 
+    if SHUTDOWN.is_set():
+        # A warm shutdown still runs the message prefetched before it: hand it back unclaimed
+        # (the job may be the one we just requeued) for another worker.
+        raise Reject(f"worker shutting down; job {job_id} left for another worker",
+                     requeue=True)
     settings = current_settings()
     owner = worker_owner()
     with get_sessionmaker(settings)() as session:
