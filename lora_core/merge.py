@@ -65,6 +65,9 @@ VERIFY_FP32_MAX_PARAMS = 1_000_000_000
 PROBE_SHAPE = (2, 16)  # probe batch: 2 rows x 16 tokens, deterministic ids
 PROBE_STRIDE = 7919  # a prime: spreads probe ids across the vocabulary
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+COPY_CHUNK_BYTES = 64 * 2**20  # per copy_file_range call / fallback read
+# copy_file_range refused for reasons a plain read/write avoids (cross-fs, unsupported fs).
+COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of 8 bytes
 TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -174,12 +177,16 @@ def _merged_tensor(
     name: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter: _Adapter
 ) -> torch.Tensor:
     """W' = round_once(W.float() + s · B.float() @ A.float()); W: (d_out, d_in)."""
-    delta = adapter.scaling * (b.float() @ a.float())  # (d_out, r) @ (r, d_in)
+    delta = b.float() @ a.float()  # (d_out, r) @ (r, d_in), fp32
     if adapter.fan_in_fan_out:  # Conv1D-style weights are stored (d_in, d_out)
         delta = delta.T
     if delta.shape != w.shape:
         raise MergeError(f"{name}: adapter delta {tuple(delta.shape)} != base {tuple(w.shape)}")
-    merged = (w.float() + delta).to(w.dtype)
+    # In place: one fp32 buffer instead of four (fp32 temporaries of 16 MB+ fragment the heap
+    # and showed up as 20-80 MB of extra peak RSS). s·(BA) + W in fp32 == W + s·BA bit for bit.
+    delta.mul_(adapter.scaling).add_(w)
+    merged = delta.to(w.dtype)
+    del delta
     if not torch.isfinite(merged).all():
         raise MergeError(f"merging {name} produced NaN/Inf: refusing to write it")
     return merged
@@ -197,6 +204,7 @@ class _Entry:
     dtype: str
     shape: list[int]
     nbytes: int
+    offset: int  # absolute byte offset of the tensor's data in `file`
 
 
 def _base_entries(base_dir: Path, files: list[str]) -> list[_Entry]:
@@ -205,10 +213,15 @@ def _base_entries(base_dir: Path, files: list[str]) -> list[_Entry]:
     entries = []
     for fname in files:
         header = read_safetensors_header(base_dir / fname)
-        for name, e in header.items():
-            if name != "__metadata__":
-                start, end = e["data_offsets"]
-                entries.append(_Entry(name, fname, e["dtype"], e["shape"], end - start))
+        with open(base_dir / fname, "rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
+        spans = sorted(
+            (e["data_offsets"], name) for name, e in header.items() if name != "__metadata__"
+        )
+        for (start, end), name in spans:  # file order: reads stay sequential
+            e = header[name]
+            entry = _Entry(name, fname, e["dtype"], e["shape"], end - start, data_start + start)
+            entries.append(entry)
     return entries
 
 
@@ -222,8 +235,8 @@ def _plan_shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
             size = 0
         shards[-1].append(e)
         size += e.nbytes
-    for shard in shards:  # widest dtype first keeps every tensor aligned to its element size
-        shard.sort(key=lambda e: (-SAFETENSORS_DTYPE_BYTES[e.dtype], e.name))
+    for shard in shards:  # widest dtype first keeps tensors aligned; stable: keeps read order
+        shard.sort(key=lambda e: -SAFETENSORS_DTYPE_BYTES[e.dtype])
     return shards
 
 
@@ -246,31 +259,53 @@ def _header_bytes(shard: list[_Entry]) -> bytes:
 
 
 def _write_tensor(fh: Any, t: torch.Tensor) -> None:
-    """Raw little-endian bytes of `t` (any dtype, bf16 included) straight to the file."""
+    """Raw little-endian bytes of `t` (any dtype, bf16 included) straight to the raw file."""
     if t.numel():
-        fh.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        _write_all(fh, memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-class _Reader:
-    """safe_open handles over the base shards; each is closed once its last tensor is read."""
+def _write_all(fh: Any, data: bytes | memoryview) -> int:
+    """Write everything to an unbuffered file: a raw write may be partial (Linux caps ~2 GiB)."""
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view) :]
+    return len(data)
 
-    def __init__(self, base_dir: Path, entries: list[_Entry]) -> None:
-        self.base_dir = base_dir
-        self.handles: dict[str, Any] = {}
-        self.remaining: dict[str, int] = {}
-        for e in entries:
-            self.remaining[e.file] = self.remaining.get(e.file, 0) + 1
 
-    def get(self, e: _Entry) -> torch.Tensor:
-        from safetensors import safe_open
+def _copy_bytes(src: Path, offset: int, nbytes: int, fh: Any) -> None:
+    """Copy an untouched tensor's bytes file to file, never through Python memory.
 
-        if e.file not in self.handles:
-            self.handles[e.file] = safe_open(str(self.base_dir / e.file), framework="pt")
-        tensor = self.handles[e.file].get_tensor(e.name)
-        self.remaining[e.file] -= 1
-        if self.remaining[e.file] == 0:
-            del self.handles[e.file]  # drops the mmap of a finished shard
-        return tensor
+    copy_file_range keeps the copy in the kernel (page cache), so a 131 MB embedding costs no
+    RSS; where it is unavailable (other OS, cross-device on old kernels) copy in chunks.
+    """
+    with open(src, "rb", buffering=0) as s:
+        done = 0
+        while done < nbytes:
+            want = min(COPY_CHUNK_BYTES, nbytes - done)
+            try:
+                n = os.copy_file_range(s.fileno(), fh.fileno(), want, offset + done)
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in COPY_FALLBACK_ERRNOS:
+                    raise
+                s.seek(offset + done)
+                n = _write_all(fh, s.read(want))
+            if n <= 0:
+                raise MergeError(f"{src.name} is truncated at byte {offset + done}")
+            done += n
+
+
+def _read_tensor(base_dir: Path, e: _Entry) -> torch.Tensor:
+    """One base tensor via its own safe_open handle.
+
+    safe_open maps the file and get_tensor's result is backed by that mapping: every page we
+    touch stays resident for as long as the handle lives. A handle per tensor lets the pages go
+    with the tensor, so peak RSS is one tensor, not one shard (measured: +131 MB vs +280 MB on a
+    294 MB shard whose largest tensor is 131 MB). Re-reading the header costs microseconds.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(base_dir / e.file), framework="pt") as handle:
+        return handle.get_tensor(e.name)
 
 
 def _stream_merge(base_dir: Path, adapter: _Adapter, tmp: Path, max_bytes: int) -> tuple[int, int]:
@@ -287,22 +322,21 @@ def _stream_merge(base_dir: Path, adapter: _Adapter, tmp: Path, max_bytes: int) 
         )
     shards = _plan_shards(entries, max_bytes)
     shard_names = _shard_names(len(shards))
-    reader = _Reader(base_dir, entries)
     merged = replaced = 0
     for shard, shard_name in zip(shards, shard_names, strict=True):
-        with open(tmp / shard_name, "wb") as fh:
-            fh.write(_header_bytes(shard))
+        with open(tmp / shard_name, "wb", buffering=0) as fh:
+            _write_all(fh, _header_bytes(shard))
             for e in shard:
-                w = reader.get(e)
                 module = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
                 if module in adapter.pairs:
-                    w = _merged_tensor(e.name, w, *adapter.pairs[module], adapter)
+                    w = _read_tensor(base_dir, e)
+                    _write_tensor(fh, _merged_tensor(e.name, w, *adapter.pairs[module], adapter))
                     merged += 1
                 elif e.name in adapter.replacements:
-                    w = _replacement(e, adapter.replacements[e.name])
+                    _write_tensor(fh, _replacement(e, adapter.replacements[e.name]))
                     replaced += 1
-                _write_tensor(fh, w)
-                del w
+                else:
+                    _copy_bytes(base_dir / e.file, e.offset, e.nbytes, fh)
     if len(shards) > 1:
         _write_index(tmp, shards, shard_names)
     return merged, replaced

@@ -180,3 +180,16 @@ def test_disk_full_is_storage_error(tiny_model_dir, adapter_dir, tmp_path, monke
     (tmp_path / "exists").mkdir()
     with pytest.raises(StorageError, match="already exists"):
         merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "exists", verify=False)
+
+
+def test_copy_fallback_without_copy_file_range(tiny_model_dir, adapter_dir, merged, tmp_path):
+    import os
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "copy_file_range", refuse)
+        result = merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "out", verify=False)
+    same = sha256_file(result.out_dir / "model.safetensors")
+    assert same == sha256_file(merged.out_dir / "model.safetensors")
