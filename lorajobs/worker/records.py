@@ -217,7 +217,7 @@ class EventRecorder:
         step = None if final else int(event["step"])
         register_dir(session, self.store, job_id=self.job_id, kind="merged", step=step,
                      directory=Path(event["path"]))
-        if event.get("step") is not None:
+        if not final and event.get("step") is not None:
             session.execute(
                 update(Checkpoint)
                 .where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(event["step"]))

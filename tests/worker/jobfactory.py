@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -19,17 +21,22 @@ MODEL_NAME = "fake-tiny"
 DATA = b'{"instruction": "say hi", "output": "hi"}\n' * 4
 
 
-def ensure_model_and_dataset(settings: Settings) -> tuple[str, str]:
-    """(tenant_id, dataset_id); the model directory holds a fake safetensors file."""
+def ensure_model_and_dataset(settings: Settings, model_src: Path | None = None
+                             ) -> tuple[str, str]:
+    """(tenant_id, dataset_id). The model is a copy of `model_src` (a real tiny model, which
+    the API's checks need), or a fake safetensors file (enough for the fake trainer)."""
     store = get_store(settings)
     with get_sessionmaker(settings)() as session:
-        tenant = get_or_create_tenant(session, name="test")
+        tenant = get_or_create_tenant(session, name="local")  # the admin key's tenant
         if session.scalar(select(RegisteredModel).where(RegisteredModel.name == MODEL_NAME)) \
                 is None:
             model_dir = settings.resolved_model_root / MODEL_NAME
-            model_dir.mkdir(parents=True, exist_ok=True)
-            (model_dir / "config.json").write_text("{}")
-            (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+            if model_src is not None:
+                shutil.copytree(model_src, model_dir, dirs_exist_ok=True)
+            else:
+                model_dir.mkdir(parents=True, exist_ok=True)
+                (model_dir / "config.json").write_text("{}")
+                (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
             session.add(RegisteredModel(id=new_id("mdl"), name=MODEL_NAME, architecture="fake",
                                         num_parameters=16, dtype="float32",
                                         linear_modules=["q_proj"], path=MODEL_NAME))
