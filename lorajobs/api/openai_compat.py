@@ -1,0 +1,260 @@
+"""`/openai/v1`: the subset of OpenAI's fine-tuning API that the official `openai` client drives.
+
+    files                     POST (purpose=fine-tune), GET list, GET one
+    fine_tuning/jobs          POST create, GET list (after, limit), GET one, POST {id}/cancel
+    fine_tuning/jobs/{id}/events        newest first, like OpenAI
+    fine_tuning/jobs/{id}/checkpoints
+
+A translation layer only: every call goes through the same service functions as `/v1`
+(validation, idempotency, tenant scoping, state machine). Mapping decisions:
+- `model` is a registered base model name; `hyperparameters.n_epochs` -> training.epochs,
+  `batch_size` -> training.batch_size, `learning_rate_multiplier` x BASE_LEARNING_RATE;
+  "auto" (or absent) keeps our default. `method.supervised.hyperparameters` is accepted too.
+- `suffix` is normalised to our `[a-z0-9-]{1,40}` (OpenAI allows 64 free characters).
+- status: queued -> "queued" (files were validated at upload, so there is no separate
+  "validating_files" phase), running, succeeded, failed, cancelled.
+- `fine_tuned_model`: the merged model's name, `ft:<base>:<suffix>:<job id>`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lorajobs.api import queries
+from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
+from lorajobs.api.schemas import fine_tuned_model_name
+from lorajobs.service import datasets, jobs, submit
+from lorajobs.service.errors import InvalidRequest
+from lorajobs.service.models import Dataset, Job, JobEvent
+
+router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
+
+BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier=1 means here (our default lr)
+SUFFIX_CHARS = 40
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: int | Auto | None = Field(None, description="1-1000 or 'auto'")
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    """OpenAI's create body; unknown fields are refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+def _hyper(body: FineTuningJobCreate) -> Hyperparameters:
+    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
+        return body.method.supervised.hyperparameters
+    return body.hyperparameters or Hyperparameters()
+
+
+def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
+    """Translate OpenAI's body into our JobRequest (validation errors name OpenAI's fields)."""
+    if body.integrations:
+        raise InvalidRequest("integrations are not supported", param="integrations")
+    hp = _hyper(body)
+    training: dict[str, Any] = {}
+    if isinstance(hp.n_epochs, int):
+        training["epochs"] = hp.n_epochs
+    if isinstance(hp.batch_size, int):
+        training["batch_size"] = hp.batch_size
+    if isinstance(hp.learning_rate_multiplier, float | int):
+        if hp.learning_rate_multiplier <= 0:
+            raise InvalidRequest("must be > 0", param="hyperparameters.learning_rate_multiplier")
+        training["learning_rate"] = BASE_LEARNING_RATE * hp.learning_rate_multiplier
+    if body.seed is not None:
+        training["seed"] = body.seed
+    suffix = None
+    if body.suffix:
+        suffix = re.sub(r"[^a-z0-9-]+", "-", body.suffix.lower()).strip("-")[:SUFFIX_CHARS]
+    try:
+        return submit.JobRequest(base_model=body.model, training_file=body.training_file,
+                                 validation_file=body.validation_file, training=training,
+                                 suffix=suffix or None, metadata=body.metadata or {})
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).splitlines()[0], param="hyperparameters") from exc
+
+
+def file_object(row: Dataset) -> dict[str, Any]:
+    return {"id": row.id, "object": "file", "bytes": row.size_bytes,
+            "created_at": _ts(row.created_at), "filename": row.filename,
+            "purpose": row.purpose, "status": "processed", "status_details": None}
+
+
+def job_object(job: Job) -> dict[str, Any]:
+    training = (job.spec or {}).get("training", {})
+    hp = {"n_epochs": training.get("epochs"), "batch_size": training.get("batch_size"),
+          "learning_rate_multiplier": (training.get("learning_rate") or BASE_LEARNING_RATE)
+          / BASE_LEARNING_RATE}
+    error = None
+    if job.error:
+        error = {"code": job.error.get("code"), "message": job.error.get("message"),
+                 "param": job.error.get("param")}
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": _ts(job.created_at),
+        "finished_at": _ts(job.finished_at), "model": job.base_model,
+        "fine_tuned_model": fine_tuned_model_name(job), "organization_id": job.tenant_id,
+        "result_files": [], "status": job.status, "training_file": job.training_file,
+        "validation_file": job.validation_file, "hyperparameters": hp,
+        "trained_tokens": (job.estimate or {}).get("num_tokens")
+        if job.status == "succeeded" else None,
+        "error": error, "seed": training.get("seed"), "estimated_finish": None,
+        "integrations": [], "metadata": job.metadata_ or None,
+        "user_provided_suffix": job.suffix,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+    }
+
+
+@router.post("/files")
+def create_file(session: SessionDep, settings: SettingsDep, store: StoreDep,
+                principal: PrincipalDep, file: Annotated[UploadFile, File()],
+                purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    """Upload a training file (purpose `fine-tune`); every line validated."""
+    if purpose != "fine-tune":
+        raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
+                             param="purpose")
+    row = datasets.create_dataset(session, tenant_id=principal.tenant_id,
+                                  filename=file.filename, stream=file.file, data_format=None,
+                                  settings=settings, store=store)
+    return file_object(row)
+
+
+@router.get("/files")
+def list_files(session: SessionDep, principal: PrincipalDep,
+               limit: Annotated[int, Query(ge=1, le=100)] = 100,
+               after: str | None = None) -> dict[str, Any]:
+    """The tenant's files."""
+    rows, has_more = datasets.list_datasets(session, tenant_id=principal.tenant_id,
+                                            limit=limit, after=after)
+    return {"object": "list", "data": [file_object(r) for r in rows], "has_more": has_more}
+
+
+@router.get("/files/{file_id}")
+def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    """One file."""
+    return file_object(datasets.get_dataset(session, tenant_id=principal.tenant_id,
+                                            dataset_id=file_id))
+
+
+@router.post("/fine_tuning/jobs")
+def create_fine_tuning_job(body: FineTuningJobCreate, response: Response, session: SessionDep,
+                           settings: SettingsDep, store: StoreDep, enqueue: EnqueueDep,
+                           principal: PrincipalDep,
+                           idempotency_key: Annotated[str | None, Header(max_length=255)] = None
+                           ) -> dict[str, Any]:
+    """Create a fine-tuning job (200, as OpenAI answers)."""
+    job, _ = submit.create_job(session, tenant_id=principal.tenant_id,
+                               request=to_job_request(body), settings=settings, store=store,
+                               idempotency_key=idempotency_key, enqueue=enqueue)
+    return job_object(job)
+
+
+@router.get("/fine_tuning/jobs")
+def list_fine_tuning_jobs(session: SessionDep, principal: PrincipalDep,
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          after: str | None = None) -> dict[str, Any]:
+    """The tenant's jobs, newest first; `after` is the last id of the previous page."""
+    rows, has_more = queries.list_jobs(session, tenant_id=principal.tenant_id, status=None,
+                                       limit=limit, after=after)
+    return {"object": "list", "data": [job_object(j) for j in rows], "has_more": has_more}
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_fine_tuning_job(job_id: str, session: SessionDep,
+                             principal: PrincipalDep) -> dict[str, Any]:
+    """One job."""
+    return job_object(queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_fine_tuning_job(job_id: str, session: SessionDep,
+                           principal: PrincipalDep) -> dict[str, Any]:
+    """Cancel; a finished job answers 409."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return job_object(jobs.request_cancel(session, job))
+
+
+EVENT_PREFIX = "ftevent-"
+
+
+def _events_newest_first(session: Session, *, job_id: str, before: int | None,
+                         limit: int) -> tuple[list[JobEvent], bool]:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        stmt = stmt.where(JobEvent.id < before)
+    rows = list(session.scalars(stmt.order_by(JobEvent.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_fine_tuning_events(job_id: str, session: SessionDep, principal: PrincipalDep,
+                            limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+                            after: str | None = None) -> dict[str, Any]:
+    """Newest first (OpenAI's order); `after` is an event id from a previous page."""
+    queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    before = None
+    if after:
+        digits = after.removeprefix(EVENT_PREFIX)
+        if not digits.isdigit():
+            raise InvalidRequest(f"invalid event id {after!r}", param="after")
+        before = int(digits)
+    rows, has_more = _events_newest_first(session, job_id=job_id, before=before, limit=limit)
+    data = [{"object": "fine_tuning.job.event", "id": f"{EVENT_PREFIX}{e.id}",
+             "created_at": _ts(e.created_at), "level": "warn" if e.level == "warning"
+             else e.level, "message": e.message, "data": e.data or {},
+             "type": "metrics" if e.type == "metrics" else "message"} for e in rows]
+    return {"object": "list", "data": data, "has_more": has_more}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep,
+                                 limit: Annotated[int, Query(ge=1, le=100)] = 10
+                                 ) -> dict[str, Any]:
+    """Checkpoints, newest first."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    rows = list(reversed(queries.list_checkpoints(session, job_id=job_id)))[:limit]
+    data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job.id}-{c.step}",
+             "created_at": _ts(c.created_at), "fine_tuning_job_id": job.id,
+             "fine_tuned_model_checkpoint": f"ft:{job.base_model}:{job.suffix or 'lorajobs'}:"
+                                            f"{job.id}:ckpt-step-{c.step}",
+             "metrics": {"step": c.step, **(c.metrics or {})}, "step_number": c.step}
+            for c in rows]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
