@@ -10,6 +10,7 @@ and the reaper thread stops.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ APP_FACTORY = "lorajobs.api.app:create_app"
 # A warm worker shutdown waits for the trainer's checkpoint: give it the cancel grace twice
 # (stop file, then SIGTERM), plus time to settle the job.
 WORKER_STOP_MARGIN_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def start_worker_process(settings: Settings, *, log_path: str | None = None
@@ -40,7 +42,16 @@ def start_worker_process(settings: Settings, *, log_path: str | None = None
     env = {**os.environ, **settings_env(settings)}
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
     return subprocess.Popen([sys.executable, "-m", "lorajobs.worker.main", "worker"],
-                            env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+                            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            preexec_fn=_term_with_parent)
+
+
+def _term_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """If `serve` dies outright, its worker gets SIGTERM: a warm shutdown that requeues."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop_worker(proc: subprocess.Popen[bytes], settings: Settings) -> None:
@@ -74,6 +85,10 @@ def serve(settings: Settings | None = None, host: str | None = None,
     reaper = threading.Thread(target=run_reaper_loop, args=(settings, stop), daemon=True,
                               name="lorajobs-reaper")
     reaper.start()
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with a handler of
+    # ours installed that lands here instead of killing the process before the cleanup below.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
         uvicorn.run(APP_FACTORY, factory=True, host=host or settings.api_host,
                     port=port if port is not None else settings.api_port, log_level="info")
