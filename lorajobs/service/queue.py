@@ -30,6 +30,7 @@ __all__ = [
     "get_celery_app",
     "enqueue_job",
     "broker_ok",
+    "pending_messages",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,3 +143,22 @@ def broker_ok(settings: Settings | None = None) -> bool:
     except Exception as exc:  # noqa: BLE001
         log.info("broker not reachable: %s", exc)
         return False
+
+
+def pending_messages(settings: Settings | None = None) -> int | None:
+    """Messages waiting in the job queue (not counting ones a worker holds); None if unknown.
+
+    The reaper re-sends stale queued jobs only when this is 0: while messages wait, workers are
+    busy and a re-send would only pile up duplicates (each a no-op, but one per sweep per job).
+    """
+    settings = settings or get_settings()
+    try:
+        app = get_celery_app(settings)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
+                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+            declared = conn.default_channel.queue_declare(queue=QUEUE_NAME, passive=True)
+            return int(declared.message_count)
+    except Exception as exc:  # noqa: BLE001 - not knowing means "re-send to be safe"
+        log.info("cannot count pending messages: %s", exc)
+        return None

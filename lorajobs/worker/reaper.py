@@ -3,7 +3,8 @@
 - Running jobs whose lease expired (their worker died): requeued (or failed after max_attempts,
   or cancelled if a cancel was pending) by `jobs.reap_expired_leases`, then re-sent.
 - Queued jobs nobody picked up within `requeue_after_seconds` of their last send (the broker
-  lost the message, or was down at submit): sent again. A duplicate is a no-op claim.
+  lost the message, or was down at submit): sent again once the queue holds no waiting
+  messages (a backlog means busy workers, not lost messages). A duplicate is a no-op claim.
 
 Runs as a loop (embedded server, `python -m lorajobs.worker.main reaper`) or as a Celery beat
 entry (`BEAT_SCHEDULE`) whose task goes to a maintenance queue any idle worker consumes.
@@ -17,7 +18,7 @@ from typing import Any
 
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.queue import enqueue_job
+from lorajobs.service.queue import enqueue_job, pending_messages
 from lorajobs.service.settings import Settings
 
 __all__ = ["REAP_TASK", "MAINTENANCE_QUEUE", "reap_once", "run_reaper_loop", "beat_schedule"]
@@ -38,6 +39,9 @@ def reap_once(settings: Settings) -> dict[str, Any]:
         stale = jobs.stale_queued_jobs(session,
                                        older_than_seconds=settings.requeue_after_seconds)
     stale = [job_id for job_id in stale if job_id not in requeued]
+    waiting = pending_messages(settings) if stale else None
+    if waiting:  # workers are busy with a backlog: its messages are not lost, only waiting
+        stale = []
     resent: list[str] = []
     for job_id in stale:
         (resent if enqueue_job(job_id, settings) else unsent).append(job_id)

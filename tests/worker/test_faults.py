@@ -24,9 +24,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[LiveService]:
-    """Migrated, no processes yet: each test starts the ones it needs."""
-    svc = LiveService(tmp_path, "sqlite")
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveService]:
+    """Migrated, no processes yet: each test starts the ones it needs. SQLite + embedded broker
+    unless parametrized indirectly with "postgresql" (+ the shared Redis)."""
+    svc = LiveService(tmp_path, getattr(request, "param", "sqlite"))
     try:
         svc.migrate()
         yield svc
@@ -60,6 +61,7 @@ def test_claim_under_live_lease_is_noop(service: LiveService) -> None:
     assert trainer_starts(settings, job_id) == []
 
 
+@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_cancel_stops_trainer_fast_and_keeps_checkpoint(service: LiveService) -> None:
     settings = service.settings
     service.start_worker()
@@ -132,6 +134,7 @@ def test_trainer_error_event_fails_with_its_error(service: LiveService) -> None:
     assert len(trainer_starts(settings, job_id)) == 1
 
 
+@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_worker_killed_lease_reaped_and_job_resumes(service: LiveService) -> None:
     settings = service.settings
     worker = service.start_worker("worker1")
@@ -170,6 +173,7 @@ def test_worker_lost_too_often_fails_worker_lost(service: LiveService) -> None:
     assert get_job(settings, job_id).error["code"] == "worker_lost"
 
 
+@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_worker_sigterm_requeues_and_another_worker_finishes(service: LiveService) -> None:
     settings = service.settings
     worker = service.start_worker("worker1")
