@@ -1,8 +1,11 @@
 """The demo task: a small, deterministic instruction dataset a random-init base cannot solve.
 
-Task "reverse": `{"instruction": "Reverse the order of the words.", "input": "red fox tree",
-"output": "tree fox red"}` over WORDS, words drawn from the bundled tokenizer corpus so each is
-one or two tokens. Held-out evaluation uses word sequences never seen in training (the split is
+Default task "animal": `{"instruction": "Name the animal in the list.", "input": "red fox tree",
+"output": "fox"}`: one animal among colours/things, words from the bundled tokenizer corpus.
+("reverse" and "upper" are harder: a random-init 2-layer base + LoRA stays at the unigram loss
+on them within minutes on CPU, because they need learnt copy-by-position attention.)
+
+Held-out evaluation uses word sequences never seen in training (the split is
 by the sequence, not by the word), so exact-match accuracy measures the learnt rule.
 
 `evaluate_exact_match` greedily generates a response per example and compares it, stripped,
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,51 +29,80 @@ __all__ = [
 ]
 
 # From lora_core/assets/corpus.txt (colours, animals, things): the tiny tokenizer knows them.
-WORDS = (
-    "red orange yellow green blue black white grey brown pink gold silver "
-    "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse owl "
-    "apple river stone cloud tree house road light water fire earth wind book door table chair"
-).split()
-TASKS = {
-    "reverse": ("Reverse the order of the words.", lambda ws: " ".join(reversed(ws))),
-    "upper": ("Write the words in capital letters.", lambda ws: " ".join(w.upper() for w in ws)),
+COLOURS = "red orange yellow green blue black white grey brown pink gold silver".split()
+ANIMALS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse owl".split()
+THINGS = ("apple river stone cloud tree house road light water fire earth wind book door table "
+          "chair").split()
+WORDS = COLOURS + ANIMALS + THINGS
+# task -> (instruction, draw(rng, n_words) -> (input words, output text))
+TASKS: dict[str, tuple[str, Callable[[random.Random, int], tuple[list[str], str]]]] = {
+    "animal": ("Name the animal in the list.", lambda rng, n: _one_animal(rng, n)),
+    "reverse": ("Reverse the order of the words.", lambda rng, n: _words(rng, n, reversed)),
+    "upper": ("Write the words in capital letters.", lambda rng, n: _words(rng, n, str.upper)),
 }
-DEMO_SEED = 1234  # the bundled files are make_examples(..., seed=DEMO_SEED)
+DEFAULT_TASK = "animal"  # learnable by a random-init tiny base + LoRA in ~1 min on 2 CPU cores
+
+
+def _one_animal(rng: random.Random, n: int) -> tuple[list[str], str]:
+    """One animal among n-1 colours/things, shuffled; the answer is the animal."""
+    animal = rng.choice(ANIMALS)
+    words = rng.sample(COLOURS + THINGS, n - 1) + [animal]
+    rng.shuffle(words)
+    return words, animal
+
+
+def _words(rng: random.Random, n: int, how: Callable) -> tuple[list[str], str]:
+    words = rng.sample(WORDS, n)
+    if how is reversed:
+        return words, " ".join(reversed(words))
+    return words, " ".join(how(w) for w in words)
+DEMO_SEED = 1234  # the bundled files are write_demo_files(assets) with these defaults
 DEMO_TRAIN_SIZE = 2000
 DEMO_EVAL_SIZE = 200
 MIN_WORDS, MAX_WORDS = 2, 4  # per example; short enough for a tiny model to learn in minutes
 
 
 def make_examples(
-    n: int, *, task: str = "reverse", seed: int = 0, exclude: set[str] | None = None,
-    min_words: int = MIN_WORDS, max_words: int = MAX_WORDS,
+    n: int, *, task: str = DEFAULT_TASK, seed: int = 0, exclude: set[str] | None = None,
+    min_words: int = MIN_WORDS, max_words: int = MAX_WORDS, fmt: str = "alpaca",
 ) -> list[dict[str, str]]:
-    """`n` distinct alpaca records; inputs in `exclude` are skipped (held-out split)."""
-    instruction, fn = TASKS[task]
+    """`n` distinct records; inputs in `exclude` are skipped (held-out split).
+
+    `fmt="completion"` gives a short prompt (`"<instruction> Input: <words>. Output:"`): the
+    ~40-token Alpaca preamble dilutes what a tiny random-init model attends to.
+    """
+    instruction, draw = TASKS[task]
     rng = random.Random(seed)
     seen = set(exclude or ())
     out: list[dict[str, str]] = []
     while len(out) < n:
-        words = rng.sample(WORDS, rng.randint(min_words, max_words))
+        words, answer = draw(rng, rng.randint(min_words, max_words))
         text = " ".join(words)
         if text in seen:
             continue
         seen.add(text)
-        out.append({"instruction": instruction, "input": text, "output": fn(words)})
+        if fmt == "completion":
+            prompt = f"{instruction} Input: {text}. Output:"
+            out.append({"prompt": prompt, "completion": " " + answer, "input": text})
+        else:
+            out.append({"instruction": instruction, "input": text, "output": answer})
     return out
 
 
 def write_demo_files(
-    out_dir: str | Path, *, task: str = "reverse", n_train: int = DEMO_TRAIN_SIZE,
-    n_eval: int = DEMO_EVAL_SIZE, seed: int = DEMO_SEED,
+    out_dir: str | Path, *, task: str = DEFAULT_TASK, n_train: int = DEMO_TRAIN_SIZE,
+    n_eval: int = DEMO_EVAL_SIZE, seed: int = DEMO_SEED, fmt: str = "completion",
 ) -> tuple[Path, Path]:
     """Write demo_train.jsonl and demo_eval.jsonl (eval inputs disjoint from train)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_examples(n_train, task=task, seed=seed)
-    held = make_examples(n_eval, task=task, seed=seed + 1, exclude={r["input"] for r in train})
+    train = make_examples(n_train, task=task, seed=seed, fmt=fmt)
+    held = make_examples(n_eval, task=task, seed=seed + 1, fmt=fmt,
+                         exclude={r["input"] for r in train})
     paths = (out / "demo_train.jsonl", out / "demo_eval.jsonl")
     for path, rows in zip(paths, (train, held), strict=True):
+        if fmt == "completion":  # "input" only served the held-out split
+            rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return paths
 
