@@ -136,8 +136,9 @@ class LiveService:
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        return self._spawn(["-m", "lorajobs.worker.main", "worker", "--loglevel", "INFO"], name)
+    def start_worker(self, name: str = "worker", pool: str = "solo") -> subprocess.Popen[bytes]:
+        return self._spawn(["-m", "lorajobs.worker.main", "worker", "--loglevel", "INFO",
+                            "--pool", pool], name)
 
     def start_reaper(self) -> subprocess.Popen[bytes]:
         return self._spawn(["-m", "lorajobs.worker.main", "reaper"], "reaper")

@@ -5,8 +5,8 @@ bodies, the reaper's beat entry and the warm-shutdown hook. `app` is built on fi
 the environment's settings, so importing this module has no side effects.
 
 Pool: `solo` is the default. Training runs in a child process of its own anyway, so there is no
-memory to reclaim by recycling pool processes, and in `solo` the shutdown signal reaches the
-supervisor directly (in prefork it reaches the parent, not the child running the task).
+memory to reclaim by recycling pool processes. `prefork -c 1` works too (shutdown.py carries
+the warm-shutdown request from the main process to the pool child running the task).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_shutting_down
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from lorajobs.service.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
 from lorajobs.service.settings import Settings, get_settings
-from lorajobs.worker import reaper, tasks
-from lorajobs.worker.supervisor import SHUTDOWN
+from lorajobs.worker import reaper, shutdown, tasks
 
 __all__ = ["build_app", "WORKER_QUEUES"]
 
@@ -50,7 +49,13 @@ def build_app(settings: Settings | None = None) -> Celery:
 @worker_shutting_down.connect
 def _on_worker_shutting_down(**_: Any) -> None:
     """Warm shutdown (SIGTERM/SIGINT): the running trainer checkpoints and the job is requeued."""
-    SHUTDOWN.set()
+    shutdown.announce(tasks.current_settings())
+
+
+@worker_init.connect
+@worker_shutdown.connect
+def _clear_shutdown_marker(**_: Any) -> None:
+    shutdown.clear(tasks.current_settings())
 
 
 def __getattr__(name: str) -> Any:

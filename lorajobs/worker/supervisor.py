@@ -22,8 +22,8 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
+from collections.abc import Callable
 
 from lora_core.events import read_events
 from lora_core.spec import RunSpec
@@ -32,7 +32,7 @@ from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Job
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import get_store
-from lorajobs.worker import settle
+from lorajobs.worker import settle, shutdown
 from lorajobs.worker.records import EventRecorder
 from lorajobs.worker.runspec import (
     PrepareError,
@@ -43,12 +43,10 @@ from lorajobs.worker.runspec import (
     write_spec,
 )
 
-__all__ = ["SHUTDOWN", "Supervisor", "supervise"]
+__all__ = ["Supervisor", "supervise"]
 
 log = logging.getLogger(__name__)
 
-# Set when the worker begins a warm shutdown (celery_app connects it to worker_shutting_down).
-SHUTDOWN = threading.Event()
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -71,11 +69,11 @@ class Supervisor:
     """One attempt of one job, from spawn to a settled job row."""
 
     def __init__(self, settings: Settings, job_id: str, owner: str,
-                 shutdown: threading.Event = SHUTDOWN) -> None:
+                 shutdown_requested: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.job_id = job_id
         self.owner = owner
-        self.shutdown = shutdown
+        self.shutdown_requested = shutdown_requested or (lambda: shutdown.requested(settings))
         self.sessions = get_sessionmaker(settings)
         self.store = get_store(settings)
         self.stop_reason: str | None = None  # "cancel" | "shutdown"
@@ -159,7 +157,7 @@ class Supervisor:
                     self.lost = True
                     _killpg(proc.pid, signal.SIGKILL)
             if self.stop_reason is None and not self.lost:
-                if self.shutdown.is_set():
+                if self.shutdown_requested():
                     self._request_stop(paths, "shutdown")
                 elif self._cancel_requested():
                     self._request_stop(paths, "cancel")
@@ -208,6 +206,5 @@ class Supervisor:
             self._killed = True
 
 
-def supervise(settings: Settings, job_id: str, owner: str,
-              shutdown: threading.Event = SHUTDOWN) -> str:
-    return Supervisor(settings, job_id, owner, shutdown).run()
+def supervise(settings: Settings, job_id: str, owner: str) -> str:
+    return Supervisor(settings, job_id, owner).run()

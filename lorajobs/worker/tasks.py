@@ -42,14 +42,15 @@ def worker_owner() -> str:
 
 def run_job(job_id: str) -> str:
     """Claim and run one job attempt; returns the outcome ("noop" when not claimable)."""
-    from lorajobs.worker.supervisor import SHUTDOWN, supervise
+    from lorajobs.worker import shutdown
+    from lorajobs.worker.supervisor import supervise
 
-    if SHUTDOWN.is_set():
+    settings = current_settings()
+    if shutdown.requested(settings):
         # A warm shutdown still runs the message prefetched before it: hand it back unclaimed
         # (the job may be the one we just requeued) for another worker.
         raise Reject(f"worker shutting down; job {job_id} left for another worker",
                      requeue=True)
-    settings = current_settings()
     owner = worker_owner()
     with get_sessionmaker(settings)() as session:
         job = jobs.claim(session, job_id, owner=owner, lease_seconds=settings.lease_seconds)

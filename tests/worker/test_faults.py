@@ -173,10 +173,12 @@ def test_worker_lost_too_often_fails_worker_lost(service: LiveService) -> None:
     assert get_job(settings, job_id).error["code"] == "worker_lost"
 
 
-@pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
-def test_worker_sigterm_requeues_and_another_worker_finishes(service: LiveService) -> None:
+@pytest.mark.parametrize("service,pool", [("sqlite", "solo"), ("postgresql", "solo"),
+                                          ("sqlite", "prefork")], indirect=["service"])
+def test_worker_sigterm_requeues_and_another_worker_finishes(service: LiveService,
+                                                             pool: str) -> None:
     settings = service.settings
-    worker = service.start_worker("worker1")
+    worker = service.start_worker("worker1", pool=pool)
     job_id = make_job(settings, max_steps=30, control={"step_seconds": 0.1})
     enqueue_job(job_id, settings)
     _wait_checkpoint(service, job_id)
