@@ -74,7 +74,8 @@ class DatasetError(LoraCoreError):
         super().__init__(message, param=field)
         self.line = line
         self.field = field
-        self.errors = errors or ([{"line": line, "field": field, "message": message}] if line else [])
+        single = [{"line": line, "field": field, "message": message}] if line else []
+        self.errors = errors or single
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "errors": self.errors}

@@ -26,7 +26,7 @@ def _bundled_corpus() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def train_tokenizer(vocab_size: int = 1024, extra_text: Iterable[str] = ()):  # -> PreTrainedTokenizerFast
+def train_tokenizer(vocab_size: int = 1024, extra_text: Iterable[str] = ()):  # type: ignore[no-untyped-def]
     """Byte-level BPE on the bundled corpus (+ `extra_text`); returns a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
