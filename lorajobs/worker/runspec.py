@@ -102,13 +102,13 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalA
                                            "validation_file")
     spec: dict[str, Any] = job.spec or {}
     try:
-        run_spec = RunSpec(
-            model_dir=model_dir, train_file=train_file, validation_file=validation_file,
-            data_format=dataset.format, output_dir=paths.run_dir,
-            lora=spec.get("lora") or {}, training=spec.get("training") or {},
-            distributed=spec.get("distributed") or {}, merge=spec.get("merge") or "final",
-            resume=True,
-        )
+        run_spec = RunSpec.model_validate({
+            "model_dir": model_dir, "train_file": train_file, "validation_file": validation_file,
+            "data_format": dataset.format, "output_dir": paths.run_dir,
+            "lora": spec.get("lora") or {}, "training": spec.get("training") or {},
+            "distributed": spec.get("distributed") or {}, "merge": spec.get("merge") or "final",
+            "resume": True,
+        })
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PrepareError("invalid_spec", f"{first['msg']}",

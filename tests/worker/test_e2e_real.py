@@ -5,6 +5,8 @@ Also the real trainer's cooperative stop: cancel -> checkpoint kept -> cancelled
 from __future__ import annotations
 
 import io
+import json
+import random
 import shutil
 import tarfile
 import time
@@ -18,7 +20,7 @@ from tests.servicefixtures import LiveService, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-DEMO = Path(__file__).parents[2] / "lora_core" / "assets" / "demo_train.jsonl"
+WORDS = ["red", "blue", "fish", "stone", "river", "wolf", "green", "book", "wind", "bird"]
 TRAINING = {"max_steps": 6, "batch_size": 4, "gradient_accumulation_steps": 1,
             "max_seq_length": 256, "save_steps": 2, "learning_rate": 1e-3, "seed": 3}
 
@@ -43,7 +45,15 @@ def api(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[LiveService, htt
 
 
 def _dataset(client: httpx.Client, lines: int = 64) -> str:
-    data = b"".join(DEMO.read_bytes().splitlines(keepends=True)[:lines])
+    """Seeded alpaca records (reverse the words): our own, so asset changes don't matter."""
+    rng = random.Random(0)
+    records = []
+    for _ in range(lines):
+        words = rng.sample(WORDS, rng.randint(2, 4))
+        records.append(json.dumps({"instruction": "Reverse the order of the words.",
+                                   "input": " ".join(words),
+                                   "output": " ".join(reversed(words))}))
+    data = ("\n".join(records) + "\n").encode()
     r = client.post("/v1/datasets", files={"file": ("train.jsonl", data)},
                     data={"format": "alpaca"})
     assert r.status_code == 201, r.text
@@ -113,3 +123,37 @@ def test_real_trainer_cancel_keeps_checkpoint(api: tuple[LiveService, httpx.Clie
     ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert ckpts and all(c["resumable"] for c in ckpts)
     assert _event_types(client, job_id).count("finished") == 1
+
+
+def test_real_trainer_resumes_after_worker_sigterm(api: tuple[LiveService, httpx.Client]
+                                                   ) -> None:
+    """Warm shutdown: the trainer checkpoints, the job is requeued, another worker resumes."""
+    import signal
+
+    svc, client = api
+    worker = svc.procs[0]
+    dataset_id = _dataset(client, lines=256)
+    r = client.post("/v1/jobs", json={"base_model": "tiny", "training_file": dataset_id,
+                                      "training": {**TRAINING, "max_steps": 120,
+                                                   "save_steps": 4},
+                                      "merge": "none"})
+    job_id = r.json()["id"]
+    wait_for(lambda: {"checkpoint", "error"} & set(_event_types(client, job_id)), timeout=180,
+             what="first checkpoint")
+    t0 = time.monotonic()
+    assert LiveService.stop(worker, signal.SIGTERM, timeout=60) == 0
+    print(f"worker SIGTERM -> exit (real trainer): {time.monotonic() - t0:.2f}s")
+    job = _job(client, job_id)
+    if job["status"] == "succeeded":
+        pytest.skip("the run finished before the shutdown reached it")
+    assert job["status"] == "queued", job
+    svc.start_worker("worker2")
+    job = wait_for(lambda: (j := _job(client, job_id))["status"] in
+                   ("succeeded", "failed", "cancelled") and j, timeout=180, what="job end")
+    assert job["status"] == "succeeded", job
+    body = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()
+    started = [e for e in body["data"] if e["type"] == "started"]
+    assert len(started) == 2 and started[1]["data"]["resumed_from_step"] > 0
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # redone steps overwrote, no dups
