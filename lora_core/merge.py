@@ -49,6 +49,7 @@ __all__ = [
 
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+BASE_LAYER = ".base_layer."  # PEFT's name for a wrapped module's own weight
 # Files carried from the base dir so the merged dir loads with from_pretrained + its tokenizer.
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -165,7 +166,9 @@ def _read_adapter(adapter_dir: Path) -> _Adapter:
         elif name.endswith(LORA_B):
             b_mats[name[: -len(LORA_B)]] = tensor
         else:
-            replacements[name] = tensor
+            # PEFT saves a targeted embedding/lm_head's frozen weight as `<m>.base_layer.weight`
+            # (save_embedding_layers="auto"); on load it replaces the base's `<m>.weight`.
+            replacements[name.replace(BASE_LAYER, ".")] = tensor
     unpaired = sorted(set(a_mats) ^ set(b_mats))
     if unpaired:
         raise MergeError(f"adapter has lora_A without lora_B (or the reverse) for {unpaired[:3]}")
@@ -329,7 +332,8 @@ def _stream_merge(base_dir: Path, adapter: _Adapter, tmp: Path, max_bytes: int) 
             for e in shard:
                 module = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
                 if module in adapter.pairs:
-                    w = _read_tensor(base_dir, e)
+                    w = (_replacement(e, adapter.replacements[e.name])
+                         if e.name in adapter.replacements else _read_tensor(base_dir, e))
                     _write_tensor(fh, _merged_tensor(e.name, w, *adapter.pairs[module], adapter))
                     merged += 1
                 elif e.name in adapter.replacements:

@@ -193,3 +193,15 @@ def test_copy_fallback_without_copy_file_range(tiny_model_dir, adapter_dir, merg
         result = merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "out", verify=False)
     same = sha256_file(result.out_dir / "model.safetensors")
     assert same == sha256_file(merged.out_dir / "model.safetensors")
+
+
+def test_lm_head_target_with_saved_base_layer(tiny_model_dir, tmp_path):
+    """Targeting lm_head makes PEFT save `lm_head.base_layer.weight` too; it must merge."""
+    adapter = _make_adapter(tiny_model_dir, tmp_path / "a", targets=("q_proj", "lm_head"))
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert any(k.endswith("lm_head.base_layer.weight") for k in keys)
+    ours = merge_adapter(tiny_model_dir, adapter, tmp_path / "ours")
+    assert ours.max_abs_diff < 1e-4
+    got = _weights(tmp_path / "ours")
+    for name, want in _reference(tiny_model_dir, adapter).items():
+        torch.testing.assert_close(got[name], want, atol=1e-5, rtol=0)

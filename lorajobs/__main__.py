@@ -1,0 +1,5 @@
+"""`python -m lorajobs ...` is the `lorajobs` command."""
+
+from lorajobs.cli import main
+
+main()
