@@ -422,9 +422,36 @@ def verify_merge(
     name = info.dtype if info.num_parameters > VERIFY_FP32_MAX_PARAMS else "float32"
     dtype = getattr(torch, name or "float32")
     ids = _probe_ids(int(info.config.get("vocab_size", 2)), probe_tokens)
+    return _compare_logits(base_dir, adapter_dir, merged_dir, dtype, ids)[0]
+
+
+def _compare_logits(base_dir: Any, adapter_dir: Any, merged_dir: Any, dtype: torch.dtype,
+                    ids: torch.Tensor) -> tuple[float, float]:
+    """(max |merged - reference|, max |reference|) over the probe batch's logits."""
     merged = _logits(Path(merged_dir), dtype, ids, None)
     reference = _logits(Path(base_dir), dtype, ids, Path(adapter_dir))
-    return (merged - reference).abs().max().item()
+    return (merged - reference).abs().max().item(), reference.abs().max().item()
+
+
+def _verify(base: Path, adapter_dir: Any, merged_dir: Path, probe_tokens: Any,
+            tolerance: float | None) -> float:
+    """Compare logits; over `tolerance x max(1, max|logits|)` raises MergeError.
+
+    Relative, because fp32 rounding of W + s·BA vs Wx + s·B(Ax) grows with the logits'
+    magnitude: a confident fine-tuned model (|logits| ~ 30) differs by ~1e-3 in fp32 while a
+    broken merge (wrong scaling or module) differs by O(|logits|).
+    """
+    _unset_zero3()
+    info = inspect_model_dir(base)
+    name = info.dtype if info.num_parameters > VERIFY_FP32_MAX_PARAMS else "float32"
+    ids = _probe_ids(int(info.config.get("vocab_size", 2)), probe_tokens)
+    diff, scale = _compare_logits(base, adapter_dir, merged_dir, getattr(torch, name), ids)
+    limit = (tolerance if tolerance is not None else default_tolerance(info.dtype)) * max(
+        1.0, scale)
+    if not diff <= limit:  # also catches NaN
+        raise MergeError(f"merged logits differ by {diff:.3g} > tolerance {limit:.3g} "
+                         f"(max |logits| {scale:.3g})")
+    return diff
 
 
 # ---------------------------------------------------------------- public entry points
@@ -454,7 +481,7 @@ def merge_adapter(
     base, out = Path(base_dir), Path(out_dir)
     if out.exists() and not overwrite:
         raise StorageError(f"output directory {out} already exists", param="output_dir")
-    info = inspect_model_dir(base)
+    inspect_model_dir(base)  # a bad base fails here, before any output exists
     adapter = _read_adapter(Path(adapter_dir))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
@@ -464,10 +491,7 @@ def merge_adapter(
         _copy_side_files(base, tmp)
         diff = None
         if verify:
-            diff = verify_merge(base, adapter_dir, tmp, probe_tokens)
-            limit = tolerance if tolerance is not None else default_tolerance(info.dtype)
-            if not diff <= limit:  # also catches NaN
-                raise MergeError(f"merged logits differ by {diff:.3g} > tolerance {limit:.3g}")
+            diff = _verify(base, adapter_dir, tmp, probe_tokens, tolerance)
         files = write_manifest(tmp)["files"]
         _replace_dir(tmp, out)
     except OSError as exc:
