@@ -50,6 +50,14 @@ def beat() -> None:
     run_beat(get_settings())
 
 
+def reaper() -> None:
+    """The reaper loop alone (an alternative to beat: requeue lost jobs, re-send stale ones)."""
+    from lorajobs.service.settings import get_settings
+    from lorajobs.worker.main import run_reaper
+
+    run_reaper(get_settings())
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
@@ -66,4 +74,5 @@ def register(app: typer.Typer) -> None:
     app.command("api")(api)
     app.command("worker")(worker)
     app.command("beat")(beat)
+    app.command("reaper")(reaper)
     app.add_typer(db_app, name="db")

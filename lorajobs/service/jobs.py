@@ -68,8 +68,13 @@ def transition(
     error: dict[str, Any] | None = None,
     message: str = "",
     stage: str | None = None,
+    refund_attempt: bool = False,
 ) -> Job:
-    """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit."""
+    """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit.
+
+    `refund_attempt` (running -> queued only): the attempt did not fail (a graceful worker
+    shutdown), so it does not count against `max_attempts`.
+    """
     from_status = job.status
     if to not in ALLOWED_TRANSITIONS.get(from_status, frozenset()):
         raise IllegalTransition(f"job {job.id} is {from_status}; cannot become {to}",
@@ -80,6 +85,8 @@ def transition(
         values |= {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
     if to == S.QUEUED:
         values |= {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now}
+        if refund_attempt:
+            values["attempt"] = Job.attempt - 1
     if error is not None:
         values["error"] = error
     stmt = update(Job).where(Job.id == job.id, Job.status == from_status)

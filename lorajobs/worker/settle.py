@@ -83,13 +83,15 @@ def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any],
     return FAILED if ok else LOST
 
 
-def requeue(session: Session, job: Job, *, owner: str, settings: Settings, message: str) -> str:
+def requeue(session: Session, job: Job, *, owner: str, settings: Settings, message: str,
+            refund_attempt: bool = False) -> str:
     """Back to queued and re-sent now; the next attempt resumes from the newest checkpoint."""
     if job.cancel_requested:
         ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
                              message="cancelled")
         return CANCELLED if ok else LOST
-    if not _try_transition(session, job, owner=owner, to=JobStatus.QUEUED, message=message):
+    if not _try_transition(session, job, owner=owner, to=JobStatus.QUEUED, message=message,
+                           refund_attempt=refund_attempt):
         return LOST
     from lorajobs.service.queue import enqueue_job
 
@@ -149,7 +151,8 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
         return CANCELLED if ok else LOST
     if stop_reason == "shutdown":
         return requeue(session, job, owner=owner, settings=context.settings,
-                       message=f"worker shutting down; requeued{resume_note}")
+                       message=f"worker shutting down; requeued{resume_note}",
+                       refund_attempt=True)
     how = _exit_description(returncode)
     if job.attempt < job.max_attempts:
         return requeue(session, job, owner=owner, settings=context.settings,

@@ -187,6 +187,7 @@ def test_worker_sigterm_requeues_and_another_worker_finishes(service: LiveServic
     print(f"worker SIGTERM -> exit: {time.monotonic() - t0:.2f}s")
     job = get_job(settings, job_id)
     assert job.status == "queued" and job.error is None
+    assert job.attempt == 0  # a graceful shutdown does not use up one of max_attempts
     assert events(settings, job_id, "finished")[-1].data["status"] == "stopped"
     stopped_at = max(e.data["step"] for e in events(settings, job_id, "checkpoint"))
     service.start_worker("worker2")  # the requeue re-sent the id: no reaper needed
