@@ -24,6 +24,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lora_core.events import read_events
 from lora_core.spec import RunSpec
@@ -82,6 +83,7 @@ class Supervisor:
         self._term_sent_at: float | None = None
         self._killed = False
         self._offset = 0
+        self._pending: list[dict[str, Any]] = []  # read but not yet recorded (DB outage)
 
     def run(self) -> str:
         """Spawn, watch, settle. Returns the outcome (a settle.* constant)."""
@@ -124,13 +126,33 @@ class Supervisor:
                                     env=trainer_env(self.settings), start_new_session=True,
                                     preexec_fn=_die_with_parent)
 
-    def _drain(self, paths: RunPaths, recorder: EventRecorder) -> None:
+    def _drain(self, paths: RunPaths, recorder: EventRecorder) -> bool:
+        """Record the child's new events; False if the database refused them.
+
+        A refused batch stays pending and is applied again (with whatever arrived since) on
+        the next poll, so a database restart delays events but never drops them. Re-applying
+        is safe: the batch's transaction was rolled back and every row write is an upsert.
+        """
         events, self._offset = read_events(paths.events_file, self._offset)
-        if events:
-            try:
-                recorder.apply(events)
-            except Exception:  # noqa: BLE001 - a DB hiccup must not orphan the child
-                log.exception("job %s: recording %d events failed", self.job_id, len(events))
+        self._pending.extend(events)
+        if not self._pending:
+            return True
+        try:
+            recorder.apply(self._pending)
+        except Exception as exc:  # noqa: BLE001 - a DB hiccup must not orphan the child
+            log.warning("job %s: recording %d events failed (kept, retried next poll): %s",
+                        self.job_id, len(self._pending), exc)
+            return False
+        self._pending = []
+        return True
+
+    def _final_drain(self, paths: RunPaths, recorder: EventRecorder) -> None:
+        """The child has exited: its last events (the verdict) must land before we settle.
+        Retries through a database outage for up to one lease; after that the reaper's
+        requeue is the safety net."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while not self._drain(paths, recorder) and time.monotonic() < deadline:
+            time.sleep(self.settings.worker_poll_seconds)
 
     def _watch(self, proc: subprocess.Popen[bytes], paths: RunPaths,
                recorder: EventRecorder) -> int:
@@ -144,7 +166,7 @@ class Supervisor:
             self._drain(paths, recorder)
             if returncode is not None:
                 _killpg(proc.pid, signal.SIGKILL)  # stray ranks/grandchildren
-                self._drain(paths, recorder)
+                self._final_drain(paths, recorder)
                 return returncode
             now = time.monotonic()
             if now >= next_renew and not self.lost:
