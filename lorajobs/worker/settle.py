@@ -11,6 +11,7 @@ guarded by our lease owner: if the reaper or a cancel won a race, we lose quietl
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 SUCCEEDED, FAILED, CANCELLED, REQUEUED, LOST = (
     "succeeded", "failed", "cancelled", "requeued", "lost")
 MANIFEST_FILE = "reproducibility.json"
+# Less free space than this where the trainer writes, after it failed: the disk filled up.
+# (A failed write leaves the filesystem at ~0 free; 1 MiB is far below any checkpoint.)
+STORAGE_FULL_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,31 @@ def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     return SUCCEEDED if ok else LOST
 
 
+def _storage_full_error(context: SettleContext, recorder: EventRecorder,
+                        returncode: int) -> dict[str, Any] | None:
+    """The trainer failed and its output filesystem is full: a clear storage error.
+
+    Torch reports a full disk during a checkpoint save as an opaque RuntimeError
+    ("unexpected pos ..."), and a trainer that cannot even append its error event dies with no
+    verdict, which would be retried into the same full disk and end as "trainer_crashed". The
+    worker can see the cause the child could not name.
+    """
+    try:
+        free = shutil.disk_usage(context.paths.run_dir).free
+    except OSError:
+        return None
+    if free >= STORAGE_FULL_BYTES:
+        return None
+    step = recorder.last_checkpoint_step
+    kept = (f"the newest sealed checkpoint (step {step}) is intact and resumable"
+            if step else "no checkpoint had been sealed yet")
+    child = (recorder.error or {}).get("message") or _exit_description(returncode)
+    return {"code": "storage_error", "param": None, "user_fault": False,
+            "message": f"No space left on device: {free} bytes free in the artifact store "
+                       f"while the trainer was writing; {kept}. Free space and resubmit "
+                       f"(trainer: {child})"}
+
+
 def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
            returncode: int, stop_reason: str | None, lost: bool,
            context: SettleContext) -> str:
@@ -136,6 +165,12 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     finished = recorder.finished or {}
     if finished.get("status") == "completed" and recorder.error is None:
         return _succeed(session, job, owner=owner, recorder=recorder, context=context)
+    child_error = recorder.error or {}
+    if stop_reason is None and not child_error.get("user_fault") \
+            and child_error.get("code") != "storage_error":  # the child named it already
+        full = _storage_full_error(context, recorder, returncode)
+        if full is not None:
+            return fail(session, job, owner=owner, error=full, context=context)
     if recorder.error is not None:
         error = {"code": recorder.error.get("code") or "training_error",
                  "message": recorder.error.get("message") or "the trainer reported an error",

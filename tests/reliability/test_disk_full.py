@@ -1,0 +1,138 @@
+"""Disk full while the real trainer writes a checkpoint, and while it writes the merged model.
+
+The jobs directory of the artifact store is a small tmpfs, sized from what the tiny model's run
+writes (a checkpoint with optimizer state is ~190 KB, the merged model ~810 KB), so the disk
+fills at a known point without racing the trainer. Expected: the job fails with a clear
+storage error (a system fault), and the newest sealed checkpoint before it is intact (its files
+match the digests recorded when it was made) and is what a resume would pick.
+
+Mounting needs root (CAP_SYS_ADMIN); elsewhere this is `service_missing` (a failure in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from lora_core.callbacks import find_resumable_checkpoint
+from lora_core.manifest import sha256_file
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.models import Artifact
+from tests.dbfixtures import service_missing
+from tests.servicefixtures import LiveService, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+KiB = 1024
+CHECKPOINT_FITS_ONCE = 300 * KiB  # one ~190 KB checkpoint + logs fit; a second does not
+MERGE_DOES_NOT_FIT = 720 * KiB  # 2 checkpoints + final adapter fit; the ~810 KB merge does not
+WORDS = ["red", "blue", "fish", "stone", "river", "wolf", "green", "book", "wind", "bird"]
+
+
+def _mount_tmpfs(path: Path, size: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        str(path)], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        service_missing("a tmpfs mount (root)", exc)
+
+
+@pytest.fixture
+def api(tmp_path: Path, tiny_model_dir: Path,
+        request: pytest.FixtureRequest) -> Iterator[tuple[LiveService, httpx.Client]]:
+    svc = LiveService(tmp_path, "sqlite", trainer=None)
+    jobs_dir = svc.settings.resolved_artifact_root / "jobs"
+    _mount_tmpfs(jobs_dir, request.param)
+    try:
+        svc.migrate()
+        svc.start_worker()
+        assert svc.start_api() is not None
+        shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / "tiny")
+        client = httpx.Client(base_url=svc.base_url or "", timeout=30,
+                              headers={"Authorization": f"Bearer {svc.admin_key}"})
+        assert client.post("/v1/models", json={"name": "tiny", "path": "tiny"}).status_code \
+            == 201
+        yield svc, client
+        client.close()
+    finally:
+        svc.close()
+        subprocess.run(["umount", "-l", str(jobs_dir)], check=False, timeout=10)
+
+
+def _submit(client: httpx.Client, *, max_steps: int, save_steps: int, merge: str) -> str:
+    rng = random.Random(0)
+    lines = []
+    for _ in range(32):
+        words = rng.sample(WORDS, 3)
+        lines.append(json.dumps({"instruction": "Reverse the words.", "input": " ".join(words),
+                                 "output": " ".join(reversed(words))}))
+    r = client.post("/v1/datasets", files={"file": ("t.jsonl", "\n".join(lines).encode())})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/jobs", json={
+        "base_model": "tiny", "training_file": r.json()["id"], "lora": {"r": 8, "alpha": 16},
+        "training": {"max_steps": max_steps, "save_steps": save_steps, "batch_size": 4,
+                     "gradient_accumulation_steps": 1, "max_seq_length": 128,
+                     "learning_rate": 1e-3, "seed": 3},
+        "merge": merge})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _wait_end(client: httpx.Client, job_id: str) -> dict:
+    return wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"]
+                    in ("succeeded", "failed", "cancelled") and j, timeout=150, what="job end")
+
+
+def _assert_checkpoint_intact(svc: LiveService, job_id: str, step: int) -> None:
+    """Sealed, the one a resume picks, and byte-identical to what was registered."""
+    root = svc.settings.resolved_artifact_root / f"jobs/{job_id}/run/checkpoints"
+    resumable = find_resumable_checkpoint(root)
+    assert resumable is not None and resumable.name == f"checkpoint-{step}"
+    with get_sessionmaker(svc.settings)() as session:
+        arts = session.scalars(select(Artifact).where(
+            Artifact.job_id == job_id, Artifact.kind == "adapter", Artifact.step == step)).all()
+    assert {a.name for a in arts} >= {"adapter_config.json", "adapter_model.safetensors"}
+    for a in arts:
+        path = svc.settings.resolved_artifact_root / a.storage_key
+        assert sha256_file(path) == a.sha256, f"{a.name} changed after it was registered"
+
+
+def _assert_storage_error(job: dict) -> None:
+    error = job["error"]
+    assert job["status"] == "failed", job
+    assert error["code"] == "storage_error" and error["user_fault"] is False, error
+    assert "no space left" in error["message"].lower(), error
+    assert job["attempt"] == 1, "retrying into a full disk cannot help: fail at once"
+
+
+@pytest.mark.parametrize("api", [CHECKPOINT_FITS_ONCE], indirect=True)
+def test_disk_full_while_writing_a_checkpoint(api: tuple[LiveService, httpx.Client]) -> None:
+    svc, client = api
+    job_id = _submit(client, max_steps=8, save_steps=2, merge="none")
+    job = _wait_end(client, job_id)
+    _assert_storage_error(job)
+    ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step"] for c in ckpts] == [2] and ckpts[0]["resumable"]
+    _assert_checkpoint_intact(svc, job_id, 2)
+
+
+@pytest.mark.parametrize("api", [MERGE_DOES_NOT_FIT], indirect=True)
+def test_disk_full_while_writing_the_merged_model(api: tuple[LiveService, httpx.Client]) -> None:
+    svc, client = api
+    job_id = _submit(client, max_steps=4, save_steps=2, merge="final")
+    job = _wait_end(client, job_id)
+    _assert_storage_error(job)
+    run_dir = svc.settings.resolved_artifact_root / f"jobs/{job_id}/run"
+    assert not (run_dir / "merged" / "final").exists(), "a partial merge must not be published"
+    assert not list((run_dir / "merged").glob(".*partial*")), "partial merge left behind"
+    assert "merged model" in job["error"]["message"]  # lora_core's own StorageError
+    _assert_checkpoint_intact(svc, job_id, 4)  # the final step is also a sealed checkpoint
