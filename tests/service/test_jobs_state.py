@@ -1,0 +1,158 @@
+"""The job state machine (lorajobs.service.jobs) on SQLite and PostgreSQL.
+
+Illegal transitions are refused in one place; claim is a no-op unless the job is queued and
+not cancel-requested; the reaper requeues or fails expired leases; of two racing claims
+exactly one wins.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from lorajobs.service import jobs
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.errors import IllegalTransition
+from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, new_id, utcnow
+from lorajobs.service.settings import Settings
+from tests.dbfixtures import db_settings  # noqa: F401
+
+S = JobStatus
+
+
+def make_job(settings: Settings, *, status: str = S.QUEUED, **values) -> str:  # type: ignore[no-untyped-def]
+    with get_sessionmaker(settings)() as session:
+        tenant = session.scalar(select(Tenant)) or Tenant(id=new_id("ten"), name="t")
+        session.add(tenant)
+        session.flush()  # no relationship() declared: the ORM would not order the inserts
+        job = Job(id=new_id("job"), tenant_id=tenant.id, base_model="m", training_file="ds_x",
+                  spec={}, status=status, **values)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def load(settings: Settings, job_id: str) -> Job:
+    with get_sessionmaker(settings)() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_illegal_transitions_refused(db_settings: Settings) -> None:  # noqa: F811
+    sessions = get_sessionmaker(db_settings)
+    for start, target in [(S.QUEUED, S.SUCCEEDED), (S.SUCCEEDED, S.RUNNING),
+                          (S.FAILED, S.QUEUED), (S.CANCELLED, S.QUEUED), (S.QUEUED, S.QUEUED)]:
+        job_id = make_job(db_settings, status=start)
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            with pytest.raises(IllegalTransition):
+                jobs.transition(session, job, to=target)
+        assert load(db_settings, job_id).status == start
+    job_id = make_job(db_settings)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        jobs.transition(session, job, to=S.CANCELLED)
+        session.commit()
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+        assert [(e.type, e.data["from"], e.data["to"]) for e in events] == [
+            ("status", S.QUEUED, S.CANCELLED)]
+    assert load(db_settings, job_id).finished_at is not None
+
+
+def test_transition_checks_the_lease_owner(db_settings: Settings) -> None:  # noqa: F811
+    job_id = make_job(db_settings)
+    with get_sessionmaker(db_settings)() as session:
+        job = jobs.claim(session, job_id, owner="w1", lease_seconds=60)
+        assert job is not None and job.status == S.RUNNING and job.attempt == 1
+        with pytest.raises(IllegalTransition):
+            jobs.transition(session, job, to=S.SUCCEEDED, expect_owner="w2")
+        session.rollback()
+        jobs.transition(session, job, to=S.SUCCEEDED, expect_owner="w1")
+        session.commit()
+    done = load(db_settings, job_id)
+    assert done.status == S.SUCCEEDED and done.lease_owner is None
+
+
+def test_claim_is_a_noop_unless_claimable(db_settings: Settings) -> None:  # noqa: F811
+    sessions = get_sessionmaker(db_settings)
+    claimed = make_job(db_settings)
+    with sessions() as session:
+        assert jobs.claim(session, claimed, owner="w1", lease_seconds=60) is not None
+    others = [make_job(db_settings, status=s) for s in (S.SUCCEEDED, S.FAILED, S.CANCELLED)]
+    flagged = make_job(db_settings, cancel_requested=True)
+    for job_id in [claimed, *others, flagged, "job_missing"]:
+        with sessions() as session:
+            assert jobs.claim(session, job_id, owner="w2", lease_seconds=60) is None
+    running = load(db_settings, claimed)
+    assert running.lease_owner == "w1" and running.attempt == 1
+
+
+def _race_claims(settings: Settings, job_id: str, owners: list[str]) -> list[bool]:
+    """Each owner claims `job_id` from its own thread and session, all released at once."""
+    sessions = get_sessionmaker(settings)
+    barrier = threading.Barrier(len(owners))
+    won: list[bool] = []
+
+    def worker(owner: str) -> None:
+        with sessions() as session:
+            barrier.wait()
+            won.append(jobs.claim(session, job_id, owner=owner, lease_seconds=60) is not None)
+
+    threads = [threading.Thread(target=worker, args=(owner,)) for owner in owners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
+def test_two_racing_claims_one_wins(db_settings: Settings) -> None:  # noqa: F811
+    for _ in range(3):
+        job_id = make_job(db_settings)
+        assert sorted(_race_claims(db_settings, job_id, ["w1", "w2"])) == [False, True]
+        assert load(db_settings, job_id).attempt == 1
+
+
+def test_reaper_requeues_fails_or_cancels(db_settings: Settings) -> None:  # noqa: F811
+    sessions = get_sessionmaker(db_settings)
+    retry, spent, stopping, live = (make_job(db_settings, max_attempts=m) for m in (3, 1, 3, 3))
+    with sessions() as session:
+        for job_id in (retry, spent, stopping, live):
+            assert jobs.claim(session, job_id, owner="dead", lease_seconds=60)
+        past = utcnow() - timedelta(seconds=5)
+        session.execute(update(Job).where(Job.id.in_([retry, spent, stopping]))
+                        .values(lease_expires_at=past))
+        session.execute(update(Job).where(Job.id == stopping).values(cancel_requested=True))
+        session.commit()
+        assert jobs.reap_expired_leases(session) == [retry]
+    assert load(db_settings, retry).status == S.QUEUED
+    assert load(db_settings, retry).lease_owner is None
+    failed = load(db_settings, spent)
+    assert failed.status == S.FAILED and failed.error["code"] == "worker_lost"
+    assert failed.error["user_fault"] is False
+    assert load(db_settings, stopping).status == S.CANCELLED
+    assert load(db_settings, live).status == S.RUNNING
+    with sessions() as session:  # requeued job is claimable again: attempt 2
+        again = jobs.claim(session, retry, owner="w2", lease_seconds=60)
+        assert again is not None and again.attempt == 2
+
+
+def test_request_cancel(db_settings: Settings) -> None:  # noqa: F811
+    sessions = get_sessionmaker(db_settings)
+    queued, running, done = make_job(db_settings), make_job(db_settings), make_job(
+        db_settings, status=S.SUCCEEDED)
+    with sessions() as session:
+        assert jobs.request_cancel(session, session.get(Job, queued)).status == S.CANCELLED
+        jobs.claim(session, running, owner="w1", lease_seconds=60)
+        job = jobs.request_cancel(session, session.get(Job, running))
+        assert job.status == S.RUNNING and job.cancel_requested
+        with pytest.raises(IllegalTransition) as info:
+            jobs.request_cancel(session, session.get(Job, done))
+        assert info.value.code == "job_not_cancellable"
+    with sessions() as session:  # renew still works; the worker sees the flag and stops
+        assert jobs.renew_lease(session, running, owner="w1", lease_seconds=60)
+        assert not jobs.renew_lease(session, running, owner="w9", lease_seconds=60)
