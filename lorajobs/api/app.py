@@ -14,6 +14,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from lorajobs.api import openai_compat
 from lorajobs.api.errors import install_error_handlers
 from lorajobs.api.limits import BodyLimitMiddleware
 from lorajobs.api.observability import MetricsMiddleware, make_registry
@@ -35,7 +36,8 @@ from lorajobs.service.submit import default_enqueue
 
 __all__ = ["create_app"]
 
-ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys)
+ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
+           openai_compat)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -118,5 +118,7 @@ def inspect_registered(settings: Settings, model: RegisteredModel) -> ModelInfo:
     try:
         return inspect_model_dir(model_dir(settings, model))
     except ModelError as exc:
-        raise InvalidRequest(f"registered model {model.name!r} is unusable: {exc.message}",
+        root = str(settings.resolved_model_root.resolve())
+        message = exc.message.replace(root, "<model_root>")
+        raise InvalidRequest(f"registered model {model.name!r} is unusable: {message}",
                              param="base_model", code=exc.code) from exc

@@ -86,3 +86,11 @@ def test_too_many_examples(api: Api) -> None:
     resp = api.upload("alice", jsonl(alpaca_lines(4)))
     assert resp.status_code == 422
     assert "too many examples" in json.dumps(resp.json()["errors"])
+
+
+def test_upload_needs_auth_and_a_file(api: Api) -> None:
+    resp = api.client.post("/v1/datasets", files={"file": ("d.jsonl", jsonl(alpaca_lines(2)))})
+    assert resp.status_code == 401
+    resp = api.client.post("/v1/datasets", headers=api.h("alice"), data={"format": "chat"})
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "file"
+    assert _stored_files(api) == []

@@ -4,29 +4,44 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from lora_core.spec import DATA_FORMATS
 from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import DatasetPublic, DatasetsPublic
 from lorajobs.service import datasets
+from lorajobs.service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetPublic)
-def upload_dataset(
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    principal: PrincipalDep,
-    file: Annotated[UploadFile, File(description="JSONL (or one JSON list) of records")],
-    format: Annotated[str | None, Form(description="alpaca|completion|chat|text")] = None,
-) -> DatasetPublic:
-    """Validate every line and store the file; 422 lists the bad lines."""
-    row = datasets.create_dataset(
-        session, tenant_id=principal.tenant_id, filename=file.filename, stream=file.file,
-        data_format=format or None, settings=settings, store=store,
-    )
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "JSONL (or one JSON list) of records"},
+        "format": {"type": "string", "enum": list(DATA_FORMATS)}}}}}}}
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=UPLOAD_SCHEMA)
+async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
+                         store: StoreDep, principal: PrincipalDep) -> DatasetPublic:
+    """Validate every line and store the file; 422 lists the bad lines.
+
+    The form is parsed here, after authentication, so an anonymous client cannot make the
+    server spool an upload to disk (a declared `file` parameter would be parsed first).
+    """
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload, data_format = form.get("file"), form.get("format")
+        if not isinstance(upload, StarletteUploadFile):
+            raise InvalidRequest("multipart field 'file' is required", param="file")
+        if data_format is not None and not isinstance(data_format, str):
+            raise InvalidRequest("'format' must be a text field", param="format")
+        row = await run_in_threadpool(
+            datasets.create_dataset, session, tenant_id=principal.tenant_id,
+            filename=upload.filename, stream=upload.file, data_format=data_format or None,
+            settings=settings, store=store)
     return DatasetPublic.from_row(row)
 
 
