@@ -28,6 +28,7 @@ from lorajobs.api.routes import (
     keys,
     metrics,
     models,
+    ui,
 )
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.settings import Settings, get_settings
@@ -37,7 +38,7 @@ from lorajobs.service.submit import default_enqueue
 __all__ = ["create_app"]
 
 ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           openai_compat)
+           openai_compat, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

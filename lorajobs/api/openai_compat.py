@@ -22,10 +22,12 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
@@ -39,6 +41,10 @@ router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
 BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier=1 means here (our default lr)
 SUFFIX_CHARS = 40
 Auto = Literal["auto"]
+OPENAI_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}}
 
 
 class Hyperparameters(BaseModel):
@@ -141,17 +147,24 @@ def job_object(job: Job) -> dict[str, Any]:
     }
 
 
-@router.post("/files")
-def create_file(session: SessionDep, settings: SettingsDep, store: StoreDep,
-                principal: PrincipalDep, file: Annotated[UploadFile, File()],
-                purpose: Annotated[str, Form()]) -> dict[str, Any]:
-    """Upload a training file (purpose `fine-tune`); every line validated."""
-    if purpose != "fine-tune":
-        raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
-                             param="purpose")
-    row = datasets.create_dataset(session, tenant_id=principal.tenant_id,
-                                  filename=file.filename, stream=file.file, data_format=None,
-                                  settings=settings, store=store)
+@router.post("/files", openapi_extra=OPENAI_UPLOAD_SCHEMA)
+async def create_file(request: Request, session: SessionDep, settings: SettingsDep,
+                      store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
+    """Upload a training file (purpose `fine-tune`); every line validated.
+
+    The form is parsed after authentication (see routes/datasets.py for why).
+    """
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "fine-tune":
+            raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
+                                 param="purpose")
+        if not isinstance(upload, StarletteUploadFile):
+            raise InvalidRequest("multipart field 'file' is required", param="file")
+        row = await run_in_threadpool(
+            datasets.create_dataset, session, tenant_id=principal.tenant_id,
+            filename=upload.filename, stream=upload.file, data_format=None,
+            settings=settings, store=store)
     return file_object(row)
 
 
