@@ -31,6 +31,6 @@ def retry_kwargs(max_retries: int) -> dict:
     return {
         "retry": retry_if_exception(is_retryable),
         "stop": stop_after_attempt(max_retries + 1),
-        "wait": wait_exponential_jitter(initial=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S),
+        "wait": wait_exponential_jitter(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S),
         "reraise": True,
     }

@@ -225,32 +225,49 @@ class _Jobs(_Resource):
         return [self.download_artifact(job_id, a, out / a.name) for a in wanted]
 
     def download_artifact(self, job_id: str, artifact: Artifact, dest: Path) -> Path:
-        """Resume a partial `dest.part` with Range; verify sha256; rename into place."""
+        """Resume a partial `dest.part` with Range; verify sha256; rename into place.
+
+        Bytes are appended as they arrive (no re-chunking), so a broken transfer keeps all it
+        received and the next try asks only for the rest. A part that fails the checksum is
+        deleted: the next call starts from zero instead of resuming garbage.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
+        last_error: httpx.TransportError | None = None
         for _ in range(self._c.max_retries + 1):
             have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
+            # identity: Range offsets and our bytes on disk must both be the file's own bytes
+            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"}
+                                                         if have else {})}
             try:
-                with self._c._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact.id}",
-                                          headers=headers) as r:
-                    if r.status_code >= 400 and r.status_code != 416:
-                        r.read()
-                        raise_for_response(r)
-                    mode = "ab" if r.status_code == 206 else "wb"
-                    if r.status_code != 416:
-                        with open(part, mode) as fh:
-                            for chunk in r.iter_bytes(DOWNLOAD_CHUNK):
-                                fh.write(chunk)
+                self._fetch_into(job_id, artifact, part, headers)
+                last_error = None
                 break
-            except httpx.TransportError:
-                continue  # resume from what we have
+            except httpx.TransportError as exc:
+                last_error = exc  # resume from what we have
+        if last_error is not None:
+            raise APIConnectionError(f"{artifact.name}: download kept failing ({last_error}); "
+                                     f"run it again to resume from {part}") from last_error
         digest = _sha256(part)
         if digest != artifact.sha256:
             part.unlink(missing_ok=True)
             raise ChecksumError(f"{artifact.name}: sha256 {digest} != expected {artifact.sha256}")
         part.replace(dest)
         return dest
+
+    def _fetch_into(self, job_id: str, artifact: Artifact, part: Path,
+                    headers: dict[str, str]) -> None:
+        """One GET: 206 appends, 200 rewrites, 416 means the part is already complete."""
+        with self._c._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact.id}",
+                                  headers=headers) as r:
+            if r.status_code == 416:
+                return
+            if r.status_code >= 400:
+                r.read()
+                raise_for_response(r)
+            with open(part, "ab" if r.status_code == 206 else "wb") as fh:
+                for chunk in r.iter_raw():
+                    fh.write(chunk)
 
 
 def _sha256(path: Path) -> str:
