@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,7 +35,14 @@ from lora_core.spec import VLLM_LORA_RANKS, DistributedSpec, LoraSpec, MergeMode
 from lorajobs.service import jobs
 from lorajobs.service.datasets import get_dataset
 from lorajobs.service.errors import InvalidRequest, LimitExceeded, NotFound
-from lorajobs.service.models import Dataset, IdempotencyRecord, Job, JobStatus, new_id
+from lorajobs.service.models import (
+    Dataset,
+    IdempotencyRecord,
+    Job,
+    JobStatus,
+    Tenant,
+    new_id,
+)
 from lorajobs.service.registry import get_model, inspect_registered, model_dir
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
@@ -220,7 +227,16 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
 
 
 def _check_quota(session: Session, tenant_id: str, settings: Settings) -> None:
-    """Soft per-tenant cap on queued + running jobs (two racing submits may both pass)."""
+    """Per-tenant cap on queued + running jobs, exact under concurrent submits.
+
+    A count-then-insert lets racing submits all see "limit - 1" and all insert (40 at once
+    against a limit of 5 made 14 jobs). So the tenant's row is write-locked first, by a no-op
+    UPDATE held until our commit: PostgreSQL queues the tenant's other submits on the row lock
+    (READ COMMITTED: their count then sees our job); SQLite begins its single write transaction
+    here, before the count, instead of at the INSERT. Other tenants are not serialized (on
+    PostgreSQL; SQLite has one writer anyway).
+    """
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
     if active >= settings.max_active_jobs_per_tenant:
