@@ -1,0 +1,206 @@
+"""Fault and load scenarios as plain functions returning their figures, shared by the pytest
+suite (small N, asserted) and `bench/reliability.py` (larger N, printed for RELIABILITY.md).
+
+Each takes a migrated `LiveService` (or what it needs) and returns a dict of counts; the
+caller asserts. Fake trainer throughout (speed and events protocol are what matter here),
+except `pollers_vs_training`, which measures the real trainer's tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import threading
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.models import JobMetric
+from lorajobs.service.queue import enqueue_job
+from lorajobs.service.storage import get_store
+from tests.servicefixtures import LiveService, wait_for
+from tests.worker.jobfactory import events, get_job, make_job, trainer_starts
+
+__all__ = ["kill9", "duplicate_delivery", "graceful_sigterm", "pollers_vs_training",
+           "metric_steps", "TERMINAL"]
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _status(svc: LiveService, job_id: str) -> str:
+    return get_job(svc.settings, job_id).status
+
+
+def _wait_end(svc: LiveService, job_id: str, timeout: float = 60) -> str:
+    return wait_for(lambda: (s := _status(svc, job_id)) in TERMINAL and s, timeout=timeout,
+                    what=f"{job_id} to finish")
+
+
+def metric_steps(svc: LiveService, job_id: str) -> list[int]:
+    with get_sessionmaker(svc.settings)() as session:
+        return list(session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id)
+                                    .order_by(JobMetric.step)).all())
+
+
+def _progress_steps(svc: LiveService, job_id: str, attempt: int) -> list[int]:
+    """Steps the trainer reached in one attempt, from its own events file (not the DB, which
+    may lag a killed worker)."""
+    path = get_store(svc.settings).local_path(f"jobs/{job_id}/run/events-attempt{attempt}.jsonl")
+    if not path.exists():
+        return []
+    return [int(e["step"]) for e in map(json.loads, path.read_text().splitlines())
+            if e.get("type") == "progress"]
+
+
+def _trainer_pid(svc: LiveService, job_id: str) -> int:
+    log = get_store(svc.settings).local_path(f"jobs/{job_id}/run/fake_starts.log")
+    return int(log.read_text().splitlines()[-1].split()[0])
+
+
+def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
+          save_steps: int = 5) -> dict[str, Any]:
+    """N jobs, each SIGKILLed once mid-training: the trainer (the worker requeues it) or the
+    whole worker (the reaper requeues it after the lease, a new worker resumes it), chosen
+    at random, at a random step past the first checkpoint.
+
+    Figures: jobs, killed, completed, resumed_from_checkpoint (resume step == newest sealed
+    checkpoint at the kill), max_steps_redone (kill step - resume step), loss_curve_complete.
+    """
+    rng = random.Random(seed)
+    worker = svc.start_worker("worker-k0")
+    svc.start_reaper()
+    figures: dict[str, Any] = {"jobs": n_jobs, "killed": 0, "completed": 0, "lost": 0,
+                               "resumed_from_checkpoint": 0, "max_steps_redone": 0,
+                               "loss_curve_complete": 0, "trainer_kills": 0, "worker_kills": 0}
+    for i in range(n_jobs):
+        job_id = make_job(svc.settings, max_steps=total, save_steps=save_steps,
+                          control={"step_seconds": 0.05})
+        enqueue_job(job_id, svc.settings)
+        kill_after = rng.randint(save_steps + 1, total - 2)
+        wait_for(lambda j=job_id, k=kill_after: max(_progress_steps(svc, j, 1), default=0) >= k,
+                 timeout=30, what="training to the kill step")
+        target = rng.choice(["trainer", "worker"])
+        if target == "trainer":
+            os.kill(_trainer_pid(svc, job_id), signal.SIGKILL)
+            figures["trainer_kills"] += 1
+        else:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+            figures["worker_kills"] += 1
+            worker = svc.start_worker(f"worker-k{i + 1}")
+        figures["killed"] += 1
+        outcome = _wait_end(svc, job_id)
+        figures["completed"] += outcome == "succeeded"
+        figures["lost"] += outcome != "succeeded"
+        killed_at = max(_progress_steps(svc, job_id, 1))
+        ckpt_dir = get_store(svc.settings).local_path(f"jobs/{job_id}/run/checkpoints")
+        sealed_before = (killed_at // save_steps) * save_steps
+        starts = trainer_starts(svc.settings, job_id)
+        if len(starts) == 2 and starts[1] == sealed_before and ckpt_dir.is_dir():
+            figures["resumed_from_checkpoint"] += 1
+        if len(starts) == 2:
+            figures["max_steps_redone"] = max(figures["max_steps_redone"], killed_at - starts[1])
+        figures["loss_curve_complete"] += metric_steps(svc, job_id) == list(range(1, total + 1))
+    return figures
+
+
+def duplicate_delivery(svc: LiveService, n_jobs: int, copies: int = 3) -> dict[str, Any]:
+    """Each job sent `copies` times up front and once more while it runs: one run each."""
+    svc.start_worker()
+    ids = [make_job(svc.settings, max_steps=6, control={"step_seconds": 0.05})
+           for _ in range(n_jobs)]
+    for job_id in ids:
+        for _ in range(copies):
+            enqueue_job(job_id, svc.settings)
+    for job_id in ids:
+        wait_for(lambda j=job_id: _status(svc, j) != "queued", timeout=60, what="pickup")
+        enqueue_job(job_id, svc.settings)  # while it runs (or just after)
+    outcomes = [_wait_end(svc, job_id) for job_id in ids]
+    time.sleep(1.0)  # the worker drains the duplicates (no-op claims)
+    return {"jobs": n_jobs, "deliveries": n_jobs * (copies + 1),
+            "trainer_starts": sum(len(trainer_starts(svc.settings, j)) for j in ids),
+            "started_events": sum(len(events(svc.settings, j, "started")) for j in ids),
+            "completed": outcomes.count("succeeded"),
+            "lost": n_jobs - outcomes.count("succeeded")}
+
+
+def graceful_sigterm(svc: LiveService, n_jobs: int) -> dict[str, Any]:
+    """SIGTERM the worker mid-job N times; a fresh worker finishes each job from the
+    checkpoint the shutdown saved. Figures count requeued (not failed) and resumed jobs."""
+    figures = {"jobs": n_jobs, "sigterms": 0, "requeued_not_failed": 0, "attempt_refunded": 0,
+               "resumed_from_stop_checkpoint": 0, "completed": 0, "lost": 0}
+    worker = svc.start_worker("worker-t0")
+    for i in range(n_jobs):
+        job_id = make_job(svc.settings, max_steps=30, control={"step_seconds": 0.05})
+        enqueue_job(job_id, svc.settings)
+        wait_for(lambda j=job_id: events(svc.settings, j, "checkpoint"), timeout=30,
+                 what="a checkpoint")
+        LiveService.stop(worker, signal.SIGTERM, timeout=20)
+        figures["sigterms"] += 1
+        job = get_job(svc.settings, job_id)
+        figures["requeued_not_failed"] += job.status == "queued" and job.error is None
+        figures["attempt_refunded"] += job.attempt == 0
+        stopped_at = max(e.data["step"] for e in events(svc.settings, job_id, "checkpoint"))
+        worker = svc.start_worker(f"worker-t{i + 1}")
+        outcome = _wait_end(svc, job_id)
+        figures["completed"] += outcome == "succeeded"
+        figures["lost"] += outcome != "succeeded"
+        figures["resumed_from_stop_checkpoint"] += \
+            trainer_starts(svc.settings, job_id) == [0, stopped_at]
+    return figures
+
+
+def pollers_vs_training(svc: LiveService, client_headers: dict[str, str], job_id: str, *,
+                        pollers: int, poll_interval: float, warmup_steps: int,
+                        switch_step: int) -> dict[str, Any]:
+    """The real trainer's tokens/s without pollers (steps warmup..switch) and with `pollers`
+    clients hammering GET /v1/jobs/{id} (steps after switch), in the same run.
+
+    Figures: requests, errors (non-200 or transport), tps_quiet, tps_polled, ratio.
+    """
+    stop = threading.Event()
+    counts = {"requests": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def poll() -> None:
+        with httpx.Client(base_url=svc.base_url or "", headers=client_headers, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    ok = c.get(f"/v1/jobs/{job_id}").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    counts["requests"] += 1
+                    counts["errors"] += not ok
+                stop.wait(poll_interval)
+
+    wait_for(lambda: _step(svc, job_id) >= switch_step or _status(svc, job_id) in TERMINAL,
+             timeout=120, what="the quiet phase")
+    threads = [threading.Thread(target=poll) for _ in range(pollers)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_end(svc, job_id, timeout=180)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    with get_sessionmaker(svc.settings)() as session:
+        rows = session.execute(select(JobMetric.step, JobMetric.tokens_per_second)
+                               .where(JobMetric.job_id == job_id)).all()
+    quiet = [t for s, t in rows if warmup_steps < s <= switch_step and t]
+    polled = [t for s, t in rows if s > switch_step + 1 and t]
+    tps_quiet, tps_polled = statistics.median(quiet), statistics.median(polled)
+    return {**counts, "tps_quiet": round(tps_quiet, 1), "tps_polled": round(tps_polled, 1),
+            "ratio": round(tps_polled / tps_quiet, 3), "quiet_steps": len(quiet),
+            "polled_steps": len(polled), "status": _status(svc, job_id)}
+
+
+def _step(svc: LiveService, job_id: str) -> int:
+    return int((get_job(svc.settings, job_id).progress or {}).get("step") or 0)
