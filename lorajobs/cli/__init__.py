@@ -30,14 +30,11 @@ EXIT_USER_ERROR = 1
 def main() -> None:
     """Console-script entry: run the app, turning our errors into one line + exit code."""
     from lora_core.errors import LoraCoreError
+    from lorajobs.cli.errors import UserError, one_line
     from lorajobs.client.errors import LorajobsError
 
     try:
         app()
-    except (LorajobsError, LoraCoreError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        errors = getattr(exc, "errors", None) or []
-        for e in errors[1:10]:
-            where = f"line {e.get('line')}" if e.get("line") else e.get("field", "")
-            typer.echo(f"  {where}: {e.get('field') or ''} {e.get('message')}", err=True)
+    except (LorajobsError, LoraCoreError, UserError) as exc:
+        typer.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(EXIT_USER_ERROR)

@@ -9,8 +9,9 @@ from typing import Any
 import typer
 import yaml
 
+from lorajobs.cli.errors import UserError, dataset_problems, spec_problems
 from lorajobs.cli.output import console, print_json
-from lorajobs.client import Client, Job
+from lorajobs.client import Client, Event, Job
 
 jobs_app = typer.Typer(help="list and inspect jobs", no_args_is_help=True)
 datasets_app = typer.Typer(help="training files", no_args_is_help=True)
@@ -20,6 +21,7 @@ keys_app = typer.Typer(help="API keys", no_args_is_help=True)
 URL = typer.Option(None, "--url", envvar="LORAJOBS_URL", help="server URL")
 KEY = typer.Option(None, "--api-key", envvar="LORAJOBS_API_KEY", help="API key")
 JSON = typer.Option(False, "--json", help="machine-readable output")
+WATCH_POLL_S = 0.5  # `submit --wait` / progress refresh; a poll is one cheap GET
 
 
 def _client(url: str | None, key: str | None) -> Client:
@@ -30,16 +32,28 @@ def _load_spec(path: Path) -> dict[str, Any]:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"{path}: not valid YAML/JSON: {exc}") from exc
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML/JSON ({first}) - fix the syntax") from exc
     if not isinstance(spec, dict):
-        raise typer.BadParameter(f"{path}: the spec must be a mapping of fields")
+        raise UserError(f"{path}: the spec must be a mapping of fields (base_model, "
+                        "training_file, ...)")
     return spec
+
+
+def _check_spec(spec: dict[str, Any], path: Path) -> None:
+    """The server's own schema, checked before anything is uploaded: a typo costs nothing."""
+    from lorajobs.service.submit import JobRequest
+
+    placeholder = {f: "ds_local" for f in ("training_file", "validation_file")
+                   if isinstance(spec.get(f), str)}
+    problem = spec_problems({**spec, **placeholder}, JobRequest, path.name)
+    if problem:
+        raise UserError(problem)
 
 
 def _upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> None:
     """`training_file: ./train.jsonl` is uploaded first (validated locally, then sent)."""
     from lora_core.data.formats import validate_file
-    from lora_core.errors import DatasetError
 
     for field in ("training_file", "validation_file"):
         value = spec.get(field)
@@ -47,10 +61,11 @@ def _upload_local_files(client: Client, spec: dict[str, Any], base: Path) -> Non
             continue
         path = (base / value) if not Path(value).is_absolute() else Path(value)
         if not path.is_file():
-            raise typer.BadParameter(f"{field}: {value!r} is neither a dataset id nor a file")
+            raise UserError(f"{field}: {value!r} is neither a dataset id (ds_...) nor a file "
+                            f"next to the spec")
         report = validate_file(path)
         if report.num_errors:
-            raise DatasetError(f"{path}: {report.num_errors} bad line(s)", errors=report.errors)
+            raise UserError(dataset_problems(value, report.errors, report.num_errors))
         spec[field] = client.datasets.upload(path).id
         console.print(f"uploaded {path.name} as {spec[field]}")
 
@@ -69,12 +84,23 @@ def _progress_line(job: Job) -> str:
 
 
 def watch(client: Client, job_id: str) -> Job:
-    """A live progress bar (step/total, loss, ETA) until the job is terminal."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """Until the job is terminal: a live bar (step/total, loss, ETA) on a terminal; one plain
+    line per change elsewhere (CI logs, pipes), where a redrawn bar would show nothing."""
+    if not console.is_terminal:
+        last: list[str] = []
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+        def log_line(job: Job) -> None:
+            line = _progress_line(job)
+            if not last or line != last[-1]:
+                last.append(line)
+                typer.echo(f"{job.id}  {line}")
+
+        return client.jobs.wait(job_id, on_progress=log_line, poll_interval=WATCH_POLL_S)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, transient=False) as bar:
         task = bar.add_task(job_id, total=None, info="queued")
 
         def update(job: Job) -> None:
@@ -83,7 +109,7 @@ def watch(client: Client, job_id: str) -> Job:
             bar.update(task, total=total, completed=(p.step or 0) if p else 0,
                        info=_progress_line(job))
 
-        return client.jobs.wait(job_id, on_progress=update, poll_interval=1.0)
+        return client.jobs.wait(job_id, on_progress=update, poll_interval=WATCH_POLL_S)
 
 
 def submit(spec_file: Path = typer.Argument(..., exists=True, dir_okay=False),
@@ -91,6 +117,7 @@ def submit(spec_file: Path = typer.Argument(..., exists=True, dir_okay=False),
            url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
     """Submit a job spec (YAML/JSON); local data files are validated and uploaded first."""
     spec = _load_spec(spec_file)
+    _check_spec(spec, spec_file)
     with _client(url, api_key) as client:
         _upload_local_files(client, spec, spec_file.parent)
         job = client.jobs.create(spec)
@@ -108,13 +135,15 @@ def _report_end(job: Job, json_out: bool) -> None:
         print_json(job)
     elif job.status == "succeeded":
         m = job.metrics or {}
-        console.print(f"[green]succeeded[/]: train_loss={m.get('train_loss')} "
-                      f"eval_loss={m.get('eval_loss')}")
-        console.print(f"download: lorajobs download {job.id} -o ./adapter   "
-                      f"(merged model: --merged)")
+        losses = "  ".join(f"{k}={m[k]:.4f}" for k in ("train_loss", "eval_loss")
+                           if m.get(k) is not None)
+        typer.echo(f"{job.id} succeeded  {losses}".rstrip())
+        merged = " (merged model: add --merged)" if job.fine_tuned_model else ""
+        typer.echo(f"download: lorajobs download {job.id} -o ./adapter{merged}")
     else:
         err = job.error or {}
-        console.print(f"[red]{job.status}[/]: {err.get('message', '')}")
+        detail = f": {err.get('message')}" if err.get("message") else ""
+        typer.echo(f"{job.id} {job.status}{detail}", err=True)
     if job.status != "succeeded":
         raise typer.Exit(1)
 
@@ -123,20 +152,21 @@ def _report_end(job: Job, json_out: bool) -> None:
 def jobs_list(status: str | None = typer.Option(None), limit: int = typer.Option(20),
               url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
     """Newest jobs first."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     with _client(url, api_key) as client:
         jobs = [j for _, j in zip(range(limit), client.jobs.list(status=status, limit=limit),
                                   strict=False)]
     if json_out:
         return print_json(jobs)
-    table = Table("id", "status", "stage", "progress", "loss", "created")
+    # The id is what people copy: never cut or wrapped.
+    table = Table(Column("id", no_wrap=True), "status", "stage", "progress", "loss", "created")
     for j in jobs:
         frac = j.progress.fraction if j.progress and j.progress.fraction is not None else None
         loss = (j.metrics or {}).get("train_loss")
         table.add_row(j.id, j.status, j.stage or "", f"{frac:.0%}" if frac is not None else "",
                       f"{loss:.4f}" if loss is not None else "",
-                      j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "")
+                      j.created_at.strftime("%m-%d %H:%M:%S") if j.created_at else "")
     console.print(table)
 
 
@@ -159,10 +189,19 @@ def logs(job_id: str, follow: bool = typer.Option(False, "-f", "--follow"),
         events = client.jobs.stream_events(job_id) if follow else client.jobs.events(job_id)
         for e in events:
             if json_out:
-                print_json(e)
+                typer.echo(e.model_dump_json())  # one JSON object per line (JSON Lines)
             else:
-                ts = e.created_at.strftime("%H:%M:%S") if e.created_at else ""
-                console.print(f"{ts} [{e.level}] {e.type}: {e.message}")
+                typer.echo(_event_line(e))
+
+
+def _event_line(e: Event) -> str:
+    """`12:00:01 info  checkpoint: step 4` - plain text (messages are not rich markup)."""
+    ts = e.created_at.strftime("%H:%M:%S") if e.created_at else ""
+    data = e.data or {}
+    message = e.message if e.message and e.message != e.type else ""
+    if not message and data.get("step") is not None:
+        message = f"step {data['step']}"
+    return f"{ts} {e.level:<7} {e.type}: {message}".rstrip().rstrip(":")
 
 
 def cancel(job_id: str, url: str | None = URL, api_key: str | None = KEY,
@@ -196,7 +235,7 @@ def plot(job_id: str, out: Path = typer.Option(Path("loss.png"), "-o", "--out"),
     with _client(url, api_key) as client:
         rows = client.jobs.metrics(job_id)
     if not rows:
-        raise typer.BadParameter(f"job {job_id} has no metrics yet")
+        raise UserError(f"job {job_id} has no metrics yet - wait until it has trained a step")
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r.step, r.train_loss) for r in rows if r.train_loss is not None]
     evals = [(r.step, r.eval_loss) for r in rows if r.eval_loss is not None]
@@ -220,11 +259,10 @@ def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False
                     json_out: bool = JSON) -> None:
     """Validate locally (line-numbered errors), then upload."""
     from lora_core.data.formats import validate_file
-    from lora_core.errors import DatasetError
 
     report = validate_file(file, format)
     if report.num_errors:
-        raise DatasetError(f"{file}: {report.num_errors} bad line(s)", errors=report.errors)
+        raise UserError(dataset_problems(file.name, report.errors, report.num_errors))
     with _client(url, api_key) as client:
         ds = client.datasets.upload(file, format=format)
     print_json(ds) if json_out else console.print(
@@ -265,7 +303,7 @@ def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True
     dest = root / name
     if model_dir.resolve() != dest.resolve():
         if dest.exists():
-            raise typer.BadParameter(f"{dest} already exists in the model root")
+            raise UserError(f"{dest} already exists in the model root - pick another name")
         shutil.copytree(model_dir, dest)
     with _client(url, api_key) as client:
         model = client.models.register(name, name)

@@ -55,13 +55,17 @@ class APIError(LorajobsError):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        where = f" (field: {self.param})" if self.param else ""
-        text = f"{self.message}{where}"
+        """The message, the field when the message does not name it, and the first detail."""
+        text = self.message
+        if self.param and self.param not in text:
+            text += f" (field: {self.param})"
         if self.errors:
             first = self.errors[0]
             loc = f"line {first.get('line')}" if first.get("line") else first.get("field", "")
+            detail = f"{loc}: {first.get('message')}"
             more = f" (+{len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
-            text += f": {loc}: {first.get('message')}{more}"
+            if detail not in text:
+                text += f": {detail}{more}"
         return text
 
 
