@@ -103,7 +103,8 @@ class EventCallback(TrainerCallback):
 
     Emits "started" on train begin with `started` fields added (resumed_from_step, ...).
     `token_counter()` returns loss-bearing tokens emitted by this rank's collator so far;
-    tokens/s = its growth between logs x world_size.
+    tokens/s = its growth between logs x world_size; `tokens_seen` in each progress event is the
+    running total (x world_size), which lets a benchmark time any window of steps exactly.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class EventCallback(TrainerCallback):
                 epoch=logs.get("epoch", state.epoch), loss=loss,
                 learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                 tokens_per_second=round(tps, 1), eta_seconds=None if eta is None else round(eta, 1),
+                tokens_seen=tokens * self.world_size,
             )
 
 

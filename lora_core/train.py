@@ -8,9 +8,9 @@ Order of work, so that a bad input costs nothing and leaves nothing behind:
     4. train      progress/eval/checkpoint events; cooperative stop -> checkpoint + "stopped"
     5. export     final adapter to output_dir/adapter/
 
-Precision "auto" = bf16 on a CUDA GPU that supports it, fp32 otherwise. bf16 on CPU runs fp32
-weights under bf16 autocast (FACTS.md: 1.2-1.7x). Events go through `on_event(type, **fields)`
-on rank 0 only.
+Precision "auto" = bf16 on a CUDA GPU that supports it or a CPU with native bf16 (AVX512-BF16 /
+AMX), fp32 otherwise. bf16 on CPU runs fp32 weights under bf16 autocast. Events go through
+`on_event(type, **fields)` on rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ from typing import Any
 from lora_core.errors import ModelError, SpecError
 from lora_core.spec import RunSpec
 
-__all__ = ["TrainResult", "PreparedData", "train", "prepare_data", "resolve_precision"]
+__all__ = [
+    "TrainResult",
+    "PreparedData",
+    "train",
+    "prepare_data",
+    "load_features",
+    "resolve_precision",
+    "tune_cpu_allocator",
+]
 
 OnEvent = Callable[..., None]
 CHECKPOINTS_DIR = "checkpoints"
@@ -34,6 +42,20 @@ ADAPTER_DIR = "adapter"
 # 1,490 useful tok/s vs packed rows 1,624 (+9%), while packed rows cannot be evaluated with a
 # KV cache and need a 4D mask; the gain is not worth the risk as a default.
 PACKING_AUTO = False
+# LM head + cross-entropy on labelled positions only (lora_core.loss). Measured with
+# bench/train_bench.py (README_train.md); equal to the full loss (tests/lora_core/test_perf_loss).
+LABELLED_ONLY_LOSS = True
+# Precision "auto" on a CPU with native bf16: bf16 autocast (fp32 master weights). Measured with
+# bench/train_bench.py: faster at equal eval loss (README_train.md).
+AUTO_BF16_ON_CPU = True
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# glibc malloc serves blocks >= 128 KiB-32 MiB (dynamic threshold) with mmap and unmaps them on
+# free, so every training step page-faults its activations in again: on 2 cores ~20-30% of the
+# wall time went to the kernel (sys time), measured with bench/train_bench.py. Keeping freed
+# memory in the heap (no mmap, no trim) removes that; the heap then stays at the step's peak.
+MALLOC_MMAP_THRESHOLD = 1 << 30  # mallopt's maximum on 64-bit is HEAP_MAX/2; 1 GiB is allowed
+MALLOC_TRIM_THRESHOLD = (1 << 31) - 1  # never give the heap top back between steps
+TUNE_CPU_ALLOCATOR = True
 MAX_WARMUP_RATIO = 0.999  # TrainingArguments.warmup_steps reads values >= 1 as a step count
 
 
@@ -75,17 +97,54 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16, Linux flags).
+
+    There oneDNN's bf16 GEMM runs ~3-4x the fp32 one (bench/gemm_peak.py); without them bf16
+    is emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool(BF16_CPU_FLAGS & set(flags))
+
+
 def resolve_precision(precision: str) -> str:
-    """"auto" -> "bf16" on CUDA with bf16 support, else "fp32"; fp16 needs a GPU."""
+    """"auto" -> bf16 on CUDA with bf16 support, or on a CPU with native bf16 (AUTO_BF16_ON_CPU);
+    else fp32. fp16 needs a GPU."""
     import torch
 
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if AUTO_BF16_ON_CPU and cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise SpecError("fp16 needs a CUDA GPU; use bf16 or fp32 on CPU",
                         param="training.precision", value=precision)
     return precision
+
+
+def tune_cpu_allocator() -> bool:
+    """Make glibc keep freed activation memory (see MALLOC_MMAP_THRESHOLD). True if applied.
+
+    Process-wide and permanent: the trainer child process exists for this one job.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not TUNE_CPU_ALLOCATOR or name is None or "libc.so" not in name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h> M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+        return bool(libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
+                    and libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def validate_model(spec: RunSpec) -> Any:
@@ -98,16 +157,13 @@ def validate_model(spec: RunSpec) -> Any:
 
 
 def prepare_data(spec: RunSpec, on_event: OnEvent = _noop) -> PreparedData:
-    """Read, validate and tokenise the data; DatasetError before any model weight is loaded."""
+    """Read, validate and tokenise the data; DatasetError before any model weight is loaded.
+
+    Features come from the tokenised-dataset cache (lora_core.data.cache) when this file was
+    tokenised before with the same tokenizer and max_seq_length.
+    """
     from transformers import AutoTokenizer
 
-    from lora_core.data.formats import load_examples
-    from lora_core.data.tokenize import tokenize_examples
-
-    fmt, examples = load_examples(spec.train_file, spec.data_format)
-    val_examples = None
-    if spec.validation_file is not None:
-        _, val_examples = load_examples(spec.validation_file, spec.data_format or fmt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(spec.model_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -115,15 +171,39 @@ def prepare_data(spec: RunSpec, on_event: OnEvent = _noop) -> PreparedData:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_len = spec.training.max_seq_length
-    train, stats = tokenize_examples(examples, tokenizer, max_len)
+    fmt, train, stats = load_features(spec.train_file, spec.data_format, tokenizer,
+                                      spec.model_dir, max_len)
     if stats.num_dropped:
         on_event("warning", message=f"{stats.num_dropped} training example(s) dropped: no "
                  f"response token within max_seq_length={max_len}")
-    evals = tokenize_examples(val_examples, tokenizer, max_len)[0] if val_examples else None
+    evals = None
+    if spec.validation_file is not None:
+        evals = load_features(spec.validation_file, spec.data_format or fmt, tokenizer,
+                              spec.model_dir, max_len)[1]
     if evals is None and spec.training.validation_split > 0:
         train, evals = _split(train, spec.training.validation_split, spec.training.seed)
     return PreparedData(tokenizer, train, evals, fmt, len(train), stats.num_tokens,
                         stats.num_dropped, stats.num_truncated)
+
+
+def load_features(
+    path: Path, fmt: str | None, tokenizer: Any, tokenizer_dir: Path, max_len: int
+) -> tuple[str, list[dict[str, list[int]]], Any]:
+    """(format, features, TokenizeStats) of one data file: from the cache, else tokenised
+    (and cached). Raises DatasetError for bad data, which is never cached."""
+    from lora_core.data import cache
+    from lora_core.data.formats import _read_bytes, load_examples
+    from lora_core.data.tokenize import tokenize_examples
+
+    data = _read_bytes(path)
+    key = cache.cache_key(data, fmt, max_len, Path(tokenizer_dir))
+    hit = cache.load(key)
+    if hit is not None:
+        return hit
+    found_fmt, examples = load_examples(path, fmt)  # the path: errors name the file
+    features, stats = tokenize_examples(examples, tokenizer, max_len)
+    cache.save(key, found_fmt, features, stats)
+    return found_fmt, features, stats
 
 
 def _split(feats: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -177,6 +257,7 @@ def build_training_args(
         logging_nan_inf_filter=False,  # a NaN loss must reach EventCallback, not be averaged away
         train_sampling_strategy="random" if packing else "group_by_length",
         remove_unused_columns=False,  # our collators build the model inputs themselves
+        prediction_loss_only=True,  # eval needs the loss only; else it gathers every logit
         dataloader_num_workers=0,  # the collator's token counter must live in this process
         report_to=[],
         disable_tqdm=True,
@@ -206,7 +287,10 @@ def _collator(spec: RunSpec, tokenizer: Any, precision: str) -> Any:
 
     packing = spec.training.packing
     if packing is True or (packing == "auto" and PACKING_AUTO):
-        mask_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # the mask must match the attention's dtype: bf16 weights on CUDA; on CPU bf16 runs as
+        # autocast over fp32 weights and the rotary-embedded queries reach SDPA in fp32
+        cuda_bf16 = precision == "bf16" and torch.cuda.is_available()
+        mask_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         return PackingCollator(tokenizer.pad_token_id, spec.training.max_seq_length, mask_dtype)
     return PaddingCollator(tokenizer.pad_token_id)
 
@@ -242,10 +326,14 @@ def train(
     Raises ModelError/SpecError/DatasetError before anything is written, TrainingError on a
     NaN loss. A dir this call created is removed again if it fails before a checkpoint exists.
     """
+    import torch
+
     from lora_core.deepspeed_config import build_deepspeed_config, init_distributed, uses_deepspeed
 
     emit = on_event if on_event is not None and rank() == 0 else _noop
     precision = resolve_precision(spec.training.precision)
+    if not torch.cuda.is_available():
+        tune_cpu_allocator()
     validate_model(spec)
     data = prepare_data(spec, emit)
     ds_config = None
@@ -268,10 +356,12 @@ def train(
 
 
 def _trainer_class() -> type:
-    """Trainer whose length-grouped sampler is seeded per epoch (exact resume; see collate)."""
+    """Trainer with a per-epoch seeded length-grouped sampler (exact resume; see collate) and
+    the LM head + loss over labelled positions only (lora_core.loss) where that is exact."""
     from transformers import Trainer
 
     from lora_core.data.collate import SeededLengthGroupedSampler
+    from lora_core.loss import labelled_only_loss, supports_labelled_only
 
     class LoraTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -281,6 +371,17 @@ def _trainer_class() -> type:
             mega = self.args.train_batch_size * self.args.gradient_accumulation_steps
             lengths = [len(f["input_ids"]) for f in dataset]
             return SeededLengthGroupedSampler(lengths, mega, self.args.data_seed or self.args.seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            fast = (LABELLED_ONLY_LOSS and "labels" in inputs and not self.is_deepspeed_enabled
+                    and self.label_smoother is None and self.compute_loss_func is None
+                    and supports_labelled_only(model))
+            if not fast:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = labelled_only_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     return LoraTrainer
 

@@ -1,0 +1,447 @@
+"""Training benchmark: useful tokens/s of the book's recipe, a tuned HF peer, and lora_core.train.
+
+Same data, same hyper-parameters, same number of optimizer steps in every arm:
+
+    book    PEFT + HF Trainer, every example padded to model_max_length (1024), random order
+    peer    PEFT + HF Trainer, dynamic padding + train_sampling_strategy="group_by_length",
+            at its best precision (fp32 and bf16 both run; the faster one is "the peer")
+    ours    lora_core.train.train(spec), exactly as the service runs it (spec defaults)
+
+Each arm runs in its own subprocess (peak RSS is that child's ru_maxrss), arms interleaved per
+repeat, medians reported. "Useful" tokens are loss-bearing ones (labels != -100); the timed
+window runs from the end of the first optimizer step (kernel warm-up) to the end of the last.
+After training every arm's adapter is scored by the same fp32 held-out loss function.
+
+Fraction of peak: model FLOPs / s over the GEMM peak measured in the same run (bench/gemm_peak),
+where model FLOPs = 4 x body params x real tokens + 4 x lm_head params x label tokens
++ 6 x layers x hidden x n^2 per example (attention: QK^T and AV, forward + 2x backward, causal
+half). Embeddings cost nothing; padding and the head over unlabelled positions are not counted,
+so an arm gets no credit for wasted work.
+
+    .venv/bin/python bench/train_bench.py --quick            # small model, few steps (< 2 min)
+    .venv/bin/python bench/train_bench.py --model both       # the figures in README_train.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Llama-style shapes. Vocab 32000 like Llama/Mistral: the LM head is a real share of the cost.
+MODELS: dict[str, dict[str, int]] = {
+    # 2 x 32000 x 256 embeddings/head + 4 x 0.79M body = ~19.6M params
+    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                  intermediate_size=688, vocab_size=32000),
+    # 2 x 32000 x 768 + 8 x 7.1M = ~106M params
+    "100m": dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12,
+                 intermediate_size=2048, vocab_size=32000),
+    # bench/gpu.sh (H200): ~0.5B, Qwen2.5-0.5B-like widths; 32000 x 1024 x 2 + 24 x 12.8M
+    "500m": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                 intermediate_size=2816, vocab_size=32000),
+    # --quick: a smaller vocab so that building the tokenizer takes seconds in CI
+    "quick": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                  intermediate_size=688, vocab_size=8192),
+}
+MAX_LEN = 1024  # model_max_length: the book pads every example to it; every arm truncates to it
+# Alpaca-like lengths in tokens, template included: log-normal, median ~120, long tail to 1000+
+# (Alpaca's responses span 1 to ~1000 tokens). The shortest examples are the template alone.
+LEN_MEDIAN, LEN_SIGMA, LEN_MIN, LEN_MAX = 120, 0.75, 20, 1100
+LEXICON_SIZE = 40_000  # pseudo-words, Zipf-distributed: a tokenizer of 32000 fills its vocab
+ZIPF_S = 1.1
+# Hyper-parameters shared by all arms (service defaults except lr: 1e-3 moves the eval loss
+# within a few dozen steps, so "trains as well" is a real check, not two untouched models)
+BATCH, ACCUM, LR, SEED = 8, 2, 1e-3, 42
+LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 16, 0.05, ["q_proj", "v_proj"]
+N_TRAIN, N_EVAL = 3000, 96
+H200_BF16_PEAK_TFLOPS = 989  # NVIDIA H200 SXM dense bf16 tensor-core peak (datasheet)
+RESULT_TAG = "RESULT "
+
+
+# ----------------------------------------------------------------------------------- data
+def _lexicon(rng: random.Random, n: int) -> list[str]:
+    syll = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["an", "er", "in", "on", "st"]
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(syll) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))))
+    return sorted(words)
+
+
+def make_dataset(n: int, seed: int, lexicon: list[str], tokens_per_word: float,
+                 template_tokens: int) -> list[dict[str, str]]:
+    """Alpaca records whose token length (template included) is log-normal around LEN_MEDIAN."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) ** ZIPF_S for i in range(len(lexicon))]
+
+    def words(n_tokens: float) -> str:
+        return " ".join(rng.choices(lexicon, weights, k=max(1, round(n_tokens / tokens_per_word))))
+
+    out = []
+    for _ in range(n):
+        total = min(LEN_MAX, max(LEN_MIN, rng.lognormvariate(math.log(LEN_MEDIAN), LEN_SIGMA)))
+        body = max(4.0, total - template_tokens)
+        instr = max(2.0, body * rng.uniform(0.1, 0.3))
+        inp = body * rng.uniform(0.0, 0.3) if rng.random() < 0.4 else 0.0
+        out.append({"instruction": words(instr), "input": words(inp) if inp else "",
+                    "output": words(body - instr - inp)})
+    return out
+
+
+def build_workdir(workdir: Path, model: str) -> tuple[Path, Path, Path]:
+    """(model_dir, train.jsonl, eval.jsonl), built once per workdir and reused."""
+    from transformers import AutoTokenizer
+
+    from lora_core.data.formats import ALPACA_PROMPT_NO_INPUT
+    from lora_core.tiny import make_tiny_model
+
+    rng = random.Random(SEED)
+    lexicon = _lexicon(rng, LEXICON_SIZE if model != "quick" else 6000)
+    model_dir = workdir / f"model-{model}"
+    if not (model_dir / "config.json").exists():
+        text = [" ".join(rng.sample(lexicon, 50)) for _ in range(len(lexicon) // 10)]
+        make_tiny_model(model_dir, **MODELS[model], max_position_embeddings=2048, seed=0,
+                        extra_text=text + lexicon)
+    data = workdir / f"data-{model}"
+    data.mkdir(parents=True, exist_ok=True)
+    train, evals = data / "train.jsonl", data / "eval.jsonl"
+    if not evals.exists():
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        sample = make_dataset(50, 0, lexicon, 1.0, 0)
+        text = " ".join(r["output"] for r in sample)
+        per_word = len(tok(text)["input_ids"]) / len(text.split())
+        template = len(tok(ALPACA_PROMPT_NO_INPUT.format(instruction=""))["input_ids"])
+        n_train = N_TRAIN if model != "quick" else 400
+        for path, rows in ((train, make_dataset(n_train, 1, lexicon, per_word, template)),
+                           (evals, make_dataset(N_EVAL, 2, lexicon, per_word, template))):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, train, evals
+
+
+# ------------------------------------------------------------------------------ children
+def _features(model_dir: Path, path: Path) -> tuple[Any, list[dict[str, list[int]]]]:
+    from transformers import AutoTokenizer
+
+    from lora_core.data.formats import load_examples
+    from lora_core.data.tokenize import tokenize_examples
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return tok, tokenize_examples(load_examples(path)[1], tok, MAX_LEN)[0]
+
+
+def eval_loss(model: Any, feats: list[dict[str, list[int]]], pad_id: int) -> float:
+    """Token-mean causal-LM loss over the labelled tokens of `feats`, fp32, no autocast."""
+    import torch
+
+    from lora_core.data.collate import PaddingCollator
+
+    model.eval().float()
+    device = next(model.parameters()).device
+    collate = PaddingCollator(pad_id)
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(order), BATCH):
+            rows = collate([feats[j] for j in order[i:i + BATCH]])
+            b = {k: v.to(device) for k, v in rows.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            labels = b["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
+
+
+class _CountingCollator:
+    """Pads to the longest in the batch, or every row to MAX_LEN (the book); counts labels."""
+
+    def __init__(self, pad_id: int, pad_to_max: bool) -> None:
+        from lora_core.data.collate import PaddingCollator
+
+        # every example is <= MAX_LEN, so "a multiple of MAX_LEN" is exactly MAX_LEN
+        self.inner = PaddingCollator(pad_id, pad_to_multiple_of=MAX_LEN if pad_to_max else None)
+        self.label_tokens = 0
+
+    def __call__(self, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
+        batch = self.inner(feats)
+        self.label_tokens += int((batch["labels"] != -100).sum())
+        return batch
+
+
+def _timer_callback(counter: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        marks: list[tuple[float, int, float]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), counter(), _cpu_s()))
+
+    return StepTimer()
+
+
+def child_hf(arm: str, precision: str, model_dir: Path, train: Path, evals: Path,
+             steps: int, out: Path) -> dict[str, Any]:
+    """Arm book/peer: PEFT + HF Trainer, our tokenisation (same features as ours)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(SEED)
+    tok, feats = _features(model_dir, train)
+    eval_feats = _features(model_dir, evals)[1]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(
+        task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+        target_modules=LORA_TARGETS))
+    collator = _CountingCollator(tok.pad_token_id, arm == "book")
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant",
+        seed=SEED, data_seed=SEED, bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+        save_strategy="no", eval_strategy="no", logging_steps=max(1, steps), report_to=[],
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if arm == "peer" else "random",
+    )
+    timer = _timer_callback(lambda: collator.label_tokens)
+    trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=collator,
+                      callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall, rss = time.perf_counter() - t0, _peak_rss_mb()
+    return _result(timer.marks, wall, rss, eval_loss(model, eval_feats, tok.pad_token_id))
+
+
+def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps: int,
+               out: Path, overrides: str = "") -> dict[str, Any]:
+    """Arm ours: lora_core.train.train() with spec defaults, the shared hyper-parameters.
+
+    `overrides` "NAME=VALUE;..." sets lora_core.train constants (ablations, e.g.
+    "LABELLED_ONLY_LOSS=False"); empty = as the service runs.
+    """
+    import ast
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lora_core.train as lc
+    from lora_core.spec import RunSpec
+    from lora_core.train import train as lc_train
+
+    for item in filter(None, overrides.split(";")):
+        name, value = item.split("=", 1)
+        assert hasattr(lc, name), name
+        setattr(lc, name, ast.literal_eval(value))
+
+    marks: list[tuple[float, int, float]] = []
+
+    def on_event(type_: str, **f: Any) -> None:
+        if type_ == "progress":
+            marks.append((time.perf_counter(), f["tokens_seen"], _cpu_s()))
+
+    spec = RunSpec(
+        model_dir=model_dir, train_file=train, output_dir=out, merge="none",
+        lora={"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT,
+              "target_modules": LORA_TARGETS},
+        training={"max_steps": steps, "batch_size": BATCH, "gradient_accumulation_steps": ACCUM,
+                  "learning_rate": LR, "seed": SEED, "max_seq_length": MAX_LEN,
+                  "precision": precision},
+    )
+    t0 = time.perf_counter()
+    result = lc_train(spec, on_event=on_event)
+    wall, rss = time.perf_counter() - t0, _peak_rss_mb()
+    tok, eval_feats = _features(model_dir, evals)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(result.adapter_path))
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return _result(marks, wall, rss, eval_loss(model, eval_feats, tok.pad_token_id))
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this child so far; read before the shared eval, which is not the arm's."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + sys) of this process: unlike wall time, barely moved by neighbours
+    taking the cores, so it tells a slow arm from a starved one."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _result(marks: list[tuple[float, int, float]], wall: float, rss: float, loss: float
+            ) -> dict[str, Any]:
+    (t_a, n_a, c_a), (t_b, n_b, c_b) = marks[0], marks[-1]
+    return {"tokens_per_s": (n_b - n_a) / (t_b - t_a), "timed_steps": len(marks) - 1,
+            "cpu_ms_per_token": (c_b - c_a) / (n_b - n_a) * 1e3,
+            "train_wall_s": wall, "eval_loss": loss, "peak_rss_mb": rss}
+
+
+# ------------------------------------------------------------------------------ parent
+ARMS = {  # name -> (kind, precision)
+    "book": ("book", "bf16"),  # bf16 is the book recipe's faster precision here: a harder floor
+    "peer-fp32": ("peer", "fp32"),
+    "peer-bf16": ("peer", "bf16"),
+    "ours": ("ours", "auto"),
+}
+
+
+def run_arm(arm: str, model: str, paths: tuple[Path, Path, Path], steps: int,
+            workdir: Path, rep: int) -> dict[str, Any]:
+    """One arm in a fresh child. "ours[NAME=VALUE;...]" is an ablation of ours (see child_ours)."""
+    base, _, overrides = arm.partition("[")
+    kind, precision = ARMS[base]
+    out = workdir / "runs" / f"{model}-{rep}-{zlib.crc32(arm.encode()):08x}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = [sys.executable, __file__, "--child", kind, "--precision", precision,
+           "--model-dir", str(paths[0]), "--train", str(paths[1]), "--eval", str(paths[2]),
+           "--steps", str(steps), "--out", str(out), "--overrides", overrides.rstrip("]")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        sys.exit(f"arm {arm} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def model_flops(model_dir: Path, train: Path) -> tuple[float, float, dict[str, Any]]:
+    """(FLOPs per useful token, mean over the data; total params; token stats)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(str(model_dir))
+    h, layers, inter, v = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    kv = h // c.num_attention_heads * c.num_key_value_heads
+    body = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    head = v * h
+    _, feats = _features(model_dir, train)
+    lens = [len(f["input_ids"]) for f in feats]
+    labels = [sum(x != -100 for x in f["labels"]) for f in feats]
+    flops = sum(4 * body * n + 4 * head * m + 6 * layers * h * n * n
+                for n, m in zip(lens, labels, strict=True))
+    stats = {"median": statistics.median(lens), "p95": sorted(lens)[int(0.95 * len(lens))],
+             "max": max(lens), "min": min(lens), "label_frac": sum(labels) / sum(lens)}
+    return flops / sum(labels), body + 2 * head, stats
+
+
+def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[str],
+                gpu: bool = False) -> None:
+    """Build (once) and run every arm `repeats` times, interleaved; print the report.
+
+    `gpu`: the fraction of peak is against H200_BF16_PEAK_TFLOPS instead of a CPU GEMM.
+    """
+    from bench.gemm_peak import gemm_gflops
+
+    paths = build_workdir(workdir, model)
+    per_token, params, st = model_flops(paths[0], paths[1])
+    print(f"\n== model {model}: {params / 1e6:.1f}M params; train lengths median {st['median']}, "
+          f"p95 {st['p95']}, min {st['min']}, max {st['max']} tokens; "
+          f"{st['label_frac']:.0%} of tokens carry labels; {steps} optimizer steps x "
+          f"{BATCH}x{ACCUM} examples, {repeats} repeat(s)", flush=True)
+    results: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for rep in range(repeats):
+        for name in peaks:
+            peaks[name].append(H200_BF16_PEAK_TFLOPS * 1e3 if gpu else gemm_gflops(name))
+        for arm in arms if rep % 2 == 0 else arms[::-1]:  # interleaved, order alternates
+            r = run_arm(arm, model, paths, steps, workdir, rep)
+            results[arm].append(r)
+            print(f"  rep {rep} {arm:10s} {r['tokens_per_s']:9.0f} useful tok/s  eval loss "
+                  f"{r['eval_loss']:.4f}  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                  f"CPU {r['cpu_ms_per_token']:.2f} ms/useful token  "
+                  f"train() {r['train_wall_s']:.1f} s", flush=True)
+    _report(model, results, peaks, per_token)
+
+
+def _report(model: str, results: dict[str, list[dict[str, Any]]],
+            peaks: dict[str, list[float]], per_token: float) -> None:
+    med = {a: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for a, rs in results.items() if rs}
+    peak = {k: statistics.median(v) for k, v in peaks.items()}
+    print(f"  GEMM peak (median of {len(peaks['fp32'])}): fp32 {peak['fp32']:.0f}, "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s")
+    print(f"  {'arm':10s} {'useful tok/s':>12s} {'GFLOP/s':>8s} {'%bf16pk':>7s} "
+          f"{'eval loss':>9s} {'peak RSS MB':>11s} {'CPU ms/tok':>10s}")
+    for arm, m in med.items():
+        gf = m["tokens_per_s"] * per_token / 1e9
+        print(f"  {arm:10s} {m['tokens_per_s']:12.0f} {gf:8.1f} {gf / peak['bf16']:7.1%} "
+              f"{m['eval_loss']:9.4f} {m['peak_rss_mb']:11.0f} {m['cpu_ms_per_token']:10.2f}")
+    peers = [a for a in ("peer-fp32", "peer-bf16") if a in med]
+    best_peer = max(peers, key=lambda a: med[a]["tokens_per_s"]) if peers else None
+    if "ours" in med:
+        ours = med["ours"]["tokens_per_s"]
+        if "book" in med:
+            print(f"  ratio ours/book [{model}]: {ours / med['book']['tokens_per_s']:.2f}x")
+        if best_peer:
+            paired = [o["tokens_per_s"] / p["tokens_per_s"]
+                      for o, p in zip(results["ours"], results[best_peer], strict=True)]
+            print(f"  ratio ours/peer [{model}] (peer = {best_peer}): "
+                  f"{ours / med[best_peer]['tokens_per_s']:.2f}x "
+                  f"(per-repeat paired: {', '.join(f'{x:.2f}' for x in paired)})")
+            cpu = med[best_peer]["cpu_ms_per_token"] / med["ours"]["cpu_ms_per_token"]
+            print(f"  CPU-time ratio peer/ours [{model}]: {cpu:.2f}x (CPU-s per token)")
+            print(f"  eval loss ours/peer [{model}]: "
+                  f"{med['ours']['eval_loss'] / med[best_peer]['eval_loss']:.4f}")
+        gf = ours * per_token / 1e9
+        print(f"  fraction of bf16 GEMM peak, ours [{model}]: {gf / peak['bf16']:.1%} "
+              f"({gf:.0f} of {peak['bf16']:.0f} GFLOP/s)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=["small", "100m", "both"], default="small")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm (default 30 small, 12 100m)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--arms", help="comma list of " + ", ".join(ARMS) + " (default: all; --quick: "
+                   'book,peer-bf16,ours); "ours[NAME=VALUE;...]" runs ours with lora_core.train '
+                   "constants set")
+    p.add_argument("--quick", action="store_true",
+                   help="7M model (8k vocab), 3 steps, 1 repeat, 3 arms: a CI smoke test")
+    p.add_argument("--gpu", action="store_true",
+                   help="bench/gpu.sh: 0.5B model, peer-bf16 vs ours, peak = H200 bf16 datasheet")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-train-bench"))
+    p.add_argument("--child", choices=["book", "peer", "ours"], help=argparse.SUPPRESS)
+    for flag in ("--precision", "--model-dir", "--train", "--eval", "--out", "--overrides"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        paths = (Path(a.model_dir), Path(a.train), Path(a.eval))
+        if a.child == "ours":
+            r = child_ours(a.precision, *paths, int(a.steps), Path(a.out), a.overrides or "")
+        else:
+            r = child_hf(a.child, a.precision, *paths, int(a.steps), Path(a.out))
+        print(RESULT_TAG + json.dumps(r), flush=True)
+        return
+    if a.quick:
+        arms = (a.arms or "book,peer-bf16,ours").split(",")
+        bench_model("quick", a.steps or 3, 1, a.workdir, arms)
+        return
+    if a.gpu:
+        arms = (a.arms or "peer-bf16,ours").split(",")
+        bench_model("500m", a.steps or 40, a.repeats, a.workdir, arms, gpu=True)
+        return
+    arms = (a.arms or ",".join(ARMS)).split(",")
+    for model in (["small", "100m"] if a.model == "both" else [a.model]):
+        bench_model(model, a.steps or (30 if model == "small" else 12), a.repeats, a.workdir,
+                    arms)
+
+
+if __name__ == "__main__":
+    main()

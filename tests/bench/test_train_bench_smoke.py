@@ -1,0 +1,25 @@
+"""bench/train_bench.py --quick runs end to end and prints its ratio lines (speed not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_prints_ratios(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--quick",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for line in ("ratio ours/book [quick]:", "ratio ours/peer [quick]", "eval loss ours/peer",
+                 "fraction of bf16 GEMM peak, ours"):
+        assert line in out, out
