@@ -18,12 +18,17 @@ A translation layer only: every call goes through the same service functions as 
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +41,43 @@ from lorajobs.service import datasets, jobs, submit
 from lorajobs.service.errors import InvalidRequest
 from lorajobs.service.models import Dataset, Job, JobEvent
 
-router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
+
+class OpenAIRoute(APIRoute):
+    """Bad requests answer 400 here, as OpenAI's API does (the `openai` package raises
+    `BadRequestError` for 400 and a different class for our /v1's 422), with OpenAI's
+    `error.type`. The body is rendered by the app's own handlers (api.errors), unchanged."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (RequestValidationError, InvalidRequest) as exc:
+                render = next(request.app.exception_handlers[cls] for cls in type(exc).__mro__
+                              if cls in request.app.exception_handlers)
+                rendered = render(request, exc)
+                body = json.loads(bytes(rendered.body))
+                body["error"]["type"] = "invalid_request_error"
+                body["error"]["message"] = _with_details(body)
+                return JSONResponse(body, status_code=400)
+
+        return route
+
+
+def _with_details(body: dict[str, Any]) -> str:
+    """The message plus the first bad lines: OpenAI clients show only `error.message`."""
+    message = str(body["error"].get("message") or "invalid request")
+    lines = [e for e in body.get("errors") or [] if isinstance(e, dict) and e.get("line")]
+    if not lines:
+        return message
+    shown = "; ".join(f"line {e['line']}: " + (f"{e['field']}: " if e.get("field") else "")
+                      + str(e.get("message", "")) for e in lines[:DETAIL_LINES])
+    return f"{message} ({shown}{'; ...' if len(lines) > DETAIL_LINES else ''})"
+
+
+DETAIL_LINES = 3  # bad lines quoted in an OpenAI error message; all are in `errors`
+router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"], route_class=OpenAIRoute)
 
 BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier=1 means here (our default lr)
 SUFFIX_CHARS = 40
@@ -113,8 +154,18 @@ def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
         return submit.JobRequest(base_model=body.model, training_file=body.training_file,
                                  validation_file=body.validation_file, training=training,
                                  suffix=suffix or None, metadata=body.metadata or {})
-    except ValueError as exc:
-        raise InvalidRequest(str(exc).splitlines()[0], param="hyperparameters") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        ours = ".".join(str(p) for p in first["loc"])
+        param = OPENAI_PARAM.get(ours, ours)
+        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from exc
+
+
+# Our spec's field -> the OpenAI parameter it came from, so errors name what the user sent.
+OPENAI_PARAM = {"training.epochs": "hyperparameters.n_epochs",
+                "training.batch_size": "hyperparameters.batch_size",
+                "training.learning_rate": "hyperparameters.learning_rate_multiplier",
+                "training.seed": "seed", "base_model": "model"}
 
 
 def file_object(row: Dataset) -> dict[str, Any]:

@@ -8,7 +8,9 @@
     merged      -> Artifacts (kind "merged"), Checkpoint.merged_key, JobEvent
     warning     -> JobEvent (level warning)
     error       -> JobEvent (level error); the supervisor decides the job's outcome
-    finished    -> kept for the supervisor; final artifacts are registered by it
+    finished    -> kept for the supervisor; final artifacts are registered by it, except the
+                   TensorBoard event file (kind "tensorboard"), written here from the job's
+                   metric rows (every attempt, redone steps once)
 
 Every write is guarded by our lease (`jobs.update_progress` filters on the owner), and only the
 lease holder writes a job's metrics, so a plain select-then-write upsert is race-free. A resumed
@@ -30,7 +32,8 @@ from lorajobs.service import jobs
 from lorajobs.service.models import Artifact, Checkpoint, Job, JobMetric, JobStatus, new_id
 from lorajobs.service.storage import LocalArtifactStore
 
-__all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for"]
+__all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for",
+           "write_tensorboard", "TENSORBOARD_TAGS"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,39 @@ def register_dir(session: Session, store: LocalArtifactStore, *, job_id: str, ki
     return count
 
 
+# JobMetric column -> TensorBoard scalar tag (the names the HF Trainer's TB callback uses).
+TENSORBOARD_TAGS = {"train_loss": "train/loss", "eval_loss": "eval/loss",
+                    "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+                    "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch"}
+
+
+def write_tensorboard(path: Path, rows: list[JobMetric]) -> None:
+    """A TensorBoard event file of the metric rows, written atomically.
+
+    tensorboard's own proto and record writer (no torch, no tensorflow): the file is what
+    `SummaryWriter` would write, one Event per step holding that step's scalars.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        writer = RecordWriter(fh)
+        start = rows[0].created_at.timestamp() if rows and rows[0].created_at else 0.0
+        writer.write(Event(wall_time=start, file_version="brain.Event:2").SerializeToString())
+        for row in rows:
+            values = [Summary.Value(tag=tag, simple_value=float(getattr(row, column)))
+                      for column, tag in TENSORBOARD_TAGS.items()
+                      if getattr(row, column) is not None]
+            wall = row.created_at.timestamp() if row.created_at else start
+            writer.write(Event(wall_time=wall, step=row.step,
+                               summary=Summary(value=values)).SerializeToString())
+        writer.flush()
+    tmp.replace(path)
+
+
 def _is_final_merge(event: dict[str, Any]) -> bool:
     """A merge of the final adapter (step None in our rows) vs. of a checkpoint."""
     if event.get("final") is not None:
@@ -143,6 +179,7 @@ class EventRecorder:
                     self._on_merged(session, event)
                 elif kind == "finished":
                     self.finished = event
+                    self._on_finished(session)
                 elif kind == "error":
                     self.error = {k: event.get(k) for k in ("code", "message", "param",
                                                             "user_fault")}
@@ -151,6 +188,22 @@ class EventRecorder:
             jobs.update_progress(session, self.job_id, owner=self.owner, progress=progress,
                                  metrics=dict(self._metrics), stage=stage)
             session.commit()
+
+    def _on_finished(self, session: Session) -> None:
+        """The TensorBoard file of the whole curve so far; a failure here costs only the file."""
+        rows = list(session.scalars(select(JobMetric).where(JobMetric.job_id == self.job_id)
+                                    .order_by(JobMetric.step)))
+        if not rows:
+            return
+        path = self.store.local_path(
+            f"jobs/{self.job_id}/tensorboard/events.out.tfevents.{self.job_id}")
+        try:
+            write_tensorboard(path, rows)
+        except Exception:  # noqa: BLE001 - observability must never fail a training run
+            log.exception("job %s: writing the TensorBoard file failed", self.job_id)
+            return
+        register_file(session, self.store, job_id=self.job_id, kind="tensorboard", step=None,
+                      path=path, name=path.name)
 
     def _log_event(self, session: Session, event: dict[str, Any]) -> None:
         kind = str(event["type"])
