@@ -36,6 +36,10 @@ __all__ = [
 # No '/' so a name is one URL path segment; letters first so it never looks like an option.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 HASH_CHUNK = 4 * 1024 * 1024
+# Linux NAME_MAX (bytes per path component) and a path length no model layout needs: longer
+# inputs are refused as invalid, not passed to stat() to fail with ENAMETOOLONG (was a 500).
+NAME_MAX_BYTES = 255
+MAX_PATH_CHARS = 1024
 
 
 def resolve_model_path(settings: Settings, path: str) -> Path:
@@ -46,10 +50,14 @@ def resolve_model_path(settings: Settings, path: str) -> Path:
         raise bad
     pure = PurePosixPath(path)
     if (not pure.parts or pure.is_absolute() or path.startswith("~") or ".." in pure.parts
-            or ":" in pure.parts[0]):
+            or ":" in pure.parts[0] or len(path) > MAX_PATH_CHARS
+            or any(len(part.encode()) > NAME_MAX_BYTES for part in pure.parts)):
         raise bad
     root = settings.resolved_model_root.resolve()
-    full = (root / pure).resolve()  # resolve() follows symlinks: a link out of the root fails
+    try:
+        full = (root / pure).resolve()  # follows symlinks: a link out of the root fails below
+    except OSError as exc:  # a symlink loop, an unreadable component
+        raise bad from exc
     if full == root or not full.is_relative_to(root):
         raise bad
     return full
@@ -80,6 +88,9 @@ def register_model(session: Session, *, name: str, path_under_model_root: str,
         # The message names server paths; show them relative to the model root.
         raise InvalidRequest(exc.message.replace(str(root), "<model_root>"), param="path",
                              code=exc.code) from exc
+    except OSError as exc:  # unreadable or vanished while we looked: the path is unusable
+        raise InvalidRequest(f"cannot read model directory {path_under_model_root!r}: "
+                             f"{exc.strerror}", param="path", code="invalid_path") from exc
     row = RegisteredModel(
         id=new_id("mdl"), name=name,
         architecture=info.architecture or info.model_type or "unknown",
