@@ -1,6 +1,7 @@
 """The FastAPI app factory: `create_app(settings)` wires settings, DB, store, errors, metrics.
 
-    request ─▶ MetricsMiddleware (latency by route) ─▶ BodyLimitMiddleware (413 early/streaming)
+    request ─▶ MetricsMiddleware (latency by route) ─▶ ConcurrencyLimitMiddleware (bulkhead)
+            ─▶ NulByteMiddleware (422) ─▶ BodyLimitMiddleware (413 early/streaming)
             ─▶ FastAPI router (/healthz /readyz /metrics, /v1/...) ─▶ error handlers (api.errors)
 
 Everything a request needs hangs off `app.state` (settings, sessionmaker, store, enqueue,
@@ -15,8 +16,12 @@ from functools import partial
 from fastapi import FastAPI
 
 from lorajobs.api import openai_compat
-from lorajobs.api.errors import install_error_handlers
-from lorajobs.api.limits import BodyLimitMiddleware
+from lorajobs.api.errors import document_error_responses, install_error_handlers
+from lorajobs.api.limits import (
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    NulByteMiddleware,
+)
 from lorajobs.api.observability import MetricsMiddleware, make_registry
 from lorajobs.api.routes import (
     artifacts,
@@ -55,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     install_error_handlers(app)
     # Added last = outermost: latency includes the limit check and the error handlers.
+    document_error_responses(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(NulByteMiddleware)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.api_max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, latency=latency)
     return app

@@ -58,7 +58,13 @@ def get_principal(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> ApiKey:
-    return authenticate(session, credentials)
+    """The caller's key. The read transaction ends here (expire_on_commit is off, so the row
+    stays usable): FastAPI runs each sync dependency and the route in separate threadpool
+    calls, and a connection kept across those hops (or for a whole SSE stream) is one the
+    threads of other requests can starve on."""
+    principal = authenticate(session, credentials)
+    session.commit()
+    return principal
 
 
 PrincipalDep = Annotated[ApiKey, Depends(get_principal)]

@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_core.errors import LoraCoreError
@@ -31,7 +34,8 @@ from lorajobs.service.errors import (
     Unauthorized,
 )
 
-__all__ = ["install_error_handlers", "error_body", "status_for"]
+__all__ = ["install_error_handlers", "error_body", "status_for", "document_error_responses",
+           "ErrorResponse"]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +130,88 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape: `{"error": {code, message, param}}` (+ `errors` for 422s)."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "malformed request body (/openai: also invalid parameters, as OpenAI answers)",
+    401: "missing, invalid or revoked API key",
+    403: "the key lacks the admin right",
+    404: "no such object for this tenant (other tenants' objects included), or unknown cursor",
+    409: "the object's state forbids it (e.g. cancel a finished job), or the name is taken",
+    413: "request body or upload over the limit", 422: "invalid parameters or body",
+    429: "a per-tenant quota is reached",
+}
+_API_PREFIXES = ("/v1/", "/openai/")
+_REF = "#/components/schemas/"
+
+
+def _depends_on(dependant: Any, call: Any) -> bool:
+    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
+
+
+def _error_codes(route: APIRoute) -> list[int]:
+    from lorajobs.api.deps import get_admin
+
+    codes = [401, 404, 422]
+    if _depends_on(route.dependant, get_admin):
+        codes.append(403)
+    if route.methods & {"POST", "PUT", "PATCH"}:
+        codes += [400, 413]
+    elif route.path_format.startswith("/openai/"):
+        codes.append(400)  # OpenAI's own status for invalid parameters
+    if "POST" in route.methods:
+        codes.append(409)
+        if route.path.rstrip("/").endswith("/jobs"):
+            codes.append(429)
+    return codes
+
+
+def _api_routes(routes: Any) -> Iterator[APIRoute]:
+    """Every APIRoute, descending into included routers (FastAPI >= 0.165 keeps them nested)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif (inner := getattr(route, "original_router", None)) is not None:
+            yield from _api_routes(inner.routes)
+
+
+def document_error_responses(app: FastAPI) -> None:
+    """List, on every authenticated route, the error statuses our middleware, auth and error
+    handlers can answer with, so the OpenAPI document describes every response a client can
+    get (schemathesis checks exactly that). Wraps `app.openapi`; call after the routers."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        error_schema = ErrorResponse.model_json_schema(ref_template=_REF + "{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(error_schema.pop("$defs", {}))
+        components["ErrorResponse"] = error_schema
+        content = {"application/json": {"schema": {"$ref": _REF + "ErrorResponse"}}}
+        for route in _api_routes(app.routes):
+            if not route.path_format.startswith(_API_PREFIXES):
+                continue
+            for method in route.methods:
+                operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                if operation is None:
+                    continue
+                for code in _error_codes(route):
+                    operation["responses"].setdefault(str(code), {
+                        "description": _DESCRIPTIONS[code], "content": content})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

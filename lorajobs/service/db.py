@@ -19,11 +19,17 @@ from lorajobs.service.settings import Settings, get_settings
 __all__ = ["make_engine", "get_engine", "get_sessionmaker", "session_scope"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other instead of failing
+# Connections per process: >= 2 x Settings.api_max_concurrent_requests (<= 20), so an API at
+# its concurrency limit never waits on the pool; the worker and reaper use one or two.
+POOL_SIZE = 10
+POOL_MAX_OVERFLOW = 30
+POOL_CAPACITY = POOL_SIZE + POOL_MAX_OVERFLOW
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -35,7 +41,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE,
+                         max_overflow=POOL_MAX_OVERFLOW)
 
 
 @lru_cache(maxsize=4)

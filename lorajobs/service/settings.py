@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 * MiB, ge=1024)
     max_active_jobs_per_tenant: int = Field(16, ge=1)
     max_total_steps: int = Field(1_000_000, ge=1)
+    # Requests the API works on at once (more wait in the event loop, holding no thread and
+    # no database connection). Must stay <= db.POOL_CAPACITY / 2: a request holds at most two
+    # connections (its session, the enqueue stamp). Without it, a burst of sync requests could
+    # hold every pooled connection while the threads that would release them wait for one.
+    api_max_concurrent_requests: int = Field(16, ge=1, le=20)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

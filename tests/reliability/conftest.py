@@ -19,3 +19,8 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServ
         yield svc
     finally:
         svc.close()
+
+
+# The in-process API harness of tests/api (an app per backend, three tenants), for the attacks.
+from tests.api.conftest import api, api_settings  # noqa: E402, F401 - fixtures, used by name
+from tests.dbfixtures import db_settings  # noqa: E402, F401 - fixture
