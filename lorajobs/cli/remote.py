@@ -217,10 +217,13 @@ def cancel(job_id: str, url: str | None = URL, api_key: str | None = KEY,
 def download(job_id: str, out: Path = typer.Option(..., "-o", "--out"),
              merged: bool = typer.Option(False, "--merged", help="the merged model"),
              step: int | None = typer.Option(None, "--step", help="a checkpoint's step"),
+             tensorboard: bool = typer.Option(False, "--tensorboard",
+                                              help="the TensorBoard event file instead"),
              url: str | None = URL, api_key: str | None = KEY) -> None:
     """Download the adapter (or merged model), resuming and verifying sha256."""
     with _client(url, api_key) as client:
-        files = client.jobs.download(job_id, out, merged=merged, step=step)
+        files = client.jobs.download(job_id, out, merged=merged, step=step,
+                                     kind="tensorboard" if tensorboard else None)
     console.print(f"{len(files)} files in [bold]{out}[/] (sha256 verified)")
 
 

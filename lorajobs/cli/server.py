@@ -18,7 +18,16 @@ def serve(
     from lorajobs.worker.embedded import serve as run
 
     settings = get_settings()
-    run(settings, host or settings.api_host, port or settings.api_port)
+    host, port = host or settings.api_host, port or settings.api_port
+    # The CLI and SDK on this machine find the server here (lorajobs.client.config), as they
+    # find its admin key in data_dir/admin_key: no flags needed on any port.
+    url_file = settings.data_dir / "server_url"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url_file.write_text(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}\n")
+    try:
+        run(settings, host, port)
+    finally:
+        url_file.unlink(missing_ok=True)
 
 
 def api(host: str = typer.Option(None), port: int = typer.Option(None),

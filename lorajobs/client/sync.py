@@ -207,15 +207,17 @@ class _Jobs(_Resource):
         return [Artifact.model_validate(a) for a in body["data"]]
 
     def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
-                 step: int | None = None) -> list[Path]:
-        """Download the adapter (or merged model) file by file, verifying each sha256."""
-        kind = "merged" if merged else "adapter"
-        wanted = [a for a in self.artifacts(job_id) if a.kind == kind and a.step == step]
-        if not wanted and step is None:  # the final artifact may carry its step number
-            steps = [a.step for a in self.artifacts(job_id) if a.kind == kind and a.step]
+                 step: int | None = None, kind: str | None = None) -> list[Path]:
+        """Download the adapter (or merged model, or any artifact `kind` such as "tensorboard")
+        file by file, verifying each sha256. Without a final one (a cancelled job), the newest
+        checkpoint's."""
+        kind = kind or ("merged" if merged else "adapter")
+        arts = self.artifacts(job_id)
+        wanted = [a for a in arts if a.kind == kind and a.step == step]
+        if not wanted and step is None:
+            steps = [a.step for a in arts if a.kind == kind and a.step]
             if steps:
-                wanted = [a for a in self.artifacts(job_id)
-                          if a.kind == kind and a.step == max(steps)]
+                wanted = [a for a in arts if a.kind == kind and a.step == max(steps)]
         if not wanted:
             from lorajobs.client.errors import NotFoundError
 

@@ -117,6 +117,10 @@ def test_download_adapter_merged_and_a_checkpoint(live: Live, tmp_path: Path) ->
         want = {a["name"]: a["size"] for a in arts if a["kind"] == kind and a["step"] == step}
         got = {p.name: p.stat().st_size for p in (tmp_path / args[-1]).iterdir()}
         assert got == want and want
+    r = cli(live, "download", job_id, "--tensorboard", "-o", "tb", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (event_file,) = (tmp_path / "tb").iterdir()
+    assert event_file.name.startswith("events.out.tfevents.")
     missing = _one_error_line(cli(live, "download", job_id, "--step", "3", "-o", "x",
                                   cwd=tmp_path))
     assert "step 3" in missing
