@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import func, select
+
 from lora_core.events import read_events
 from lora_core.spec import RunSpec
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job
+from lorajobs.service.models import Checkpoint, Job, JobMetric
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import get_store
 from lorajobs.worker import settle, shutdown
@@ -100,9 +102,11 @@ class Supervisor:
             context = settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
                                            dataset=dataset, store=self.store,
                                            settings=self.settings)
+            attempt = job.attempt
         paths.stop_file.unlink(missing_ok=True)  # a previous attempt's stop request
         recorder = EventRecorder(self.sessions, self.store, job_id=self.job_id,
                                  owner=self.owner)
+        self._recover_lost_events(recorder, attempt=attempt)
         proc = self._spawn(run_spec, paths)
         try:
             returncode = self._watch(proc, paths, recorder)
@@ -116,6 +120,40 @@ class Supervisor:
             return settle.settle(session, job, owner=self.owner, recorder=recorder,
                                  returncode=returncode, stop_reason=self.stop_reason,
                                  lost=self.lost, context=context)
+
+    def _recover_lost_events(self, recorder: EventRecorder, *, attempt: int) -> None:
+        """Record what earlier attempts' trainers wrote but their worker never did.
+
+        A worker killed outright dies with up to one poll of unread events: the progress
+        rows of the last steps and, worst, the checkpoint this attempt resumes from. They are
+        still in that attempt's events file; the metric rows past the newest recorded step
+        and the checkpoints without a row are applied now (both upserts), so the loss curve
+        has no hole and the resumed-from checkpoint is listed and downloadable.
+        """
+        if attempt <= 1:
+            return
+        try:
+            with self.sessions() as session:
+                recorded = session.scalar(select(func.max(JobMetric.step))
+                                          .where(JobMetric.job_id == self.job_id)) or 0
+                have = set(session.scalars(select(Checkpoint.step)
+                                           .where(Checkpoint.job_id == self.job_id)))
+            lost = []
+            for earlier in range(1, attempt):
+                path = RunPaths.for_attempt(self.store, self.job_id, earlier).events_file
+                for event in read_events(path, 0)[0]:
+                    kind, step = event.get("type"), event.get("step")
+                    if not isinstance(step, int):
+                        continue
+                    if (kind in ("progress", "eval") and step > recorded) or \
+                            (kind == "checkpoint" and step not in have):
+                        lost.append(event)
+            if lost:
+                recorder.apply(lost)
+                log.info("job %s: recorded %d events a lost worker had not", self.job_id,
+                         len(lost))
+        except Exception:  # noqa: BLE001 - never block a retry on bookkeeping
+            log.exception("job %s: recovering earlier attempts' events failed", self.job_id)
 
     def _spawn(self, run_spec: RunSpec, paths: RunPaths) -> subprocess.Popen[bytes]:
         cmd = trainer_command(self.settings, run_spec, paths)

@@ -8,10 +8,21 @@ worker killed with the reaper's timing, max_attempts); this is the repeated, mix
 
 from __future__ import annotations
 
-import pytest
+import json
+import time
 
-from tests.reliability.scenarios import kill9
-from tests.servicefixtures import LiveService
+import pytest
+from sqlalchemy import select
+
+from lorajobs.service import jobs
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.models import Checkpoint
+from lorajobs.service.storage import get_store
+from lorajobs.worker.reaper import reap_once
+from lorajobs.worker.records import EventRecorder
+from tests.reliability.scenarios import kill9, metric_steps
+from tests.servicefixtures import LiveService, wait_for
+from tests.worker.jobfactory import events, get_job, make_job, trainer_starts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,3 +39,41 @@ def test_kill9_across_jobs(service: LiveService, n_jobs: int) -> None:
     assert figures["resumed_from_checkpoint"] == n_jobs
     assert figures["max_steps_redone"] <= SAVE_STEPS
     assert figures["loss_curve_complete"] == n_jobs
+
+
+def test_events_a_killed_worker_never_read_are_recovered(service: LiveService) -> None:
+    """The deterministic form of the race the figure above hits at random: the trainer wrote
+    steps 1-12 and sealed checkpoint 10, the worker died having recorded only steps 1-9.
+    The next attempt records 10-12 and the checkpoint from the dead attempt's events file."""
+    settings = service.settings
+    job_id = make_job(settings, max_steps=20, save_steps=SAVE_STEPS)
+    owner = "dead-worker:1:x"
+    with get_sessionmaker(settings)() as session:
+        assert jobs.claim(session, job_id, owner=owner, lease_seconds=1) is not None
+    store = get_store(settings)
+    run_dir = store.local_path(f"jobs/{job_id}/run")
+    ckpt = run_dir / "checkpoints" / "checkpoint-10"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_config.json").write_text("{}")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    written = [{"type": "progress", "step": s, "total_steps": 20, "loss": 2.0 / s}
+               for s in range(1, 11)]
+    written += [{"type": "checkpoint", "step": 10, "path": str(ckpt),
+                 "adapter_path": str(ckpt / "adapter"), "resumable": True}]
+    written += [{"type": "progress", "step": s, "total_steps": 20, "loss": 2.0 / s}
+                for s in (11, 12)]
+    (run_dir / "events-attempt1.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in written))
+    EventRecorder(get_sessionmaker(settings), store, job_id=job_id, owner=owner) \
+        .apply(written[:9])  # what the worker read before it died
+    time.sleep(1.1)
+    assert reap_once(settings)["requeued"] == [job_id]
+    service.start_worker()
+    wait_for(lambda: get_job(settings, job_id).status == "succeeded", timeout=30,
+             what="the retried job")
+    assert trainer_starts(settings, job_id) == [10]
+    assert metric_steps(service, job_id) == list(range(1, 21))
+    assert [e.data["step"] for e in events(settings, job_id, "checkpoint")][0] == 10
+    with get_sessionmaker(settings)() as session:
+        assert session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                       Checkpoint.step == 10)) is not None
