@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
-from lorajobs.api.schemas import fine_tuned_model_name
+from lorajobs.api.schemas import MAX_EVENT_ID, fine_tuned_model_name
 from lorajobs.service import datasets, jobs, submit
 from lorajobs.service.errors import InvalidRequest
 from lorajobs.service.models import Dataset, Job, JobEvent
@@ -295,7 +295,7 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, principal: Princip
     before = None
     if after:
         digits = after.removeprefix(EVENT_PREFIX)
-        if not digits.isdigit():
+        if not digits.isdigit() or int(digits) > MAX_EVENT_ID:
             raise InvalidRequest(f"invalid event id {after!r}", param="after")
         before = int(digits)
     rows, has_more = _events_newest_first(session, job_id=job_id, before=before, limit=limit)

@@ -24,7 +24,13 @@ from lorajobs.service.models import (
 from lorajobs.service.registry import MODEL_NAME_PATTERN
 from lorajobs.service.submit import JobRequest
 
+# Largest values the columns behind integer query parameters hold; a bigger cursor or step
+# is a 422 here, not an overflow in the driver (SQLite: OverflowError; PostgreSQL: out of range).
+MAX_EVENT_ID = 2**63 - 1  # job_events.id: BIGINT
+MAX_STEP = 2**31 - 1  # checkpoint/metric/artifact step: INTEGER
+
 __all__ = [
+    "MAX_EVENT_ID", "MAX_STEP",
     "JobCreate", "JobPublic", "JobsPublic", "Progress", "JobMetricsSummary",
     "DatasetPublic", "DatasetsPublic", "ModelCreate", "ModelPublic", "ModelsPublic",
     "EventPublic", "EventsPublic", "MetricRow", "MetricsPublic", "ArtifactPublic",

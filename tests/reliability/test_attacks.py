@@ -86,3 +86,14 @@ def test_trust_remote_code_never_enabled() -> None:
                  if pattern.search(line)]
     assert offenders == []
     assert pattern.search("AutoModel.from_pretrained(d, trust_remote_code=True)")  # it can fail
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/jobs/{job}/events?after=205892172527491447702500490730274816",
+    "/v1/jobs/{job}/adapter?step=99999999999",
+    "/openai/v1/fine_tuning/jobs/{job}/events?after=ev_99999999999999999999999"])
+def test_integers_beyond_the_columns_are_refused(api: Api, path: str) -> None:
+    """Found by schemathesis: an `after` past BIGINT was an OverflowError (500) in the driver."""
+    job_id = api.job("alice", api.dataset("alice"))["id"]
+    resp = api.client.get(path.format(job=job_id), headers=api.h("alice"))
+    assert resp.status_code in (400, 422), resp.text

@@ -11,9 +11,10 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from lorajobs.api import queries
 from lorajobs.api.deps import PrincipalDep, SessionDep, StoreDep
-from lorajobs.api.schemas import ArtifactPublic, ArtifactsPublic
+from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsPublic
 from lorajobs.service.archive import TarEntry, TarStream
 
+StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 
@@ -33,14 +34,14 @@ def _tar_download(session: SessionDep, store: StoreDep, tenant_id: str, job_id: 
 
 @router.get("/{job_id}/adapter")
 def download_adapter(job_id: str, session: SessionDep, store: StoreDep, principal: PrincipalDep,
-                     step: Annotated[int | None, Query(ge=0)] = None) -> StreamingResponse:
+                     step: StepQuery = None) -> StreamingResponse:
     """The PEFT adapter directory as a tar (default: the final adapter)."""
     return _tar_download(session, store, principal.tenant_id, job_id, "adapter", step)
 
 
 @router.get("/{job_id}/merged")
 def download_merged(job_id: str, session: SessionDep, store: StoreDep, principal: PrincipalDep,
-                    step: Annotated[int | None, Query(ge=0)] = None) -> StreamingResponse:
+                    step: StepQuery = None) -> StreamingResponse:
     """The merged model (safetensors shards + config + tokenizer) as a tar."""
     return _tar_download(session, store, principal.tenant_id, job_id, "merged", step)
 

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api import queries
 from lorajobs.api.deps import PrincipalDep, SessionDep
-from lorajobs.api.schemas import EventPublic, EventsPublic
+from lorajobs.api.schemas import MAX_EVENT_ID, EventPublic, EventsPublic
 from lorajobs.service.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
@@ -27,7 +27,7 @@ def list_events(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventsPublic:
     """Events after the given id, oldest first."""
@@ -42,8 +42,8 @@ async def stream_events(
     job_id: str,
     request: Request,
     principal: PrincipalDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID)] = None,
 ) -> EventSourceResponse:
     """Server-sent events; ends after the job reaches a terminal status. Resumes from
     `Last-Event-ID` (or `after`)."""
