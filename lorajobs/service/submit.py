@@ -226,17 +226,21 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
     )
 
 
+def _lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialize this tenant's creates until our commit (see `_check_quota`)."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+
+
 def _check_quota(session: Session, tenant_id: str, settings: Settings) -> None:
     """Per-tenant cap on queued + running jobs, exact under concurrent submits.
 
     A count-then-insert lets racing submits all see "limit - 1" and all insert (40 at once
-    against a limit of 5 made 14 jobs). So the tenant's row is write-locked first, by a no-op
-    UPDATE held until our commit: PostgreSQL queues the tenant's other submits on the row lock
-    (READ COMMITTED: their count then sees our job); SQLite begins its single write transaction
-    here, before the count, instead of at the INSERT. Other tenants are not serialized (on
-    PostgreSQL; SQLite has one writer anyway).
+    against a limit of 5 made 14 jobs). So the caller write-locks the tenant's row first
+    (`_lock_tenant`, a no-op UPDATE held until our commit): PostgreSQL queues the tenant's
+    other submits on the row lock (READ COMMITTED: their count then sees our job); SQLite
+    begins its single write transaction there, before the count, instead of at the INSERT.
+    Other tenants are not serialized (on PostgreSQL; SQLite has one writer anyway).
     """
-    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
     if active >= settings.max_active_jobs_per_tenant:
@@ -265,6 +269,12 @@ def create_job(
             return job, False
     resolved = resolve(session, tenant_id=tenant_id, request=request, settings=settings,
                        store=store)
+    _lock_tenant(session, tenant_id)
+    if idempotency_key is not None:
+        # Again under the lock: a racing request with our key may have committed meanwhile.
+        # Its job counts against the quota, so without this we would answer 429, not replay.
+        if (job := _replay(session, tenant_id=tenant_id, key=idempotency_key, digest=digest)):
+            return job, False
     _check_quota(session, tenant_id, settings)
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED,

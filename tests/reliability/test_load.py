@@ -31,7 +31,9 @@ QUOTA_REQUESTS = 40
 @pytest.fixture
 def api(request: pytest.FixtureRequest, tmp_path: Path,
         tiny_model_dir: Path) -> Iterator[tuple[LiveService, str]]:
-    """The API alone, with the quota from the test's marker-free param; returns the dataset."""
+    """The API alone with the (backend, quota) param; yields the service and a dataset id.
+    The idempotency test sets the quota to exactly the number of keys: a replay racing its
+    winner must be answered 200, not counted against the quota (429)."""
     backend, quota = request.param
     svc = LiveService(tmp_path, backend, max_active_jobs_per_tenant=quota)
     try:
@@ -63,7 +65,8 @@ def _job_count(svc: LiveService) -> int:
         return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
-@pytest.mark.parametrize("api", [("sqlite", 100), ("postgresql", 100)], indirect=True)
+@pytest.mark.parametrize("api", [("sqlite", DISTINCT_KEYS), ("postgresql", DISTINCT_KEYS)],
+                         indirect=True)
 def test_concurrent_creates_with_idempotency_keys(api: tuple[LiveService, str]) -> None:
     svc, dataset_id = api
     bodies = [(_body(dataset_id), f"key-{i % DISTINCT_KEYS}")
