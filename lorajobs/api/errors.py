@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_core.errors import LoraCoreError
@@ -118,6 +119,14 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
                         headers=getattr(exc, "headers", None))
 
 
+def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    """A client value the database cannot hold (PostgreSQL: a NUL byte in text, a number out
+    of its column's range) that validation let through: the request is wrong, not the server."""
+    log.info("refused %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(error_body("invalid_request", "a value in the request cannot be stored "
+                                   "(NUL byte, or a number out of range)"), status_code=422)
+
+
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal_error", "internal error; see the server log"),
@@ -129,6 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LoraCoreError, _lora_core_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, _internal_error)
 
 
