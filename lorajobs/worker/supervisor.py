@@ -107,6 +107,7 @@ class Supervisor:
         recorder = EventRecorder(self.sessions, self.store, job_id=self.job_id,
                                  owner=self.owner)
         self._recover_lost_events(recorder, attempt=attempt)
+        self._skip_earlier_runs(paths)
         proc = self._spawn(run_spec, paths)
         try:
             returncode = self._watch(proc, paths, recorder)
@@ -120,6 +121,26 @@ class Supervisor:
             return settle.settle(session, job, owner=self.owner, recorder=recorder,
                                  returncode=returncode, stop_reason=self.stop_reason,
                                  lost=self.lost, context=context)
+
+    def _skip_earlier_runs(self, paths: RunPaths) -> None:
+        """Start tailing the events file at its end.
+
+        A graceful shutdown refunds the attempt, so the next run appends to the same
+        `events-attempt<N>.jsonl`; read from 0, its earlier run's events (started, progress,
+        checkpoints, finished "stopped") were recorded a second time. A partial last line (a
+        run killed mid-write) is terminated first, so it cannot swallow our first event.
+        """
+        try:
+            with open(paths.events_file, "rb+") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size:
+                    fh.seek(size - 1)
+                    if fh.read(1) != b"\n":
+                        fh.write(b"\n")
+                        size += 1
+                self._offset = size
+        except FileNotFoundError:
+            self._offset = 0
 
     def _recover_lost_events(self, recorder: EventRecorder, *, attempt: int) -> None:
         """Record what earlier attempts' trainers wrote but their worker never did.

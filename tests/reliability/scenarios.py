@@ -134,7 +134,7 @@ def graceful_sigterm(svc: LiveService, n_jobs: int) -> dict[str, Any]:
     """SIGTERM the worker mid-job N times; a fresh worker finishes each job from the
     checkpoint the shutdown saved. Figures count requeued (not failed) and resumed jobs."""
     figures = {"jobs": n_jobs, "sigterms": 0, "requeued_not_failed": 0, "attempt_refunded": 0,
-               "resumed_from_stop_checkpoint": 0, "completed": 0, "lost": 0}
+               "resumed_from_stop_checkpoint": 0, "events_once": 0, "completed": 0, "lost": 0}
     worker = svc.start_worker("worker-t0")
     for i in range(n_jobs):
         job_id = make_job(svc.settings, max_steps=30, control={"step_seconds": 0.05})
@@ -153,6 +153,10 @@ def graceful_sigterm(svc: LiveService, n_jobs: int) -> dict[str, Any]:
         figures["lost"] += outcome != "succeeded"
         figures["resumed_from_stop_checkpoint"] += \
             trainer_starts(svc.settings, job_id) == [0, stopped_at]
+        # one "started" per run and one "finished": the resumed run shares the refunded
+        # attempt's events file, whose earlier lines must not be recorded twice
+        figures["events_once"] += (len(events(svc.settings, job_id, "started")) == 2
+                                   and len(events(svc.settings, job_id, "finished")) == 2)
     return figures
 
 
