@@ -66,7 +66,11 @@ ZIPF_S = 1.1
 # within a few dozen steps, so "trains as well" is a real check, not two untouched models)
 BATCH, ACCUM, LR, SEED = 8, 2, 1e-3, 42
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS = 16, 16, 0.05, ["q_proj", "v_proj"]
-N_TRAIN, N_EVAL = 3000, 96
+N_EVAL = 96
+# The training set is exactly one epoch of the run (steps x BATCH x ACCUM examples): every arm
+# trains on the same examples, only the order differs. (With a larger set, a length-grouped
+# sampler's first steps are the longest examples of its first mega-batch while a random one's
+# are typical: the arms would time different data.)
 H200_BF16_PEAK_TFLOPS = 989  # NVIDIA H200 SXM dense bf16 tensor-core peak (datasheet)
 RESULT_TAG = "RESULT "
 
@@ -100,8 +104,8 @@ def make_dataset(n: int, seed: int, lexicon: list[str], tokens_per_word: float,
     return out
 
 
-def build_workdir(workdir: Path, model: str) -> tuple[Path, Path, Path]:
-    """(model_dir, train.jsonl, eval.jsonl), built once per workdir and reused."""
+def build_workdir(workdir: Path, model: str, steps: int) -> tuple[Path, Path, Path]:
+    """(model_dir, train.jsonl, eval.jsonl), built once per workdir (and step count), reused."""
     from transformers import AutoTokenizer
 
     from lora_core.data.formats import ALPACA_PROMPT_NO_INPUT
@@ -114,7 +118,7 @@ def build_workdir(workdir: Path, model: str) -> tuple[Path, Path, Path]:
         text = [" ".join(rng.sample(lexicon, 50)) for _ in range(len(lexicon) // 10)]
         make_tiny_model(model_dir, **MODELS[model], max_position_embeddings=2048, seed=0,
                         extra_text=text + lexicon)
-    data = workdir / f"data-{model}"
+    data = workdir / f"data-{model}-{steps}"
     data.mkdir(parents=True, exist_ok=True)
     train, evals = data / "train.jsonl", data / "eval.jsonl"
     if not evals.exists():
@@ -123,7 +127,7 @@ def build_workdir(workdir: Path, model: str) -> tuple[Path, Path, Path]:
         text = " ".join(r["output"] for r in sample)
         per_word = len(tok(text)["input_ids"]) / len(text.split())
         template = len(tok(ALPACA_PROMPT_NO_INPUT.format(instruction=""))["input_ids"])
-        n_train = N_TRAIN if model != "quick" else 400
+        n_train = steps * BATCH * ACCUM
         for path, rows in ((train, make_dataset(n_train, 1, lexicon, per_word, template)),
                            (evals, make_dataset(N_EVAL, 2, lexicon, per_word, template))):
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -185,6 +189,9 @@ def _timer_callback(counter: Any) -> Any:
 
     class StepTimer(TrainerCallback):
         marks: list[tuple[float, int, float]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), counter(), _cpu_s()))
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), counter(), _cpu_s()))
@@ -250,8 +257,8 @@ def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps:
     marks: list[tuple[float, int, float]] = []
 
     def on_event(type_: str, **f: Any) -> None:
-        if type_ == "progress":
-            marks.append((time.perf_counter(), f["tokens_seen"], _cpu_s()))
+        if type_ in ("started", "progress"):
+            marks.append((time.perf_counter(), f.get("tokens_seen", 0), _cpu_s()))
 
     spec = RunSpec(
         model_dir=model_dir, train_file=train, output_dir=out, merge="none",
@@ -349,7 +356,7 @@ def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[
     """
     from bench.gemm_peak import gemm_gflops
 
-    paths = build_workdir(workdir, model)
+    paths = build_workdir(workdir, model, steps)
     per_token, params, st = model_flops(paths[0], paths[1])
     print(f"\n== model {model}: {params / 1e6:.1f}M params; train lengths median {st['median']}, "
           f"p95 {st['p95']}, min {st['min']}, max {st['max']} tokens; "

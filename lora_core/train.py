@@ -38,9 +38,11 @@ __all__ = [
 OnEvent = Callable[..., None]
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-# Packing "auto": off. Measured on this CPU (FACTS.md, fp32): dynamic padding grouped by length
-# 1,490 useful tok/s vs packed rows 1,624 (+9%), while packed rows cannot be evaluated with a
-# KV cache and need a 4D mask; the gain is not worth the risk as a default.
+# Packing "auto": off. bench/train_bench.py (README_train.md, 2026-11-28, 19.5M model, bf16):
+# packing each micro-batch into rows of up to max_seq_length (random order, float block mask,
+# SDPA) cost 2.3-2.8 CPU-ms per useful token vs 1.5-2.1 for length-grouped dynamic padding with
+# the labelled-only head: the dense block mask computes whole L x L squares, while grouped
+# batches pad little. Packing stays available (packing=true) and is exact (test_data.py).
 PACKING_AUTO = False
 # LM head + cross-entropy on labelled positions only (lora_core.loss). Measured with
 # bench/train_bench.py (README_train.md); equal to the full loss (tests/lora_core/test_perf_loss).

@@ -1,0 +1,41 @@
+"""Speed defaults: precision "auto" on CPU follows native bf16; packing runs under bf16 on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    import torch
+
+    from lora_core import train as lc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: True)
+    assert lc.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: False)
+    assert lc.resolve_precision("auto") == "fp32"
+    assert lc.resolve_precision("fp32") == "fp32"
+
+
+@pytest.mark.slow
+def test_packing_with_bf16_on_cpu_trains(tiny_model_dir, tmp_path, monkeypatch):
+    """The packed float mask must match SDPA's fp32 queries under CPU autocast."""
+    from lora_core.data.cache import CACHE_ENV
+    from lora_core.data.synthetic import make_examples
+    from lora_core.spec import RunSpec
+    from lora_core.train import train
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(16, seed=3)))
+    spec = RunSpec(model_dir=tiny_model_dir, train_file=data, output_dir=Path(tmp_path / "out"),
+                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                   training={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1,
+                             "max_seq_length": 256, "packing": True, "precision": "bf16"},
+                   merge="none")
+    result = train(spec)
+    assert result.status == "completed" and result.metrics["train_loss"] < 20
