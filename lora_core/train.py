@@ -380,7 +380,9 @@ def _trainer_class() -> type:
                     and supports_labelled_only(model))
             if not fast:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = labelled_only_loss(model, inputs, num_items_in_batch)
+            # Trainer's autocast (bf16) wraps model.forward, which this path bypasses
+            with self.accelerator.autocast():
+                loss = labelled_only_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
             return (loss, {"loss": loss}) if return_outputs else loss

@@ -39,3 +39,35 @@ def test_packing_with_bf16_on_cpu_trains(tiny_model_dir, tmp_path, monkeypatch):
                    merge="none")
     result = train(spec)
     assert result.status == "completed" and result.metrics["train_loss"] < 20
+
+
+@pytest.mark.slow
+def test_labelled_only_loss_runs_under_trainer_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    """The fast loss bypasses model.forward, where Trainer's bf16 autocast lives: it must set
+    autocast itself, or bf16 runs silently train in fp32 (3-4x slower on this CPU)."""
+    import torch
+
+    from lora_core import loss as loss_mod
+    from lora_core.data.cache import CACHE_ENV
+    from lora_core.data.synthetic import make_examples
+    from lora_core.spec import RunSpec
+    from lora_core.train import train
+
+    seen: list[bool] = []
+    real = loss_mod.labelled_only_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "labelled_only_loss", spy)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(8, seed=4)))
+    spec = RunSpec(model_dir=tiny_model_dir, train_file=data, output_dir=Path(tmp_path / "out"),
+                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                   training={"max_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
+                             "max_seq_length": 256, "precision": "bf16"},
+                   merge="none")
+    train(spec)
+    assert seen and all(seen)
