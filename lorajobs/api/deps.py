@@ -61,7 +61,11 @@ def get_principal(
     """The caller's key. The read transaction ends here (expire_on_commit is off, so the row
     stays usable): FastAPI runs each sync dependency and the route in separate threadpool
     calls, and a connection kept across those hops (or for a whole SSE stream) is one the
-    threads of other requests can starve on."""
+    threads of other requests can starve on. The key read runs in autocommit: a lone SELECT
+    needs no BEGIN/COMMIT round trips; the route's own transaction (a new connection
+    checkout) has the default isolation again."""
+    if credentials is not None and not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     principal = authenticate(session, credentials)
     session.commit()
     return principal

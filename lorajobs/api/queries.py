@@ -6,14 +6,24 @@ as a missing one (404, never 403: ids of others must not be probeable).
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, and_, bindparam, case, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from lorajobs.service.errors import InvalidRequest, NotFound
-from lorajobs.service.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, JobStatus
+from lorajobs.service.keys import authenticate, check_key, hash_key
+from lorajobs.service.models import (
+    ApiKey,
+    Artifact,
+    Checkpoint,
+    Job,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+)
 
 __all__ = [
     "get_job",
+    "read_job_as",
     "list_jobs",
     "queue_position",
     "list_events",
@@ -30,6 +40,49 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     return job
+
+
+# GET /v1/jobs/{id}, the hottest route (clients poll it), in one round trip: the caller's key
+# row (re-read on every request: a revocation bites at once), the job if it is that key's
+# tenant's, and its queue position. Built once; psycopg prepares it after a few executions.
+_earlier = aliased(Job)
+_JOB_FIELDS = ("id", "status", "stage", "attempt", "max_attempts", "cancel_requested",
+               "progress", "metrics", "error", "created_at", "started_at", "finished_at",
+               "base_model", "training_file", "validation_file", "suffix", "metadata_", "spec",
+               "estimate", "compatibility")
+_JOB_AS_KEY = (
+    select(ApiKey.key_hash.label("key_hash"), ApiKey.revoked_at.label("key_revoked_at"),
+           *(getattr(Job, f).label(f) for f in _JOB_FIELDS),
+           case((Job.status == JobStatus.QUEUED,
+                 select(func.count()).select_from(_earlier)
+                 .where(_earlier.status == JobStatus.QUEUED,
+                        _earlier.created_at < Job.created_at)
+                 .correlate(Job).scalar_subquery()),
+                else_=None).label("queue_position"))
+    .select_from(ApiKey)
+    .outerjoin(Job, and_(Job.id == bindparam("job_id"), Job.tenant_id == ApiKey.tenant_id))
+    .where(ApiKey.key_hash == bindparam("digest"))
+)
+
+
+def read_job_as(session: Session, *, presented: str | None, job_id: str) -> Row:  # type: ignore[type-arg]
+    """`get_job` for the holder of key `presented`, authenticated in the same query.
+
+    Unauthorized exactly as `keys.authenticate` (missing, unknown or revoked key; checked
+    before the job), then NotFound for a missing job or one of another tenant. The row has
+    the job's fields by attribute name (as `JobPublic.from_row` reads them) and
+    `queue_position`. The session's connection runs in autocommit: one SELECT, no
+    BEGIN/ROLLBACK round trips."""
+    if not presented:
+        authenticate(session, presented)  # raises the "missing API key" 401, no query
+    digest = hash_key(presented or "")
+    conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    row = conn.execute(_JOB_AS_KEY, {"digest": digest, "job_id": job_id}).first()
+    check_key(row.key_hash if row else None, row.key_revoked_at if row else None, digest)
+    assert row is not None
+    if row.id is None:
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return row
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, limit: int,

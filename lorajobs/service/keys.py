@@ -22,6 +22,7 @@ __all__ = [
     "get_or_create_tenant",
     "create_key",
     "authenticate",
+    "check_key",
     "revoke_key",
     "ensure_admin_key",
 ]
@@ -62,13 +63,20 @@ def authenticate(session: Session, presented: str | None) -> ApiKey:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     digest = hash_key(presented)
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    # The lookup is by hash (an index probe); the compare below keeps the final check
-    # constant-time even if a backend's index comparison is not.
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
+    check_key(row.key_hash if row else None, row.revoked_at if row else None, digest)
+    return row  # type: ignore[return-value]  # check_key raised if None
+
+
+def check_key(stored_hash: str | None, revoked_at: object, digest: str) -> None:
+    """Unauthorized unless the row found for `digest` exists and is live.
+
+    The lookup is by hash (an index probe); the compare here keeps the final check
+    constant-time even if a backend's index comparison is not. Shared by `authenticate` and
+    the one-query read paths that fetch the key's columns together with the resource."""
+    if stored_hash is None or not hmac.compare_digest(stored_hash, digest):
         raise Unauthorized("invalid API key")
-    if row.revoked_at is not None:
+    if revoked_at is not None:
         raise Unauthorized("API key revoked")
-    return row
 
 
 def revoke_key(session: Session, *, key_id: str, tenant_id: str) -> ApiKey:

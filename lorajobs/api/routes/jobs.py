@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials
 
 from lorajobs.api import queries
+from lorajobs.api.auth import bearer
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import JobCreate, JobPublic, JobsPublic
 from lorajobs.service import jobs, submit
@@ -53,10 +55,20 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+def get_job(
+    job_id: str,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> Response:
     """One job with progress, estimate, compatibility and queue position."""
-    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
-    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+    # The hot path (clients poll it): one threadpool call, one connection checkout, one query
+    # for key + job + queue position, and the JSON written by pydantic once (a returned
+    # Response skips FastAPI's re-validation against response_model, which stays for the docs).
+    with request.app.state.sessionmaker() as session:
+        row = queries.read_job_as(session, presented=credentials.credentials
+                                  if credentials else None, job_id=job_id)
+    job = JobPublic.from_row(row, queue_position=row.queue_position)  # type: ignore[arg-type]
+    return Response(job.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

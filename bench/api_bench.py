@@ -1,0 +1,315 @@
+"""API benchmark: lorajobs endpoints vs a bare FastAPI endpoint, same server settings, same run.
+
+    python bench/api_bench.py [--seconds 10] [--connections 32] [--backend postgresql|sqlite]
+
+Arms (each a uvicorn process, 1 worker, uvloop + httptools, no access log; load from `wrk`):
+  bare        GET /bare on a FastAPI app that does nothing (the ceiling for this server)
+  get_job     GET /v1/jobs/{id}: auth (key hash lookup) + one job read + the JSON shape
+  create_job  POST /v1/jobs with a fresh Idempotency-Key per request: validation against the
+              registered model, tenant's dataset, estimate, INSERTs, commit, broker send
+Latencies (real worker, real trainer `python -m lora_core run`, tiny model, idle worker):
+  submit -> running   POST answered until the job is claimed and the trainer spawned
+  submit -> started   ... until the trainer's first `started` event (torch imported, data ready)
+  cancel -> cancelled POST cancel until the trainer exited and the job is `cancelled`
+
+Figures are ratios against `bare` measured in the same run. Needs `wrk` (apt-get install wrk),
+PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for the postgresql backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_DB_URL = "redis://127.0.0.1:6379/13"  # a db number the test suite does not claim first
+WRK_THREADS = 2
+LATENCY_REPEATS = 3
+BARE_APP = '''
+from fastapi import FastAPI
+app = FastAPI()
+@app.get("/bare")
+def bare():
+    return {"id": "job_x", "object": "job", "status": "queued"}
+'''
+POST_LUA = '''
+counter = 0
+request = function()
+  counter = counter + 1
+  local key = string.format("bench-%d-%d", math.random(1, 1e9), counter)
+  return wrk.format("POST", "/v1/jobs",
+    {["Authorization"] = "Bearer KEY", ["Content-Type"] = "application/json",
+     ["Idempotency-Key"] = key}, BODY)
+end
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_database(backend: str, work: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{work / 'lorajobs.db'}"
+    from sqlalchemy import create_engine, text
+
+    name = f"lorajobs_bench_{secrets.token_hex(4)}"
+    engine = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    if not url.startswith("postgresql"):
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def seed(env: dict[str, str], work: Path) -> tuple[str, str, str]:
+    """Migrate; create a tenant + key, the tiny model, a dataset and one job. -> (key, ds, job)"""
+    os.environ.update(env)
+    from lora_core.data.synthetic import bundled_demo_files
+    from lora_core.tiny import make_tiny_model
+    from lorajobs.service import datasets, keys, registry, submit
+    from lorajobs.service.db import session_scope
+    from lorajobs.service.migrate import upgrade
+    from lorajobs.service.settings import Settings
+    from lorajobs.service.storage import get_store
+
+    settings = Settings()
+    upgrade(settings)
+    make_tiny_model(settings.resolved_model_root / "tiny-llama", seed=0)
+    train_file, _ = bundled_demo_files()
+    sample = work / "train.jsonl"
+    sample.write_text("".join(train_file.read_text().splitlines(True)[:64]))
+    with session_scope(settings) as session:
+        tenant = keys.create_tenant(session, name="bench")
+        _, key = keys.create_key(session, tenant_id=tenant.id, name="bench", is_admin=True)
+        session.commit()
+        registry.register_model(session, name="tiny-llama", path_under_model_root="tiny-llama",
+                                settings=settings)
+        with open(sample, "rb") as fh:
+            ds = datasets.create_dataset(session, tenant_id=tenant.id, filename="train.jsonl",
+                                         stream=fh, data_format=None, settings=settings,
+                                         store=get_store(settings))
+        job, _ = submit.create_job(session, tenant_id=tenant.id, request=submit.JobRequest(
+            base_model="tiny-llama", training_file=ds.id), settings=settings,
+            store=get_store(settings), enqueue=lambda _id: None)
+        return key, ds.id, job.id
+
+
+def cancel_queued(env: dict[str, str]) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(env["LORAJOBS_DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'cancelled', finished_at = CURRENT_TIMESTAMP "
+                          "WHERE status = 'queued'"))
+    engine.dispose()
+
+
+def start_uvicorn(target: str, port: int, env: dict[str, str], cwd: Path,
+                  factory: bool) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--log-level", "warning"]
+    if factory:
+        args.append("--factory")
+    proc = subprocess.Popen(args, env=env, cwd=cwd, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"{target} did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk(url: str, seconds: int, connections: int, key: str | None = None,
+        script: Path | None = None) -> dict[str, float]:
+    args = ["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s",
+            "--latency", url]
+    if key:
+        args += ["-H", f"Authorization: Bearer {key}"]
+    if script:
+        args += ["-s", str(script)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {p: _ms(v, u) for p, v, u in re.findall(r"\s(50|99)%\s+([\d.]+)(us|ms|s)", out)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": lat.get("50", float("nan")),
+            "p99_ms": lat.get("99", float("nan")),
+            "non_2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def latencies(url: str, key: str, ds: str, env: dict[str, str], cwd: Path) -> dict[str, float]:
+    """Submit -> running / started and cancel -> cancelled with a real worker + trainer."""
+    log = open(Path(env["LORAJOBS_DATA_DIR"]).parent / "worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen([sys.executable, "-m", "lorajobs.worker.main", "worker"], env=env,
+                              cwd=cwd, start_new_session=True, stdout=log, stderr=log)
+    h = {"Authorization": f"Bearer {key}"}
+    body = {"base_model": "tiny-llama", "training_file": ds,
+            "training": {"max_steps": 100000, "batch_size": 2, "save_steps": 100000}}
+    runs: dict[str, list[float]] = {"submit_to_running_s": [], "submit_to_started_s": [],
+                                    "cancel_to_cancelled_s": []}
+    try:
+        time.sleep(3)  # the worker connects to the broker
+        with httpx.Client(base_url=url, headers=h, timeout=30) as c:
+            for _ in range(LATENCY_REPEATS):
+                for name, value in _one_job(c, body).items():
+                    runs[name].append(value)
+    except SystemExit:
+        log.flush()
+        sys.stderr.write(Path(log.name).read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        stop(worker)
+        log.close()
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def _one_job(c: httpx.Client, body: dict) -> dict[str, float]:
+    t0 = time.monotonic()
+    job = c.post("/v1/jobs", json=body).json()["id"]
+    status = lambda: c.get(f"/v1/jobs/{job}").json()  # noqa: E731
+    _poll(lambda: status()["status"] == "running", what="running", show=status)
+    running = time.monotonic() - t0
+    _poll(lambda: any(e["type"] == "started" for e in
+                      c.get(f"/v1/jobs/{job}/events?limit=1000").json()["data"]),
+          what="a started event", show=lambda: c.get(f"/v1/jobs/{job}/events?limit=1000").json())
+    started = time.monotonic() - t0
+    _poll(lambda: (status()["progress"]["step"] or 0) > 0, what="step > 0", show=status)
+    t1 = time.monotonic()
+    c.post(f"/v1/jobs/{job}/cancel")
+    _poll(lambda: status()["status"] == "cancelled", timeout=60, what="cancelled", show=status)
+    return {"submit_to_running_s": running, "submit_to_started_s": started,
+            "cancel_to_cancelled_s": time.monotonic() - t1}
+
+
+def _poll(pred, timeout: float = 120, interval: float = 0.02, what: str = "",  # type: ignore[no-untyped-def]
+          show=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    state = show() if show else None
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}: {state}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--backend", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="lorajobs-api-bench-"))
+    url = make_database(args.backend, work)
+    broker = REDIS_DB_URL if args.backend == "postgresql" else None
+    env = {**os.environ, "LORAJOBS_DATA_DIR": str(work / "data"), "LORAJOBS_DATABASE_URL": url,
+           "LORAJOBS_MAX_ACTIVE_JOBS_PER_TENANT": "100000000", "LORAJOBS_TRAINER_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    if broker:
+        env["LORAJOBS_BROKER_URL"] = broker
+        import redis
+
+        redis.Redis.from_url(broker).flushdb()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        key, ds, job = seed(env, work)
+        (work / "bare_app.py").write_text(BARE_APP)
+        bare_port, api_port = free_port(), free_port()
+        procs.append(start_uvicorn("bare_app:app", bare_port, {**env, "PYTHONPATH": str(work)},
+                                   work, factory=False))
+        procs.append(start_uvicorn("lorajobs.api.app:create_app", api_port, env, ROOT,
+                                   factory=True))
+        body = json.dumps({"base_model": "tiny-llama", "training_file": ds})
+        lua = work / "post.lua"
+        lua.write_text(POST_LUA.replace("KEY", key).replace("BODY", repr(body)))
+        s, c = args.seconds, args.connections
+        results = {
+            "bare": wrk(f"http://127.0.0.1:{bare_port}/bare", s, c),
+            "get_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs/{job}", s, c, key),
+            "create_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs", s, c, script=lua),
+        }
+        stop(procs.pop())  # the latency arm runs its own API: no leftover load
+        if broker:
+            # The create_job arm left thousands of queued jobs, each sent to the broker: a real
+            # worker would train them one by one (~8 s each) before the latency arm's job, so
+            # the latency arm timed out. Measure on an idle worker: drop them from the broker
+            # and cancel them in the database (else the reaper re-sends them).
+            import redis
+
+            redis.Redis.from_url(broker).flushdb()
+        cancel_queued(env)
+        report(results, args)
+        if not args.skip_latency:
+            procs.append(start_uvicorn("lorajobs.api.app:create_app", api_port, env, ROOT,
+                                       factory=True))
+            lat = latencies(f"http://127.0.0.1:{api_port}", key, ds, env, ROOT)
+            for name, value in lat.items():
+                print(f"{name:24} {value:6.2f} s (median of {LATENCY_REPEATS})")
+    finally:
+        for p in procs:
+            stop(p)
+        drop_database(url)
+        if broker:
+            import redis
+
+            redis.Redis.from_url(broker).flushdb()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    print(f"backend={args.backend} connections={args.connections} seconds={args.seconds} "
+          f"(1 uvicorn worker, uvloop + httptools, wrk -t{WRK_THREADS})")
+    bare = results["bare"]["rps"]
+    for name, r in results.items():
+        print(f"{name:12} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+              f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']:.0f}  "
+              f"ratio vs bare {r['rps'] / bare:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
