@@ -38,17 +38,17 @@ __all__ = [
 OnEvent = Callable[..., None]
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-# Packing "auto": off. bench/train_bench.py (README_train.md, 2026-11-28, 19.5M model, bf16):
+# Packing "auto": off. bench/train_bench.py (bench/README.md, 2026-11-28, 19.5M model, bf16):
 # packing each micro-batch into rows of up to max_seq_length (random order, float block mask,
 # SDPA) cost 2.3-2.8 CPU-ms per useful token vs 1.5-2.1 for length-grouped dynamic padding with
 # the labelled-only head: the dense block mask computes whole L x L squares, while grouped
 # batches pad little. Packing stays available (packing=true) and is exact (test_data.py).
 PACKING_AUTO = False
 # LM head + cross-entropy on labelled positions only (lora_core.loss). Measured with
-# bench/train_bench.py (README_train.md); equal to the full loss (tests/lora_core/test_perf_loss).
+# bench/train_bench.py (bench/README.md); equal to the full loss (tests/lora_core/test_perf_loss).
 LABELLED_ONLY_LOSS = True
 # Precision "auto" on a CPU with native bf16: bf16 autocast (fp32 master weights). Measured with
-# bench/train_bench.py: faster at equal eval loss (README_train.md).
+# bench/train_bench.py: faster at equal eval loss (bench/README.md).
 AUTO_BF16_ON_CPU = True
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # glibc malloc serves blocks >= 128 KiB-32 MiB (dynamic threshold) with mmap and unmaps them on
