@@ -52,8 +52,15 @@ def train(spec: Path = typer.Argument(..., exists=True, dir_okay=False,
     """Run the whole workflow locally: validate, train, merge, verify."""
     from lora_core.runner import train_from_file
 
-    code = train_from_file(spec, console.print)
-    raise typer.Exit(code or 0)
+    result = train_from_file(spec, lambda line: console.print(line, markup=False))
+    console.print(f"{result.status} at step {result.global_step}: "
+                  f"train_loss={result.metrics.get('train_loss')} "
+                  f"eval_loss={result.metrics.get('eval_loss')}")
+    console.print(f"adapter: {result.adapter_path}")
+    for merged in result.merged:
+        console.print(f"merged:  {merged['path']} (max |logits diff| {merged['max_abs_diff']:.2e})")
+    if result.status != "completed":
+        raise typer.Exit(1)
 
 
 def merge(
