@@ -93,3 +93,19 @@ def test_unsupported_architecture_is_refused():
         config = Config()
 
     assert not supports_labelled_only(Fake())
+
+
+def test_trainable_head_uses_the_models_own_forward(tiny_model_dir):
+    """LoRA on lm_head falls back to model(**batch).loss (see supports_labelled_only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_core.loss import supports_labelled_only
+
+    def peft(targets: list[str]):  # type: ignore[no-untyped-def]
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4,
+                                               target_modules=targets))
+
+    assert supports_labelled_only(peft(["q_proj", "v_proj"]))
+    assert not supports_labelled_only(peft(["q_proj", "lm_head"]))
