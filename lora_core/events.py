@@ -6,7 +6,7 @@ tails it. Each line is one object with a `type`:
 
     started     {total_steps, world_size, resumed_from_step, num_examples, num_tokens}
     progress    {step, total_steps, epoch, loss, learning_rate, grad_norm,
-                 tokens_per_second, eta_seconds}
+                 tokens_per_second, tokens_seen, eta_seconds}
     eval        {step, eval_loss}
     checkpoint  {step, path, adapter_path, resumable}
     stage       {stage}                      preparing | training | saving | merging | verifying
