@@ -9,7 +9,6 @@ is the only writer of the `models` table.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from lora_core.errors import ModelError
 from lora_core.inspect import ModelInfo, inspect_model_dir
+from lora_core.manifest import sha256_file
 from lorajobs.service.errors import Conflict, InvalidRequest, NotFound
 from lorajobs.service.models import RegisteredModel, new_id
 from lorajobs.service.settings import Settings
@@ -35,7 +35,6 @@ __all__ = [
 
 # No '/' so a name is one URL path segment; letters first so it never looks like an option.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-HASH_CHUNK = 4 * 1024 * 1024
 # Linux NAME_MAX (bytes per path component) and a path length no model layout needs: longer
 # inputs are refused as invalid, not passed to stat() to fail with ENAMETOOLONG (was a 500).
 NAME_MAX_BYTES = 255
@@ -63,14 +62,6 @@ def resolve_model_path(settings: Settings, path: str) -> Path:
     return full
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def register_model(session: Session, *, name: str, path_under_model_root: str,
                    settings: Settings) -> RegisteredModel:
     """Inspect and register a model directory; commits. Conflict if the name is taken."""
@@ -96,7 +87,7 @@ def register_model(session: Session, *, name: str, path_under_model_root: str,
         architecture=info.architecture or info.model_type or "unknown",
         num_parameters=info.num_parameters, dtype=info.dtype or "unknown",
         linear_modules=info.linear_names, path=full.relative_to(root).as_posix(),
-        weights_sha256={f: _sha256(full / f) for f in info.weight_files},
+        weights_sha256={f: sha256_file(full / f) for f in info.weight_files},
     )
     session.add(row)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from lora_core.manifest import sha256_file
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Artifact
 from tests.dbfixtures import service_missing
+from tests.reliability.conftest import start_api_with_tiny_model
 from tests.servicefixtures import LiveService, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -53,14 +53,7 @@ def api(tmp_path: Path, tiny_model_dir: Path,
     jobs_dir = svc.settings.resolved_artifact_root / "jobs"
     _mount_tmpfs(jobs_dir, request.param)
     try:
-        svc.migrate()
-        svc.start_worker()
-        assert svc.start_api() is not None
-        shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / "tiny")
-        client = httpx.Client(base_url=svc.base_url or "", timeout=30,
-                              headers={"Authorization": f"Bearer {svc.admin_key}"})
-        assert client.post("/v1/models", json={"name": "tiny", "path": "tiny"}).status_code \
-            == 201
+        client = start_api_with_tiny_model(svc, tiny_model_dir)
         yield svc, client
         client.close()
     finally:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.reliability.conftest import start_api_with_tiny_model
 from tests.reliability.scenarios import pollers_vs_training
 from tests.servicefixtures import LiveService
 
@@ -35,14 +35,7 @@ WORDS = ["red", "blue", "fish", "stone", "river", "wolf", "green", "book", "wind
 def api(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[LiveService, httpx.Client]]:
     svc = LiveService(tmp_path, "sqlite", trainer=None)
     try:
-        svc.migrate()
-        svc.start_worker()
-        assert svc.start_api() is not None
-        shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / "tiny")
-        client = httpx.Client(base_url=svc.base_url or "", timeout=30,
-                              headers={"Authorization": f"Bearer {svc.admin_key}"})
-        assert client.post("/v1/models", json={"name": "tiny", "path": "tiny"}).status_code \
-            == 201
+        client = start_api_with_tiny_model(svc, tiny_model_dir)
         yield svc, client
         client.close()
     finally:
