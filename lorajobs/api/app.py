@@ -11,6 +11,8 @@ by side. This module, like the whole API package, never imports torch or transfo
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
@@ -23,6 +25,7 @@ from lorajobs.api.limits import (
     NulByteMiddleware,
 )
 from lorajobs.api.observability import MetricsMiddleware, make_registry
+from lorajobs.api.pgread import make_pg_reader
 from lorajobs.api.routes import (
     artifacts,
     checkpoints,
@@ -49,9 +52,12 @@ ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifac
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for one settings object (default: from the environment)."""
     settings = settings or get_settings()
-    app = FastAPI(title="lorajobs", version="1", summary="LoRA fine-tuning jobs over HTTP")
+    app = FastAPI(title="lorajobs", version="1", summary="LoRA fine-tuning jobs over HTTP",
+                  lifespan=_lifespan)
     app.state.settings = settings
     app.state.sessionmaker = get_sessionmaker(settings)
+    # PostgreSQL: the hot GET /v1/jobs/{id} awaits asyncpg (opened on first use); SQLite: None.
+    app.state.pg_reader = make_pg_reader(settings.resolved_database_url)
     app.state.store = get_store(settings)
     app.state.enqueue = partial(default_enqueue, settings=settings)
     registry, latency = make_registry(app.state.sessionmaker)
@@ -66,3 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.api_max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, latency=latency)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    if app.state.pg_reader is not None:
+        await app.state.pg_reader.close()

@@ -6,11 +6,13 @@ as a missing one (404, never 403: ids of others must not be probeable).
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Row, and_, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from lorajobs.service.errors import InvalidRequest, NotFound
-from lorajobs.service.keys import authenticate, check_key, hash_key
+from lorajobs.service.keys import check_key, check_presented, hash_key
 from lorajobs.service.models import (
     ApiKey,
     Artifact,
@@ -24,6 +26,9 @@ from lorajobs.service.models import (
 __all__ = [
     "get_job",
     "read_job_as",
+    "JOB_AS_KEY",
+    "job_row_as",
+    "presented_digest",
     "list_jobs",
     "queue_position",
     "list_events",
@@ -45,12 +50,14 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
 # GET /v1/jobs/{id}, the hottest route (clients poll it), in one round trip: the caller's key
 # row (re-read on every request: a revocation bites at once), the job if it is that key's
 # tenant's, and its queue position. Built once; psycopg prepares it after a few executions.
+# On PostgreSQL the API runs the same statement through asyncpg (api/pgread.py); binds:
+# `digest` (the presented key's sha256 hex), `job_id`.
 _earlier = aliased(Job)
 _JOB_FIELDS = ("id", "status", "stage", "attempt", "max_attempts", "cancel_requested",
                "progress", "metrics", "error", "created_at", "started_at", "finished_at",
                "base_model", "training_file", "validation_file", "suffix", "metadata_", "spec",
                "estimate", "compatibility")
-_JOB_AS_KEY = (
+JOB_AS_KEY = (
     select(ApiKey.key_hash.label("key_hash"), ApiKey.revoked_at.label("key_revoked_at"),
            *(getattr(Job, f).label(f) for f in _JOB_FIELDS),
            case((Job.status == JobStatus.QUEUED,
@@ -73,13 +80,21 @@ def read_job_as(session: Session, *, presented: str | None, job_id: str) -> Row:
     the job's fields by attribute name (as `JobPublic.from_row` reads them) and
     `queue_position`. The session's connection runs in autocommit: one SELECT, no
     BEGIN/ROLLBACK round trips."""
-    if not presented:
-        authenticate(session, presented)  # raises the "missing API key" 401, no query
-    digest = hash_key(presented or "")
+    digest = presented_digest(presented)
     conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    row = conn.execute(_JOB_AS_KEY, {"digest": digest, "job_id": job_id}).first()
+    row = conn.execute(JOB_AS_KEY, {"digest": digest, "job_id": job_id}).first()
+    return job_row_as(row, digest=digest, job_id=job_id)
+
+
+def presented_digest(presented: str | None) -> str:
+    """The digest to bind to JOB_AS_KEY; the "missing API key" 401 (no query) if none."""
+    return hash_key(check_presented(presented))
+
+
+def job_row_as(row: Any, *, digest: str, job_id: str) -> Any:
+    """A JOB_AS_KEY result (None: no such key) -> the row, or 401 then 404 as `read_job_as`.
+    Shared by the SQLAlchemy path and the asyncpg one, so both answer alike."""
     check_key(row.key_hash if row else None, row.key_revoked_at if row else None, digest)
-    assert row is not None
     if row.id is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     return row

@@ -23,6 +23,7 @@ __all__ = [
     "create_key",
     "authenticate",
     "check_key",
+    "check_presented",
     "revoke_key",
     "ensure_admin_key",
 ]
@@ -59,12 +60,17 @@ def create_key(session: Session, *, tenant_id: str, name: str = "", is_admin: bo
 
 def authenticate(session: Session, presented: str | None) -> ApiKey:
     """The live key row for a presented key, or Unauthorized."""
-    if not presented:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    digest = hash_key(presented)
+    digest = hash_key(check_presented(presented))
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     check_key(row.key_hash if row else None, row.revoked_at if row else None, digest)
     return row  # type: ignore[return-value]  # check_key raised if None
+
+
+def check_presented(presented: str | None) -> str:
+    """The presented key, or Unauthorized if there is none (no query needed to know)."""
+    if not presented:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    return presented
 
 
 def check_key(stored_hash: str | None, revoked_at: object, digest: str) -> None:

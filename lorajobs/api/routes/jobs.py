@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api import queries
 from lorajobs.api.auth import bearer
@@ -55,20 +56,31 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(
+async def get_job(
     job_id: str,
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Response:
     """One job with progress, estimate, compatibility and queue position."""
-    # The hot path (clients poll it): one threadpool call, one connection checkout, one query
-    # for key + job + queue position, and the JSON written by pydantic once (a returned
-    # Response skips FastAPI's re-validation against response_model, which stays for the docs).
-    with request.app.state.sessionmaker() as session:
-        row = queries.read_job_as(session, presented=credentials.credentials
-                                  if credentials else None, job_id=job_id)
-    job = JobPublic.from_row(row, queue_position=row.queue_position)  # type: ignore[arg-type]
+    # The hot path (clients poll it): one query for key + job + queue position, awaited on
+    # the event loop through asyncpg on PostgreSQL (api/pgread.py), one threadpool call on
+    # SQLite; the JSON written by pydantic once (a returned Response skips FastAPI's
+    # re-validation against response_model, which stays for the docs).
+    presented = credentials.credentials if credentials else None
+    reader = request.app.state.pg_reader
+    if reader is not None:
+        digest = queries.presented_digest(presented)
+        row = queries.job_row_as(await reader.job_as(digest=digest, job_id=job_id),
+                                 digest=digest, job_id=job_id)
+    else:
+        row = await run_in_threadpool(_read_job_as, request, presented, job_id)
+    job = JobPublic.from_row(row, queue_position=row.queue_position)
     return Response(job.model_dump_json(), media_type="application/json")
+
+
+def _read_job_as(request: Request, presented: str | None, job_id: str) -> Any:
+    with request.app.state.sessionmaker() as session:
+        return queries.read_job_as(session, presented=presented, job_id=job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
