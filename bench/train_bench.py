@@ -236,10 +236,12 @@ def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps:
                out: Path, overrides: str = "") -> dict[str, Any]:
     """Arm ours: lora_core.train.train() with spec defaults, the shared hyper-parameters.
 
-    `overrides` "NAME=VALUE;..." sets lora_core.train constants (ablations, e.g.
-    "LABELLED_ONLY_LOSS=False"); empty = as the service runs.
+    `overrides` "NAME=VALUE;..." sets lora_core.train constants, "module.NAME=VALUE" those of
+    another lora_core module (ablations, e.g. "LABELLED_ONLY_LOSS=False",
+    "attention.CPU_ATTENTION_FP32=False"); empty = as the service runs.
     """
     import ast
+    import importlib
 
     import torch
     from peft import PeftModel
@@ -251,8 +253,10 @@ def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps:
 
     for item in filter(None, overrides.split(";")):
         name, value = item.split("=", 1)
-        assert hasattr(lc, name), name
-        setattr(lc, name, ast.literal_eval(value))
+        module_name, _, name = name.rpartition(".")  # "attention.CPU_ATTENTION_FP32" or a train.*
+        module = importlib.import_module(f"lora_core.{module_name}") if module_name else lc
+        assert hasattr(module, name), name
+        setattr(module, name, ast.literal_eval(value))
 
     marks: list[tuple[float, int, float]] = []
 

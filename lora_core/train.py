@@ -9,7 +9,8 @@ Order of work, so that a bad input costs nothing and leaves nothing behind:
     5. export     final adapter to output_dir/adapter/
 
 Precision "auto" = bf16 on a CUDA GPU that supports it or a CPU with native bf16 (AVX512-BF16 /
-AMX), fp32 otherwise. bf16 on CPU runs fp32 weights under bf16 autocast. Events go through
+AMX), fp32 otherwise. bf16 on CPU runs under bf16 autocast: trainable weights fp32, frozen
+Linear weights stored in bf16 (FROZEN_BF16_ON_CPU). Events go through
 `on_event(type, **fields)` on rank 0 only.
 """
 
@@ -38,12 +39,19 @@ __all__ = [
 OnEvent = Callable[..., None]
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-# Packing "auto": off. bench/train_bench.py (bench/README.md, 2026-11-28, 19.5M model, bf16):
-# packing each micro-batch into rows of up to max_seq_length (random order, float block mask,
-# SDPA) cost 2.3-2.8 CPU-ms per useful token vs 1.5-2.1 for length-grouped dynamic padding with
-# the labelled-only head: the dense block mask computes whole L x L squares, while grouped
-# batches pad little. Packing stays available (packing=true) and is exact (test_data.py).
-PACKING_AUTO = False
+# Packing "auto": on. Each micro-batch is one padding-free row (FlatteningCollator) and the
+# attention runs per example (lora_core.attention): no padding in any matmul, causal-only
+# attention. bench/train_bench.py (bench/README.md) measured it against length-grouped padded
+# batches; packing=false keeps those.
+PACKING_AUTO = True
+# On CPU under bf16 autocast every frozen nn.Linear weight is cast fp32 -> bf16 on every call
+# (autocast caches casts only of weights that require grad). Storing the frozen weights in bf16
+# once gives bit-identical matmuls (the same round-to-nearest cast) without the per-step copies
+# and halves their memory. LoRA weights, norms and embeddings stay fp32.
+FROZEN_BF16_ON_CPU = True
+# LoRA dropout from 16-bit random words instead of a float bernoulli per element
+# (lora_core.dropout): the mask took 5-8% of a CPU step. Same semantics, p rounded to 2**-16.
+BITS_DROPOUT_ON_CPU = True
 # LM head + cross-entropy on labelled positions only (lora_core.loss). Measured with
 # bench/train_bench.py (bench/README.md); equal to the full loss (tests/lora_core/test_perf_loss).
 LABELLED_ONLY_LOSS = True
@@ -282,19 +290,34 @@ def _load_model(spec: RunSpec, precision: str) -> Any:
     return apply_lora(model, spec.lora, spec.model_dir)
 
 
-def _collator(spec: RunSpec, tokenizer: Any, precision: str) -> Any:
-    import torch
-
-    from lora_core.data.collate import PackingCollator, PaddingCollator
+def _collator(spec: RunSpec, tokenizer: Any) -> Any:
+    from lora_core.data.collate import FlatteningCollator, PaddingCollator
 
     packing = spec.training.packing
     if packing is True or (packing == "auto" and PACKING_AUTO):
-        # the mask must match the attention's dtype: bf16 weights on CUDA; on CPU bf16 runs as
-        # autocast over fp32 weights and the rotary-embedded queries reach SDPA in fp32
-        cuda_bf16 = precision == "bf16" and torch.cuda.is_available()
-        mask_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-        return PackingCollator(tokenizer.pad_token_id, spec.training.max_seq_length, mask_dtype)
+        return FlatteningCollator()
     return PaddingCollator(tokenizer.pad_token_id)
+
+
+def freeze_linear_weights_in_bf16(model: Any) -> int:
+    """Store every frozen nn.Linear weight in bf16 (FROZEN_BF16_ON_CPU); returns how many.
+
+    Skips a weight shared with an embedding (tied lm_head): the residual stream starts from
+    the embedding and must stay fp32.
+    """
+    import torch
+
+    embeddings = {m.weight.data_ptr() for m in model.modules()
+                  if isinstance(m, torch.nn.Embedding)}
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and weight is not None
+                and not weight.requires_grad and weight.dtype == torch.float32
+                and weight.data_ptr() not in embeddings):
+            module.weight.data = weight.data.to(torch.bfloat16)
+            count += 1
+    return count
 
 
 def _prepare_output_dir(spec: RunSpec) -> tuple[Path | None, int | None]:
@@ -342,8 +365,8 @@ def train(
     if uses_deepspeed(spec):
         init_distributed()  # before TrainingArguments: it reads the process group
         ds_config = build_deepspeed_config(spec, precision)
-    collator = _collator(spec, data.tokenizer, precision)
-    packing = not hasattr(collator, "pad_to_multiple_of")
+    collator = _collator(spec, data.tokenizer)
+    packing = not hasattr(collator, "pad_token_id")
     # TrainingArguments under ZeRO-3 holds the HfDeepSpeedConfig that makes from_pretrained
     # partition weights as they load: it must exist (and stay referenced) before the model.
     args = build_training_args(spec, precision, has_eval=bool(data.eval), packing=packing,
@@ -391,8 +414,10 @@ def _trainer_class() -> type:
 
 
 def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
+    import torch
     from transformers.trainer_callback import PrinterCallback
 
+    from lora_core.attention import use_varlen_attention
     from lora_core.callbacks import (
         CheckpointCallback,
         EventCallback,
@@ -401,10 +426,21 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
         export_adapter,
         list_checkpoints,
     )
+    from lora_core.data.collate import PaddingCollator
+    from lora_core.dropout import use_bits_dropout
 
     ckpt, ckpt_step = _prepare_output_dir(spec)
     _barrier()
     model = _load_model(spec, args_precision(args))
+    if not hasattr(collator, "pad_token_id") and use_varlen_attention(model) is None:
+        emit("warning", message="this model's attention cannot take padding-free batches; "
+             "training on padded batches instead")
+        collator = PaddingCollator(data.tokenizer.pad_token_id)
+    if (FROZEN_BF16_ON_CPU and args.bf16 and not args.deepspeed
+            and not torch.cuda.is_available()):
+        freeze_linear_weights_in_bf16(model)
+    if BITS_DROPOUT_ON_CPU and not torch.cuda.is_available():
+        use_bits_dropout(model)
     root = Path(spec.output_dir) / CHECKPOINTS_DIR
     events = EventCallback(emit, lambda: collator.label_tokens, world_size(), started={
         "resumed_from_step": ckpt_step, "num_examples": data.num_examples,

@@ -1,13 +1,13 @@
-"""Batch collation: dynamic padding (the default) and packing.
+"""Batch collation: padding-free flattening (the default) and dynamic padding.
+
+FlatteningCollator: the micro-batch's examples back to back in one row, `position_ids`
+restarting at 0 per example and `cu_seq_lens_q` marking the boundaries; the attention
+(lora_core.attention) runs per example, so an example sees exactly what it would see alone
+and no padding token reaches a matmul. Needs `remove_unused_columns=False`.
 
 PaddingCollator: pad each batch to its longest example (not to max_seq_length: FACTS.md measured
-3.6x more useful tokens/s than the book's pad-to-1024), labels padded with IGNORE_INDEX.
-
-PackingCollator: concatenate the batch's examples into rows of at most `max_seq_length`
-tokens, `position_ids` restarting at 0 per example and a float 4D block-diagonal causal mask
-(0 where a token may attend, dtype-min elsewhere), so an example in a packed row sees exactly
-what it would see alone. A *bool* 4D mask on eager attention is silently wrong (FACTS.md), so
-the mask is float. Needs `remove_unused_columns=False` in TrainingArguments.
+3.6x more useful tokens/s than the book's pad-to-1024), labels padded with IGNORE_INDEX; for
+models whose attention cannot take flattened batches (and `packing: false`).
 
 Both count the loss-bearing tokens they emit (`label_tokens`) so progress can report useful
 tokens/s.
@@ -21,7 +21,7 @@ import torch
 
 from lora_core.data.tokenize import IGNORE_INDEX
 
-__all__ = ["PaddingCollator", "PackingCollator", "pack_rows"]
+__all__ = ["PaddingCollator", "FlatteningCollator", "SeededLengthGroupedSampler"]
 
 
 class PaddingCollator:
@@ -51,60 +51,32 @@ class PaddingCollator:
         return batch
 
 
-def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing: indices of examples per row, each row <= max_len."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for idx in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[idx] <= free:
-                rows[r].append(idx)
-                room[r] -= lengths[idx]
-                break
-        else:
-            rows.append([idx])
-            room.append(max_len - lengths[idx])
-    return rows
+class FlatteningCollator:
+    """features -> one padding-free row: input_ids/labels/position_ids (1, total tokens),
+    cu_seq_lens_q/k (n+1,) int32 example boundaries, max_length_q/k (int).
 
+    The batch format of transformers' padding-free training (flash-attention varlen), consumed
+    on every device by lora_core.attention. The first label of every example is dropped: alone
+    it is never predicted (labels shift by one), flattened it would be predicted from the
+    previous example's last token.
+    """
 
-class PackingCollator:
-    """features -> packed rows: input_ids/labels/position_ids (rows, L), attention_mask
-    (rows, 1, L, L) float, L = longest packed row."""
-
-    def __init__(self, pad_token_id: int, max_seq_length: int, dtype: torch.dtype = torch.float32):
-        self.pad_token_id = pad_token_id
-        self.max_seq_length = max_seq_length
-        self.dtype = dtype  # the mask must match the attention's compute dtype
+    def __init__(self) -> None:
         self.label_tokens = 0
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = pack_rows([len(f["input_ids"]) for f in features], self.max_seq_length)
-        width = max(sum(len(features[i]["input_ids"]) for i in row) for row in rows)
-        neg = torch.finfo(self.dtype).min
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.full((len(rows), 1, width, width), neg, dtype=self.dtype)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row:
-                n = len(features[i]["input_ids"])
-                end = start + n
-                ids[r, start:end] = torch.as_tensor(features[i]["input_ids"])
-                labels[r, start:end] = torch.as_tensor(features[i]["labels"])
-                # alone, an example's first label is never predicted (labels shift by one);
-                # packed, it would be predicted from the previous example's last token
-                labels[r, start] = IGNORE_INDEX
-                pos[r, start:end] = torch.arange(n)
-                block = causal[:n, :n]
-                mask[r, 0, start:end, start:end].masked_fill_(block, 0.0)
-                start = end
-            # padding rows attend to themselves only, so softmax never sees an all-masked row
-            for p in range(start, width):
-                mask[r, 0, p, p] = 0.0
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(f["input_ids"]) for f in features]
+        ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        labels = torch.cat([torch.as_tensor(f["labels"], dtype=torch.long) for f in features])
+        pos = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.as_tensor(lengths, dtype=torch.int32).cumsum(0)
+        labels[cu[:-1].long()] = IGNORE_INDEX
         self.label_tokens += int((labels != IGNORE_INDEX).sum())
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+        longest = max(lengths)
+        return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None],
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
 
 
 class SeededLengthGroupedSampler(torch.utils.data.Sampler[int]):

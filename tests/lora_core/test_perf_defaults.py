@@ -23,7 +23,8 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
 
 @pytest.mark.slow
 def test_packing_with_bf16_on_cpu_trains(tiny_model_dir, tmp_path, monkeypatch):
-    """The packed float mask must match SDPA's fp32 queries under CPU autocast."""
+    """Padding-free batches + per-example attention train under bf16 autocast on CPU, with the
+    frozen weights stored in bf16 (the speed defaults together)."""
     from lora_core.data.cache import CACHE_ENV
     from lora_core.data.synthetic import make_examples
     from lora_core.spec import RunSpec

@@ -1,0 +1,159 @@
+"""Padding-free attention: a flattened batch is exactly its examples run alone (tiny, seeded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _features(tokenizer, n=6):
+    from lora_core.data.formats import normalize_record
+    from lora_core.data.synthetic import make_examples
+    from lora_core.data.tokenize import tokenize_examples
+
+    records = [normalize_record(r, "alpaca") for r in make_examples(n, seed=5)]
+    records.append({"text": "the quick brown fox"})
+    return tokenize_examples(records, tokenizer, 128)[0]
+
+
+def _lora_model(model_dir):
+    from lora_core.peft_setup import apply_lora, load_base_model
+    from lora_core.spec import LoraSpec
+
+    torch.manual_seed(0)
+    model = load_base_model(model_dir, dtype="float32")
+    model = apply_lora(model, LoraSpec(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                       model_dir)
+    for name, p in model.named_parameters():  # B != 0, so the adapter changes the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _per_example_losses(logits, labels, bounds):
+    token = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:],
+                                              ignore_index=IGNORE, reduction="none")
+    token = torch.cat([token, token.new_zeros(1)])  # position t predicts t+1
+    return torch.stack([token[s:e].sum() for s, e in zip(bounds, bounds[1:], strict=False)])
+
+
+def _alone(model, feats):
+    from lora_core.data.collate import PaddingCollator
+
+    pad = PaddingCollator(0)
+    out = []
+    for f in feats:
+        b = pad([f])
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        out.append(torch.nn.functional.cross_entropy(
+            logits[0, :-1], b["labels"][0, 1:], ignore_index=IGNORE, reduction="sum"))
+    return torch.stack(out)
+
+
+def test_flattened_batch_equals_examples_alone_loss_and_gradients(tiny_model_dir, tokenizer):
+    """Per-example loss and LoRA gradients of one flattened row == each example alone (fp32),
+    with GQA (the tiny model has 4 query and 2 key/value heads)."""
+    from lora_core.attention import VARLEN_ATTENTION, use_varlen_attention
+    from lora_core.data.collate import FlatteningCollator
+
+    feats = _features(tokenizer)
+    model = _lora_model(tiny_model_dir)
+    alone = _alone(model, feats)
+    alone.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    assert use_varlen_attention(model) == VARLEN_ATTENTION
+    batch = FlatteningCollator()(feats)
+    bounds = batch["cu_seq_lens_q"].tolist()
+    assert batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))
+    assert bounds[-1] == batch["input_ids"].shape[1] and len(bounds) == len(feats) + 1
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    got = _per_example_losses(logits, batch["labels"], bounds)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-4)
+    got.sum().backward()
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_boundaries_examples_would_see_each_other(tiny_model_dir, tokenizer):
+    """The boundaries matter: the same row as one sequence gives other losses (so the test
+    above can fail), while the first example, which sees nothing before it, is unchanged."""
+    from lora_core.attention import use_varlen_attention
+    from lora_core.data.collate import FlatteningCollator
+
+    feats = _features(tokenizer)
+    model = _lora_model(tiny_model_dir).eval()
+    use_varlen_attention(model)
+    batch = FlatteningCollator()(feats)
+    bounds = batch["cu_seq_lens_q"].tolist()
+    with torch.no_grad():
+        right = _per_example_losses(model(input_ids=batch["input_ids"],
+                                          position_ids=batch["position_ids"],
+                                          cu_seq_lens_q=batch["cu_seq_lens_q"]).logits,
+                                    batch["labels"], bounds)
+        leaky = _per_example_losses(model(input_ids=batch["input_ids"],
+                                          position_ids=batch["position_ids"]).logits,
+                                    batch["labels"], bounds)
+    torch.testing.assert_close(leaky[0], right[0])
+    assert (leaky[1:] - right[1:]).abs().max() > 1e-3
+
+
+def test_flattening_collator_masks_each_first_label_and_counts(tokenizer):
+    from lora_core.data.collate import FlatteningCollator
+
+    feats = _features(tokenizer)
+    collate = FlatteningCollator()
+    batch = collate(feats)
+    starts = batch["cu_seq_lens_q"][:-1].long()
+    assert (batch["labels"][0, starts] == IGNORE).all()
+    assert (batch["position_ids"][0, starts] == 0).all()
+    assert batch["max_length_q"] == max(len(f["input_ids"]) for f in feats)
+    assert collate.label_tokens == int((batch["labels"] != IGNORE).sum())
+    alone = sum(sum(x != IGNORE for x in f["labels"][1:]) for f in feats)
+    assert collate.label_tokens == alone
+
+
+def test_frozen_bf16_weights_are_bit_identical_under_autocast(tiny_model_dir, tokenizer):
+    """Storing frozen Linear weights in bf16 changes nothing under bf16 autocast (the same cast,
+    done once) and leaves LoRA weights, norms and embeddings in fp32."""
+    from lora_core.data.collate import PaddingCollator
+    from lora_core.train import freeze_linear_weights_in_bf16
+
+    batch = PaddingCollator(0)(_features(tokenizer))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model = _lora_model(tiny_model_dir).eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        before = model(**inputs).logits
+        assert freeze_linear_weights_in_bf16(model) > 0
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n
+               or "embed_tokens" in n)
+    assert dtypes["base_model.model.model.layers.0.self_attn.k_proj.weight"] == torch.bfloat16
+
+
+def test_tied_head_stays_fp32(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_core.train import freeze_linear_weights_in_bf16
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    model.requires_grad_(False)
+    freeze_linear_weights_in_bf16(model)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
