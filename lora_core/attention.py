@@ -69,17 +69,21 @@ def varlen_attention_forward(
             key = key.to(query.dtype)
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None:
-            out = _sdpa_causal(query, key, value, scale=scaling, dropout=dropout, gqa=gqa)
+            out = _sdpa_causal(query, key, value, scale=scaling, dropout=dropout,
+                               gqa=gqa).transpose(1, 2)
         else:
             if query.shape[0] != 1:
                 raise ValueError("cu_seq_lens_q needs a flattened batch of one row")
-            bounds = cu.tolist()
+            # split, not slices: a slice's backward writes its gradient into a zero tensor of
+            # the whole row (one per example, then summed); split's backward is one cat
+            lengths = torch.diff(cu).tolist()
             out = torch.cat([
-                _sdpa_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                             scale=scaling, dropout=dropout, gqa=gqa)
-                for s, e in zip(bounds, bounds[1:], strict=False) if e > s
-            ], dim=2)
-    return out.transpose(1, 2).to(out_dtype).contiguous(), None
+                _sdpa_causal(q, k, v, scale=scaling, dropout=dropout, gqa=gqa).transpose(1, 2)
+                for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                   value.split(lengths, dim=2), strict=True)
+                if q.shape[2]
+            ], dim=1)  # (1, S, H, D) contiguous: cat writes the layout the caller reshapes
+    return out.to(out_dtype).contiguous(), None
 
 
 def register() -> None:
