@@ -4,6 +4,9 @@ child process (`python -m lora_core run` or torchrun) until the job is settled.
     celery_app  the app, task registration, warm-shutdown hook
     tasks       run_job(job_id): claim or no-op
     supervisor  spawn, tail events, renew the lease, cancel/shutdown stop sequence
+    prewarm     the pre-warmed trainer: fork single-process trainers from a zygote
+    zygote      that zygote process (imports torch once; `python -m lorajobs.worker.zygote`)
+    procs       process-lifetime helpers: PR_SET_PDEATHSIG, killpg, liveness
     runspec     job row -> RunSpec, paths, command, environment
     records     trainer events -> rows (events, metrics, checkpoints, artifacts)
     settle      exit + events -> succeeded | failed | cancelled | requeued
@@ -11,5 +14,5 @@ child process (`python -m lora_core run` or torchrun) until the job is settled.
     reaper      expired leases and lost messages
     main        worker / beat / reaper entry points;  embedded: `serve`, all in one command
 
-Never imports torch: the trainer child does.
+Never imports torch in the worker process: the trainer child and the zygote do.
 """

@@ -1,8 +1,9 @@
 """The worker's Celery app: `celery -A lorajobs.worker.celery_app worker --pool=solo -c 1`.
 
 The app's broker config is the service's (`queue.get_celery_app`); this module adds the task
-bodies, the reaper's beat entry and the warm-shutdown hook. `app` is built on first access from
-the environment's settings, so importing this module has no side effects.
+bodies, the reaper's beat entry, the warm-shutdown hook and the pre-warmed trainer zygote's
+start/stop (prewarm.py). `app` is built on first access from the environment's settings, so
+importing this module has no side effects.
 
 Pool: `solo` is the default. Training runs in a child process of its own anyway, so there is no
 memory to reclaim by recycling pool processes. `prefork -c 1` works too (shutdown.py carries
@@ -14,11 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from lorajobs.service.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
 from lorajobs.service.settings import Settings, get_settings
-from lorajobs.worker import reaper, shutdown, tasks
+from lorajobs.worker import prewarm, reaper, shutdown, tasks
 
 __all__ = ["build_app", "WORKER_QUEUES"]
 
@@ -56,6 +63,19 @@ def _on_worker_shutting_down(**_: Any) -> None:
 @worker_shutdown.connect
 def _clear_shutdown_marker(**_: Any) -> None:
     shutdown.clear(tasks.current_settings())
+
+
+@worker_process_init.connect
+def _start_trainer_zygote(**_: Any) -> None:
+    """In the process that runs tasks (solo: the worker; prefork: the pool child), so that the
+    zygote is warm before the first job arrives."""
+    prewarm.start(tasks.current_settings())
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop_trainer_zygote(**_: Any) -> None:
+    prewarm.stop()
 
 
 def __getattr__(name: str) -> Any:

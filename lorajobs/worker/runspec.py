@@ -29,7 +29,8 @@ from lorajobs.service.models import Dataset, Job, RegisteredModel
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import LocalArtifactStore
 
-__all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_command", "trainer_env"]
+__all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_args", "trainer_command",
+           "trainer_env"]
 
 STOP_FILE_NAME = "STOP"
 # Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
@@ -123,10 +124,15 @@ def write_spec(run_spec: RunSpec, paths: RunPaths) -> None:
     os.replace(tmp, paths.spec_file)
 
 
+def trainer_args(paths: RunPaths) -> list[str]:
+    """The arguments after `python -m lora_core` (the pre-warmed zygote runs these too)."""
+    return ["run", "--spec", str(paths.spec_file), "--events-file", str(paths.events_file),
+            "--stop-file", str(paths.stop_file)]
+
+
 def trainer_command(settings: Settings, run_spec: RunSpec, paths: RunPaths) -> list[str]:
     """`python -m lora_core run ...`, or under torchrun for more than one process."""
-    args = ["-m", "lora_core", "run", "--spec", str(paths.spec_file),
-            "--events-file", str(paths.events_file), "--stop-file", str(paths.stop_file)]
+    args = ["-m", "lora_core", *trainer_args(paths)]
     nproc = run_spec.distributed.num_processes
     if nproc > 1:
         torchrun = settings.torchrun or str(Path(sys.executable).with_name("torchrun"))

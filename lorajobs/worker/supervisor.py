@@ -3,7 +3,9 @@
 The child runs in its own process group (`start_new_session`), so a cancel or a lost lease can
 stop every rank of a torchrun launch at once, and dies with the worker (`PR_SET_PDEATHSIG`), so
 a worker killed outright never leaves a trainer writing into a directory the next attempt
-resumes from. Every `worker_poll_seconds` the loop:
+resumes from. A single-process trainer is forked from the pre-warmed zygote when there is one
+(prewarm.py: same guarantees, no cold imports), else spawned as `python -m lora_core run`.
+Every `worker_poll_seconds` the loop:
 
     tails the events file       -> records.EventRecorder (rows, progress, checkpoints)
     renews the lease            -> lost it? SIGKILL the group: someone else owns the job now
@@ -17,7 +19,6 @@ no verdict (crash, OOM kill) -> queued again while attempts remain, else failed 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -35,7 +36,8 @@ from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Checkpoint, Job, JobMetric
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import get_store
-from lorajobs.worker import settle, shutdown
+from lorajobs.worker import prewarm, settle, shutdown
+from lorajobs.worker.procs import die_with_parent, killpg
 from lorajobs.worker.records import EventRecorder
 from lorajobs.worker.runspec import (
     PrepareError,
@@ -50,22 +52,8 @@ __all__ = ["Supervisor", "supervise"]
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """preexec_fn: the kernel SIGKILLs the child when the worker thread that spawned it dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+# What the loop needs of a trainer: pid (= its process group), poll(), wait(), returncode.
+TrainerProcess = subprocess.Popen[bytes] | prewarm.ZygoteChild
 
 
 class Supervisor:
@@ -113,7 +101,7 @@ class Supervisor:
             returncode = self._watch(proc, paths, recorder)
         finally:
             if proc.poll() is None:  # we are leaving on an exception: never orphan a trainer
-                _killpg(proc.pid, signal.SIGKILL)
+                killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         with self.sessions() as session:
             job = session.get(Job, self.job_id)
@@ -176,14 +164,19 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - never block a retry on bookkeeping
             log.exception("job %s: recovering earlier attempts' events failed", self.job_id)
 
-    def _spawn(self, run_spec: RunSpec, paths: RunPaths) -> subprocess.Popen[bytes]:
+    def _spawn(self, run_spec: RunSpec, paths: RunPaths) -> TrainerProcess:
+        child = prewarm.spawn(self.settings, run_spec, paths)
+        if child is not None:
+            log.info("job %s: trainer pid %d forked from the pre-warmed zygote", self.job_id,
+                     child.pid)
+            return child
         cmd = trainer_command(self.settings, run_spec, paths)
         log.info("job %s: starting trainer: %s", self.job_id, " ".join(cmd))
         with open(paths.log_file, "ab") as out:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=paths.run_dir,
                                     env=trainer_env(self.settings), start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
 
     def _drain(self, paths: RunPaths, recorder: EventRecorder) -> bool:
         """Record the child's new events; False if the database refused them.
@@ -213,7 +206,7 @@ class Supervisor:
         while not self._drain(paths, recorder) and time.monotonic() < deadline:
             time.sleep(self.settings.worker_poll_seconds)
 
-    def _watch(self, proc: subprocess.Popen[bytes], paths: RunPaths,
+    def _watch(self, proc: TrainerProcess, paths: RunPaths,
                recorder: EventRecorder) -> int:
         """Poll until the child exits; returns its returncode (negative: killed by a signal)."""
         poll = self.settings.worker_poll_seconds
@@ -224,7 +217,7 @@ class Supervisor:
             returncode = proc.poll()
             self._drain(paths, recorder)
             if returncode is not None:
-                _killpg(proc.pid, signal.SIGKILL)  # stray ranks/grandchildren
+                killpg(proc.pid, signal.SIGKILL)  # stray ranks/grandchildren
                 self._final_drain(paths, recorder)
                 return returncode
             now = time.monotonic()
@@ -236,7 +229,7 @@ class Supervisor:
                 if renewed is False or now - last_renewed > self.settings.lease_seconds:
                     log.warning("job %s: lease lost; killing the trainer", self.job_id)
                     self.lost = True
-                    _killpg(proc.pid, signal.SIGKILL)
+                    killpg(proc.pid, signal.SIGKILL)
             if self.stop_reason is None and not self.lost:
                 if self.shutdown_requested():
                     self._request_stop(paths, "shutdown")
@@ -278,12 +271,12 @@ class Supervisor:
         if self._stop_sent_at is not None and self._term_sent_at is None \
                 and now - self._stop_sent_at > grace:
             log.warning("job %s: trainer ignored the stop file; SIGTERM", self.job_id)
-            _killpg(pgid, signal.SIGTERM)
+            killpg(pgid, signal.SIGTERM)
             self._term_sent_at = now
         elif self._term_sent_at is not None and not self._killed \
                 and now - self._term_sent_at > grace:
             log.warning("job %s: trainer ignored SIGTERM; SIGKILL", self.job_id)
-            _killpg(pgid, signal.SIGKILL)
+            killpg(pgid, signal.SIGKILL)
             self._killed = True
 
 
