@@ -11,6 +11,7 @@ by side. This module, like the whole API package, never imports torch or transfo
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -76,6 +77,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    if app.state.pg_reader is not None:
-        await app.state.pg_reader.close()
+    """Startup: freeze what is alive (see below). Shutdown: unfreeze, close the asyncpg pool.
+
+    The objects alive once the app is built (modules, routes, schemas, the ORM: ~120,000 in
+    a server) are never garbage, yet every full collection walked them: under load one took
+    60-80 ms, stalling every request in flight, and set the p99 of `GET /v1/jobs/{id}`.
+    `gc.freeze()` moves them to the permanent generation, which collections skip (Python's
+    docs recommend it for long-running servers). No `gc.collect()` first: it cost ~0.1 s per
+    app in the test suite, and what little startup garbage gets frozen with the rest is
+    handed back by `unfreeze` at shutdown (tests start and stop many apps in one process)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if app.state.pg_reader is not None:
+            await app.state.pg_reader.close()

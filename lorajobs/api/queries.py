@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, func, or_, select
+from sqlalchemy import Row, String, and_, bindparam, case, func, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
 from lorajobs.service.errors import InvalidRequest, NotFound
@@ -27,6 +28,7 @@ __all__ = [
     "get_job",
     "read_job_as",
     "JOB_AS_KEY",
+    "JOBS_AS_KEYS",
     "job_row_as",
     "presented_digest",
     "list_jobs",
@@ -50,25 +52,39 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
 # GET /v1/jobs/{id}, the hottest route (clients poll it), in one round trip: the caller's key
 # row (re-read on every request: a revocation bites at once), the job if it is that key's
 # tenant's, and its queue position. Built once; psycopg prepares it after a few executions.
-# On PostgreSQL the API runs the same statement through asyncpg (api/pgread.py); binds:
-# `digest` (the presented key's sha256 hex), `job_id`.
+# Binds: `digest` (the presented key's sha256 hex), `job_id`.
 _earlier = aliased(Job)
 _JOB_FIELDS = ("id", "status", "stage", "attempt", "max_attempts", "cancel_requested",
                "progress", "metrics", "error", "created_at", "started_at", "finished_at",
                "base_model", "training_file", "validation_file", "suffix", "metadata_", "spec",
                "estimate", "compatibility")
+_JOB_AS_KEY_COLUMNS = (
+    ApiKey.key_hash.label("key_hash"), ApiKey.revoked_at.label("key_revoked_at"),
+    *(getattr(Job, f).label(f) for f in _JOB_FIELDS),
+    case((Job.status == JobStatus.QUEUED,
+          select(func.count()).select_from(_earlier)
+          .where(_earlier.status == JobStatus.QUEUED, _earlier.created_at < Job.created_at)
+          .correlate(Job).scalar_subquery()),
+         else_=None).label("queue_position"),
+)
 JOB_AS_KEY = (
-    select(ApiKey.key_hash.label("key_hash"), ApiKey.revoked_at.label("key_revoked_at"),
-           *(getattr(Job, f).label(f) for f in _JOB_FIELDS),
-           case((Job.status == JobStatus.QUEUED,
-                 select(func.count()).select_from(_earlier)
-                 .where(_earlier.status == JobStatus.QUEUED,
-                        _earlier.created_at < Job.created_at)
-                 .correlate(Job).scalar_subquery()),
-                else_=None).label("queue_position"))
+    select(*_JOB_AS_KEY_COLUMNS)
     .select_from(ApiKey)
     .outerjoin(Job, and_(Job.id == bindparam("job_id"), Job.tenant_id == ApiKey.tenant_id))
     .where(ApiKey.key_hash == bindparam("digest"))
+)
+# The same read for many requests at once (PostgreSQL only: api/pgread.py coalesces the
+# requests that arrive together into one round trip). Binds: `digests` and `job_ids`, equal
+# length arrays; each result row carries `n`, the 1-based position of its request; a request
+# whose key matches no row has no result row.
+_requests = (func.unnest(bindparam("digests", type_=ARRAY(String)),
+                         bindparam("job_ids", type_=ARRAY(String)))
+             .table_valued("digest", "job_id", with_ordinality="n").render_derived(name="req"))
+JOBS_AS_KEYS = (
+    select(_requests.c.n, *_JOB_AS_KEY_COLUMNS)
+    .select_from(_requests)
+    .join(ApiKey, ApiKey.key_hash == _requests.c.digest)
+    .outerjoin(Job, and_(Job.id == _requests.c.job_id, Job.tenant_id == ApiKey.tenant_id))
 )
 
 
