@@ -63,7 +63,12 @@ class LoraSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    """Optimisation settings. `save_steps=None` saves once per epoch (the book's choice)."""
+    """Optimisation settings. `save_steps=None` saves once per epoch (the book's choice).
+
+    `packing` "auto"/true: each micro-batch of `batch_size` examples is one padding-free row with
+    per-example causal attention (lora_core.attention), examples drawn in random order; false:
+    length-grouped batches padded to their longest example. Same examples per step either way.
+    """
 
     epochs: float = Field(2, gt=0, le=1000)
     max_steps: int | None = Field(None, ge=1, le=1_000_000)

@@ -140,7 +140,8 @@ def _tenant_dataset(session: Session, tenant_id: str, dataset_id: str, param: st
 def total_steps(num_examples: int, request: JobRequest) -> int:
     """Optimizer steps: ceil(examples / (batch * accum * processes)) per epoch, or max_steps.
 
-    Counted before packing (packing can only lower it), like HF Trainer's step count.
+    Packing does not change it: a packed micro-batch still holds `batch_size` examples (in one
+    padding-free row), as in HF Trainer's step count.
     """
     t = request.training
     if t.max_steps is not None:
