@@ -7,11 +7,12 @@ single-process trainer from it instead of spawning `python -m lora_core run` col
                            model instead of ~4-5 s), or None: use the plain Popen path
     worker shutdown     -> stop()
 
-The plain path stays for: prewarm off, a custom `trainer_python` (it may be any program, e.g.
-the tests' fake trainer), torchrun (num_processes > 1) and DeepSpeed (zero_stage > 0) specs,
-calls from a thread other than the main one (PR_SET_PDEATHSIG binds the zygote to the thread
-that started it), a zygote that is gone (it is restarted for the next job), still warming
-after ZYGOTE_READY_WAIT_SECONDS, or unable to fork safely.
+The plain path stays for: prewarm off, a `trainer_python` other than the worker's interpreter
+(it may be any program, e.g. the tests' fake trainer), torchrun (num_processes > 1) and
+DeepSpeed (zero_stage > 0) specs, calls from a thread other than the main one
+(PR_SET_PDEATHSIG binds the zygote to the thread that started it), a zygote that is gone (it
+is restarted for the next job), still warming after ZYGOTE_READY_WAIT_SECONDS, or unable to
+fork safely.
 
 Lifetime: the zygote runs in its own session with PR_SET_PDEATHSIG, like a trainer, and exits
 when the worker closes its socket; its children have PR_SET_PDEATHSIG against it. So a worker
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import signal
 import socket
@@ -82,7 +84,6 @@ class Zygote:
         self.exits: dict[int, int] = {}  # child pid -> returncode, as reported
         self._replies: list[dict[str, Any]] = []
         self._buffer = b""
-        self._started_at = time.monotonic()
 
     @property
     def alive(self) -> bool:
@@ -226,6 +227,12 @@ _failed_starts = 0
 MAX_FAILED_STARTS = 2
 
 
+def _custom_python(settings: Settings) -> bool:
+    """A trainer_python other than the worker's own interpreter: it may be any program."""
+    return bool(settings.trainer_python) and \
+        os.path.abspath(settings.trainer_python or "") != os.path.abspath(sys.executable)
+
+
 def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -238,7 +245,7 @@ def current() -> Zygote | None:
 def start(settings: Settings) -> None:
     """Start a zygote for this process if prewarm is on and none runs (worker process init)."""
     global _zygote
-    if not settings.trainer_prewarm or settings.trainer_python or \
+    if not settings.trainer_prewarm or _custom_python(settings) or \
             _failed_starts >= MAX_FAILED_STARTS or not _on_main_thread():
         return
     if _zygote is not None and _zygote.alive:
@@ -261,7 +268,7 @@ def stop() -> None:
 
 
 def _usable_for(settings: Settings, run_spec: RunSpec) -> bool:
-    return (settings.trainer_prewarm and not settings.trainer_python
+    return (settings.trainer_prewarm and not _custom_python(settings)
             and run_spec.distributed.num_processes == 1 and run_spec.distributed.zero_stage == 0
             and _on_main_thread())
 

@@ -165,7 +165,12 @@ class Supervisor:
             log.exception("job %s: recovering earlier attempts' events failed", self.job_id)
 
     def _spawn(self, run_spec: RunSpec, paths: RunPaths) -> TrainerProcess:
-        child = prewarm.spawn(self.settings, run_spec, paths)
+        try:
+            child = prewarm.spawn(self.settings, run_spec, paths)
+        except Exception:  # noqa: BLE001 - a fault in the fast path must not fail the job
+            log.exception("job %s: the pre-warmed zygote failed; starting the trainer cold",
+                          self.job_id)
+            child = None
         if child is not None:
             log.info("job %s: trainer pid %d forked from the pre-warmed zygote", self.job_id,
                      child.pid)

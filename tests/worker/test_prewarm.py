@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,8 @@ def test_cold_spawn_where_prewarm_does_not_apply(settings: Settings, tmp_path: P
         assert prewarm.current() is None
         assert prewarm.spawn(other, run_spec, paths) is None
     assert prewarm.current() is None
+    same = settings.model_copy(update={"trainer_python": sys.executable})
+    assert prewarm._usable_for(same, run_spec)  # the worker's own interpreter: no reason not to
 
 
 # -- through a real worker ------------------------------------------------------------------
