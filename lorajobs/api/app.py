@@ -5,8 +5,9 @@
             ─▶ FastAPI router (/healthz /readyz /metrics, /v1/...) ─▶ error handlers (api.errors)
 
 Everything a request needs hangs off `app.state` (settings, sessionmaker, store, enqueue,
-metrics registry): no module globals, so tests can run a SQLite app and a PostgreSQL app side
-by side. This module, like the whole API package, never imports torch or transformers.
+metrics registry; on PostgreSQL the asyncpg reader of the polled `GET /v1/jobs/{id}`): no
+module globals, so tests can run a SQLite app and a PostgreSQL app side by side. This module,
+like the whole API package, never imports torch or transformers.
 """
 
 from __future__ import annotations

@@ -84,10 +84,13 @@ def _compile_statement() -> tuple[str, tuple[str, ...], dict[str, Any]]:
 
 _SQL, _BIND_ORDER, _CONSTANTS = _compile_statement()
 _JSON_TYPES = ("json", "jsonb")
-# The connection died under a query (server restart or crash, a killed backend): the pool has
-# dropped it, and the same query on another connection may well succeed.
+# The connection died under a query (server restart or crash, a killed backend), and the same
+# query on another connection may well succeed. InternalClientError too: a server that ends a
+# session sends its FATAL error unasked; a query sent before asyncpg has read the EOF that
+# follows finds the protocol mid-error ("another operation is in progress").
 _CONNECTION_LOST = (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
                     asyncpg.CrashShutdownError, ConnectionError)
+_CONNECTION_BROKEN = (*_CONNECTION_LOST, asyncpg.InternalClientError)
 _Request = tuple[str, str, "asyncio.Future[SimpleNamespace | None]"]  # digest, job_id, answer
 
 
@@ -157,7 +160,7 @@ class PgReader:
         try:
             rows = await self._read(batch)
         except asyncpg.PostgresError as error:
-            if len(batch) > 1 and not isinstance(error, _CONNECTION_LOST):
+            if len(batch) > 1 and not isinstance(error, _CONNECTION_BROKEN):
                 # Whatever PostgreSQL refused, refuse it to its own request only.
                 for request in batch:
                     await self._settle([request])
@@ -172,20 +175,22 @@ class PgReader:
                 answer.set_result(row)
 
     async def _read(self, batch: Sequence[_Request]) -> list[SimpleNamespace | None]:
-        """One JOBS_AS_KEYS round trip; a lost connection is retried once on a fresh one."""
+        """One JOBS_AS_KEYS round trip; a broken connection is retried once on another."""
         binds = {**_CONSTANTS, "digests": [r[0] for r in batch],
                  "job_ids": [r[1] for r in batch]}
         args = [binds[name] for name in _BIND_ORDER]
         for attempt in (1, 2):
             pool = await self._pool_for_loop()
-            try:
-                records = await pool.fetch(_SQL, *args)
-                break
-            except _CONNECTION_LOST:
-                # The connection died under us (server restart, killed backend); the pool
-                # has already dropped it. A second failure is a database that is down.
-                if attempt == 2:
-                    raise
+            async with pool.acquire() as conn:
+                try:
+                    records = await conn.fetch(_SQL, *args)
+                    break
+                except _CONNECTION_BROKEN:
+                    # Never hand this connection out again; the pool opens a new one. A
+                    # second failure is a database that is down.
+                    _discard(conn)
+                    if attempt == 2:
+                        raise
         rows: list[SimpleNamespace | None] = [None] * len(batch)
         for record in records:
             fields = dict(record.items())
@@ -218,6 +223,14 @@ class PgReader:
             self.dsn, min_size=POOL_MIN_SIZE, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_S,
             max_inactive_connection_lifetime=POOL_MAX_IDLE_S, init=_init_connection,
             reset=_keep_session, server_settings=SERVER_SETTINGS)
+
+
+def _discard(conn: Any) -> None:
+    """Close a broken connection for good (the pool opens a new one in its place)."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:  # closed already, and handed back to the pool by asyncpg
+        pass
 
 
 def _fail(batch: list[_Request], error: BaseException) -> None:
