@@ -55,7 +55,9 @@ def new_id(prefix: str) -> str:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Stores UTC; returns aware datetimes on every backend (SQLite drops the tzinfo)."""
+    """Stores UTC; returns aware UTC datetimes on every backend and driver: SQLite drops the
+    tzinfo, psycopg answers in the session's TimeZone (`+01:00` on a Paris server) where
+    asyncpg (the polled GET /v1/jobs/{id}) answers in UTC; every route writes `Z`."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -66,9 +68,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class JobStatus:
