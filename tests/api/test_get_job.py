@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -138,6 +140,14 @@ def test_a_request_postgresql_refuses_fails_alone(api: Api) -> None:
     reader = pgread.make_pg_reader(api.settings.resolved_database_url)
     assert reader is not None
     digest = keys.hash_key(api.keys["alice"])
+    batches: list[int] = []
+    read = reader._read
+
+    async def counting_read(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        return await read(batch)
+
+    reader._read = counting_read  # type: ignore[method-assign]
 
     async def run() -> list[Any]:
         try:
@@ -151,12 +161,67 @@ def test_a_request_postgresql_refuses_fails_alone(api: Api) -> None:
 
     good, bad, good_again = asyncio.run(run())
     assert good.id == job_id and good_again.id == job_id
-    assert isinstance(bad, Exception)
+    assert isinstance(bad, asyncpg.DataError), repr(bad)  # SQLSTATE class 22
+    assert batches == [3, 1, 1, 1], "read together first, then one by one"
+
+
+class _Connection:
+    def __init__(self, pool: _Pool) -> None:
+        self.pool, self.terminated = pool, False
+
+    async def fetch(self, *_args: Any) -> list[Any]:
+        self.pool.calls += 1
+        if self.pool.error is not None:
+            raise self.pool.error
+        return []
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+class _Pool:
+    """A pool whose every query raises `error` (None: answers no row)."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error, self.calls = error, 0
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_Connection]:
+        yield _Connection(self)
+
+
+def _reader_on(pool: Any) -> pgread.PgReader:
+    reader = pgread.PgReader("postgresql://unused")
+
+    async def fake_pool() -> Any:
+        return pool
+
+    reader._pool_for_loop = fake_pool  # type: ignore[method-assign]
+    return reader
+
+
+@pytest.mark.parametrize(("error", "queries_sent"), [
+    (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), 1),
+    (asyncpg.UndefinedTableError('relation "jobs" does not exist'), 1),
+    (asyncpg.InsufficientPrivilegeError("permission denied for table jobs"), 1),
+    (asyncpg.CharacterNotInRepertoireError("invalid byte sequence"), 1 + 3),
+])
+def test_only_a_data_error_splits_the_batch(error: Exception, queries_sent: int) -> None:
+    """A database-wide error fails the batch with one query, not one more per request."""
+    pool = _Pool(error)
+    reader = _reader_on(pool)
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(reader.job_as(digest="d", job_id=f"j{i}")
+                                      for i in range(3)), return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert [type(o) for o in outcomes] == [type(error)] * 3
+    assert pool.calls == queries_sent
 
 
 def test_lost_connection_is_retried_once_on_a_new_one() -> None:
     """A query that meets a dead connection is sent again; a second loss is the error."""
-    import asyncpg
 
     class Connection:
         def __init__(self, pool: Pool) -> None:
@@ -261,3 +326,168 @@ def test_postgresql_restart_costs_no_failed_request(tmp_path: Path, private_pg: 
         for _ in range(3):
             resp = client.get(f"/v1/jobs/{job_id}", headers=auth)
             assert resp.status_code == 200, resp.text
+
+
+def test_asyncpg_dsn_keeps_only_the_options_asyncpg_reads() -> None:
+    """libpq-only options would reach PostgreSQL as session settings and fail the connect."""
+    from asyncpg.connect_utils import _parse_connect_dsn_and_args
+
+    url = ("postgresql+psycopg://u:p%40ss@db.example:6432/lj?connect_timeout=3&keepalives=1"
+           "&keepalives_idle=30&gssencmode=disable&channel_binding=prefer&sslmode=disable"
+           "&client_encoding=utf8&application_name=api&target_session_attrs=read-write")
+    dsn = pgread.asyncpg_dsn(url)
+    assert dsn == ("postgresql://u:p%40ss@db.example:6432/lj?application_name=api"
+                   "&sslmode=disable&target_session_attrs=read-write")
+    assert pgread.connect_timeout(url) == 3.0
+    # What asyncpg itself makes of it: only real server settings go to the server.
+    _, params = _parse_connect_dsn_and_args(
+        dsn=dsn, host=None, port=None, user=None, password=None, passfile=None,
+        database=None, ssl=None, service=None, servicefile=None, direct_tls=None,
+        server_settings=None, target_session_attrs=None, krbsrvname=None, gsslib=None)
+    assert params.server_settings == {"application_name": "api"}
+    assert (params.user, params.password, params.database) == ("u", "p@ss", "lj")
+
+    plain = "postgresql+psycopg://u@h/lj"
+    assert pgread.asyncpg_dsn(plain) == "postgresql://u@h/lj"
+    assert pgread.connect_timeout(plain) == pgread.CONNECT_TIMEOUT_S
+    assert pgread.connect_timeout(plain + "?connect_timeout=0") == pgread.CONNECT_TIMEOUT_S
+    assert pgread.connect_timeout(plain + "?connect_timeout=1") == 2.0  # libpq's minimum
+    assert pgread.asyncpg_dsn("sqlite:////tmp/lj.db") is None
+    reader = pgread.make_pg_reader(url)
+    assert reader is not None and reader.connect_timeout == 3.0
+
+
+def test_a_server_that_refuses_plan_cache_mode_still_serves(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL < 12 (or a pooler) refuses the SET: logged once, the connection is kept."""
+
+    class Conn:
+        async def set_type_codec(self, *_args: Any, **_kwargs: Any) -> None:
+            pass
+
+        async def execute(self, sql: str) -> None:
+            raise asyncpg.UndefinedObjectError(
+                'unrecognized configuration parameter "plan_cache_mode"')
+
+    pgread._plan_cache_refused = False
+    try:
+        for _ in range(2):
+            asyncio.run(pgread._init_connection(Conn()))
+    finally:
+        pgread._plan_cache_refused = False
+    assert sum("plan_cache_mode" in r.getMessage() for r in caplog.records) == 1
+
+
+@PG_ONLY
+def test_generic_plan_is_set_per_connection_not_at_startup(api: Api) -> None:
+    reader = pgread.make_pg_reader(api.settings.resolved_database_url)
+    assert reader is not None
+
+    async def run() -> tuple[str, Any]:
+        reader._adopt(asyncio.get_running_loop())
+        try:
+            pool = await reader._pool_for_loop()
+            async with pool.acquire() as conn:
+                return (await conn.fetchval("SHOW plan_cache_mode"),
+                        conn._params.server_settings)
+        finally:
+            await reader.close()
+
+    mode, startup_settings = asyncio.run(run())
+    assert mode == "force_generic_plan"
+    assert not startup_settings or "plan_cache_mode" not in startup_settings
+
+
+@PG_ONLY
+def test_a_query_that_hangs_fails_after_the_command_timeout(api: Api) -> None:
+    """A lock held on api_keys: the read is cancelled after command_timeout, not awaited for
+    ever; the connection serves the next read once the lock is gone."""
+    job_id = api.job("alice", api.dataset("alice"))["id"]
+    digest = keys.hash_key(api.keys["alice"])
+    reader = pgread.PgReader(pgread.asyncpg_dsn(api.settings.resolved_database_url) or "",
+                             command_timeout=0.5)
+    engine = create_engine(api.settings.resolved_database_url)
+
+    async def run() -> tuple[Any, float, Any]:
+        try:
+            await reader.job_as(digest=digest, job_id=job_id)  # the pool is open
+            with engine.connect() as locker:
+                locker.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+                started = time.monotonic()
+                try:
+                    stuck: Any = await reader.job_as(digest=digest, job_id=job_id)
+                except Exception as error:  # noqa: BLE001
+                    stuck = error
+                waited = time.monotonic() - started
+                locker.rollback()
+            return stuck, waited, await reader.job_as(digest=digest, job_id=job_id)
+        finally:
+            await reader.close()
+
+    try:
+        stuck, waited, after = asyncio.run(run())
+    finally:
+        engine.dispose()
+    assert isinstance(stuck, TimeoutError), repr(stuck)
+    assert waited < 5
+    assert after.id == job_id
+
+
+def test_close_fails_waiting_requests_and_opens_no_pool() -> None:
+    """Shutdown while a batch waits for its pool and another request waits for a batch."""
+    reader = pgread.PgReader("postgresql://unused")
+    opened: list[Any] = []
+    gate = asyncio.Event()
+
+    class Pool:
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    async def slow_open() -> Pool:
+        opened.append(Pool())
+        await gate.wait()
+        return opened[-1]
+
+    reader._open = slow_open  # type: ignore[method-assign]
+
+    async def run() -> list[Any]:
+        requests = []
+        for i in range(3):  # in separate turns of the loop: two batches in flight, one waits
+            requests.append(asyncio.ensure_future(reader.job_as(digest="d", job_id=f"j{i}")))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        assert len(reader._waiting) == 1 and reader._in_flight == 2
+        await reader.close()
+        gate.set()
+        return await asyncio.gather(*requests, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, asyncpg.InterfaceError) for o in outcomes), outcomes
+    assert len(opened) == 1 and opened[0].closed  # the one opened meanwhile is closed
+    assert reader._pool is None
+
+
+@PG_ONLY
+def test_timestamps_are_utc_whatever_the_session_time_zone(api: Api) -> None:
+    """psycopg answers timestamptz in the session's TimeZone, asyncpg in UTC: both `Z`."""
+    from sqlalchemy.orm import Session
+
+    job_id = api.job("alice", api.dataset("alice"))["id"]
+    engine = create_engine(api.settings.resolved_database_url,
+                           connect_args={"options": "-c TimeZone=Asia/Kolkata"})
+    try:
+        with Session(engine) as session:
+            row = queries.read_job_as(session, presented=api.keys["alice"], job_id=job_id)
+            assert session.scalar(text("SHOW TimeZone")) == "Asia/Kolkata"
+            job = session.get(Job, job_id)
+            assert job is not None and job.created_at.utcoffset() is not None
+            assert job.created_at.utcoffset().total_seconds() == 0
+    finally:
+        engine.dispose()
+    sync_body = json.loads(JobPublic.from_row(row, queue_position=row.queue_position)
+                           .model_dump_json())
+    assert sync_body["created_at"].endswith("Z")
+    resp = api.client.get(f"/v1/jobs/{job_id}", headers=api.h("alice"))
+    assert resp.json() == sync_body
