@@ -15,3 +15,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     from lora_core.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture
+def private_pg():
+    """A PostgreSQL server of this test's own on a free port (initdb + pg_ctl in a temp dir):
+    fault tests stop and restart it, never the machine's shared one."""
+    from tests.reliability.servers import PrivatePostgres
+
+    server = PrivatePostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

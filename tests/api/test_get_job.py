@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -288,18 +288,6 @@ def _terminate_backends(database_url: str) -> None:
         assert killed
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def private_pg() -> Iterator[Any]:
-    from tests.reliability.servers import PrivatePostgres
-
-    server = PrivatePostgres()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.mark.timeout(120)

@@ -8,7 +8,6 @@ embedded one, so only the database goes away. Leases last 3 s; the outage lasts 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,25 +25,15 @@ pytestmark = pytest.mark.timeout(120)
 OUTAGE_SECONDS = 1.0  # shorter than the 3 s lease: the attempt must survive it
 
 
-@pytest.fixture
-def pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def _step(svc: LiveService, job_id: str) -> int:
     progress = get_job(svc.settings, job_id).progress or {}
     return int(progress.get("step") or 0)
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_database_restart_mid_run_loses_nothing(tmp_path: Path, pg: PrivatePostgres,
+def test_database_restart_mid_run_loses_nothing(tmp_path: Path, private_pg: PrivatePostgres,
                                                 mode: str) -> None:
-    svc = LiveService(tmp_path, "sqlite", database_url=pg.url)
+    svc = LiveService(tmp_path, "sqlite", database_url=private_pg.url)
     try:
         svc.migrate()
         settings = svc.settings
@@ -54,9 +43,9 @@ def test_database_restart_mid_run_loses_nothing(tmp_path: Path, pg: PrivatePostg
                           control={"step_seconds": 0.1})
         enqueue_job(job_id, settings)
         wait_for(lambda: _step(svc, job_id) >= 6, timeout=30, what="training past step 6")
-        pg.stop(mode)
+        private_pg.stop(mode)
         time.sleep(OUTAGE_SECONDS)  # the trainer keeps writing events meanwhile
-        pg.start()
+        private_pg.start()
         wait_for(lambda: get_job(settings, job_id).status in ("succeeded", "failed"),
                  timeout=60, what="job end")
         job = get_job(settings, job_id)
