@@ -75,7 +75,8 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute_dtype):  # type: ignore[override]
         w = weight.to(compute_dtype)
         need_grad = hidden.requires_grad
-        grad = torch.empty(hidden.shape, dtype=torch.float32) if need_grad else None
+        grad = (torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+                if need_grad else None)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], HEAD_CHUNK):
             h = hidden[start:start + HEAD_CHUNK].to(compute_dtype)
@@ -87,7 +88,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             total -= logp.gather(1, t[:, None]).sum()
             if need_grad:
                 probs = logp.exp_()  # softmax in place
-                probs[torch.arange(len(t)), t] -= 1.0
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[start:start + HEAD_CHUNK] = probs.to(compute_dtype) @ w
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
         ctx.hidden_dtype = hidden.dtype
