@@ -299,6 +299,12 @@ def _collator(spec: RunSpec, tokenizer: Any) -> Any:
     return PaddingCollator(tokenizer.pad_token_id)
 
 
+def _is_flattening(collator: Any) -> bool:
+    from lora_core.data.collate import FlatteningCollator
+
+    return isinstance(collator, FlatteningCollator)
+
+
 def freeze_linear_weights_in_bf16(model: Any) -> int:
     """Store every frozen nn.Linear weight in bf16 (FROZEN_BF16_ON_CPU); returns how many.
 
@@ -366,7 +372,7 @@ def train(
         init_distributed()  # before TrainingArguments: it reads the process group
         ds_config = build_deepspeed_config(spec, precision)
     collator = _collator(spec, data.tokenizer)
-    packing = not hasattr(collator, "pad_token_id")
+    packing = _is_flattening(collator)
     # TrainingArguments under ZeRO-3 holds the HfDeepSpeedConfig that makes from_pretrained
     # partition weights as they load: it must exist (and stay referenced) before the model.
     args = build_training_args(spec, precision, has_eval=bool(data.eval), packing=packing,
@@ -432,7 +438,7 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
     ckpt, ckpt_step = _prepare_output_dir(spec)
     _barrier()
     model = _load_model(spec, args_precision(args))
-    if not hasattr(collator, "pad_token_id") and use_varlen_attention(model) is None:
+    if _is_flattening(collator) and use_varlen_attention(model) is None:
         emit("warning", message="this model's attention cannot take padding-free batches; "
              "training on padded batches instead")
         collator = PaddingCollator(data.tokenizer.pad_token_id)

@@ -21,24 +21,32 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
     assert lc.resolve_precision("fp32") == "fp32"
 
 
+def _bf16_spec(model_dir, tmp_path, monkeypatch, n: int, *, seed: int, max_steps: int,
+               **training):
+    """A bf16 run of `n` synthetic examples on the tiny model, LoRA r=4 on q/v."""
+    from lora_core.data.cache import CACHE_ENV
+    from lora_core.data.synthetic import make_examples
+    from lora_core.spec import RunSpec
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(n, seed=seed)))
+    return RunSpec(model_dir=model_dir, train_file=data, output_dir=Path(tmp_path / "out"),
+                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                   training={"max_steps": max_steps, "batch_size": 4,
+                             "gradient_accumulation_steps": 1, "max_seq_length": 256,
+                             "precision": "bf16", **training},
+                   merge="none")
+
+
 @pytest.mark.slow
 def test_packing_with_bf16_on_cpu_trains(tiny_model_dir, tmp_path, monkeypatch):
     """Padding-free batches + per-example attention train under bf16 autocast on CPU, with the
     frozen weights stored in bf16 (the speed defaults together)."""
-    from lora_core.data.cache import CACHE_ENV
-    from lora_core.data.synthetic import make_examples
-    from lora_core.spec import RunSpec
     from lora_core.train import train
 
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(16, seed=3)))
-    spec = RunSpec(model_dir=tiny_model_dir, train_file=data, output_dir=Path(tmp_path / "out"),
-                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                   training={"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1,
-                             "max_seq_length": 256, "packing": True, "precision": "bf16"},
-                   merge="none")
-    result = train(spec)
+    result = train(_bf16_spec(tiny_model_dir, tmp_path, monkeypatch, 16, seed=3, max_steps=2,
+                              packing=True))
     assert result.status == "completed" and result.metrics["train_loss"] < 20
 
 
@@ -49,9 +57,6 @@ def test_labelled_only_loss_runs_under_trainer_autocast(tiny_model_dir, tmp_path
     import torch
 
     from lora_core import loss as loss_mod
-    from lora_core.data.cache import CACHE_ENV
-    from lora_core.data.synthetic import make_examples
-    from lora_core.spec import RunSpec
     from lora_core.train import train
 
     seen: list[bool] = []
@@ -62,13 +67,5 @@ def test_labelled_only_loss_runs_under_trainer_autocast(tiny_model_dir, tmp_path
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loss_mod, "labelled_only_loss", spy)
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_examples(8, seed=4)))
-    spec = RunSpec(model_dir=tiny_model_dir, train_file=data, output_dir=Path(tmp_path / "out"),
-                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                   training={"max_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
-                             "max_seq_length": 256, "precision": "bf16"},
-                   merge="none")
-    train(spec)
+    train(_bf16_spec(tiny_model_dir, tmp_path, monkeypatch, 8, seed=4, max_steps=1))
     assert seen and all(seen)
