@@ -71,8 +71,34 @@ N_EVAL = 96
 # trains on the same examples, only the order differs. (With a larger set, a length-grouped
 # sampler's first steps are the longest examples of its first mega-batch while a random one's
 # are typical: the arms would time different data.)
+# --quick (the CI smoke test) checks that every arm runs and prints, not speed: short sequences,
+# tiny batches, a small eval set and a small GEMM, so it takes seconds even where bf16 is
+# emulated (the book arm padded to 1024 tokens in emulated bf16 took over 600 s there).
+QUICK_SHAPE = dict(MAX_LEN=128, LEN_MEDIAN=40, LEN_MAX=120, BATCH=2, ACCUM=1, N_EVAL=8,
+                   GEMM_N=512)
+GEMM_N = 2048
 H200_BF16_PEAK_TFLOPS = 989  # NVIDIA H200 SXM dense bf16 tensor-core peak (datasheet)
 RESULT_TAG = "RESULT "
+
+
+def use_quick_shape() -> None:
+    """Switch this process (parent or child) to QUICK_SHAPE."""
+    globals().update(QUICK_SHAPE)
+
+
+def hf_precision(precision: str) -> str:
+    """The HF arms' precision on this machine: bf16 only where it is native (CUDA with bf16, or
+    a CPU with AVX512-BF16 / AMX), fp32 otherwise, as lora_core's "auto" decides for ours.
+    Emulated bf16 is several times slower than fp32: no recipe would run it there."""
+    if precision != "bf16":
+        return precision
+    import torch
+
+    from lora_core.train import cpu_has_native_bf16
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 # ----------------------------------------------------------------------------------- data
@@ -218,7 +244,7 @@ def child_hf(arm: str, precision: str, model_dir: Path, train: Path, evals: Path
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant",
-        seed=SEED, data_seed=SEED, bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+        seed=SEED, data_seed=SEED, bf16=hf_precision(precision) == "bf16", use_cpu=not torch.cuda.is_available(),
         save_strategy="no", eval_strategy="no", logging_steps=max(1, steps), report_to=[],
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if arm == "peer" else "random",
@@ -326,6 +352,8 @@ def run_arm(arm: str, model: str, paths: tuple[Path, Path, Path], steps: int,
     cmd = [sys.executable, __file__, "--child", kind, "--precision", precision,
            "--model-dir", str(paths[0]), "--train", str(paths[1]), "--eval", str(paths[2]),
            "--steps", str(steps), "--out", str(out), "--overrides", overrides.rstrip("]")]
+    if MAX_LEN == QUICK_SHAPE["MAX_LEN"]:
+        cmd.append("--quick")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -362,6 +390,9 @@ def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[
     from bench.gemm_peak import gemm_gflops
 
     paths = build_workdir(workdir, model, steps)
+    hf = {a: hf_precision(ARMS[a.partition("[")[0]][1]) for a in arms if not a.startswith("ours")}
+    if any(ARMS[a.partition("[")[0]][1] != p for a, p in hf.items()):
+        print(f"  (no native bf16 here: the HF arms run {hf})", flush=True)
     per_token, params, st = model_flops(paths[0], paths[1])
     print(f"\n== model {model}: {params / 1e6:.1f}M params; train lengths median {st['median']}, "
           f"p95 {st['p95']}, min {st['min']}, max {st['max']} tokens; "
@@ -371,7 +402,7 @@ def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[
     peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for rep in range(repeats):
         for name in peaks:
-            peaks[name].append(H200_BF16_PEAK_TFLOPS * 1e3 if gpu else gemm_gflops(name))
+            peaks[name].append(H200_BF16_PEAK_TFLOPS * 1e3 if gpu else gemm_gflops(name, GEMM_N))
         for arm in arms if rep % 2 == 0 else arms[::-1]:  # interleaved, order alternates
             r = run_arm(arm, model, paths, steps, workdir, rep)
             results[arm].append(r)
@@ -427,7 +458,8 @@ def main() -> None:
                    'book,peer-bf16,ours); "ours[NAME=VALUE;...]" runs ours with lora_core.train '
                    "constants set")
     p.add_argument("--quick", action="store_true",
-                   help="7M model (8k vocab), 3 steps, 1 repeat, 3 arms: a CI smoke test")
+                   help="7M model (8k vocab), 128-token sequences, 3 steps, 1 repeat, 3 arms: "
+                   "a CI smoke test of every arm (seconds, not a measurement)")
     p.add_argument("--gpu", action="store_true",
                    help="bench/gpu.sh: 0.5B model, peer-bf16 vs ours, peak = H200 bf16 datasheet")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-train-bench"))
@@ -435,6 +467,8 @@ def main() -> None:
     for flag in ("--precision", "--model-dir", "--train", "--eval", "--out", "--overrides"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.quick:
+        use_quick_shape()
     if a.child:
         paths = (Path(a.model_dir), Path(a.train), Path(a.eval))
         if a.child == "ours":

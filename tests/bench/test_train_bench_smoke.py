@@ -1,4 +1,8 @@
-"""bench/train_bench.py --quick runs end to end and prints its ratio lines (speed not asserted)."""
+"""bench/train_bench.py --quick runs every arm end to end and prints its ratio lines.
+
+Speed is not asserted: --quick uses 128-token sequences and batches of 2 (QUICK_SHAPE) so it
+takes seconds of training even where bf16 is emulated; the HF arms fall back to fp32 there.
+"""
 
 from __future__ import annotations
 
