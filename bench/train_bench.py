@@ -244,7 +244,8 @@ def child_hf(arm: str, precision: str, model_dir: Path, train: Path, evals: Path
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant",
-        seed=SEED, data_seed=SEED, bf16=hf_precision(precision) == "bf16", use_cpu=not torch.cuda.is_available(),
+        seed=SEED, data_seed=SEED, bf16=hf_precision(precision) == "bf16",
+        use_cpu=not torch.cuda.is_available(),
         save_strategy="no", eval_strategy="no", logging_steps=max(1, steps), report_to=[],
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if arm == "peer" else "random",
