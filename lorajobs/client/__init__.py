@@ -13,6 +13,7 @@ from lorajobs.client.errors import (
     PayloadTooLargeError,
     RateLimitError,
     ServerError,
+    UnsafePathError,
 )
 from lorajobs.client.sync import Client
 from lorajobs.client.types import Artifact, Checkpoint, Dataset, Event, Job, MetricRow, Model
@@ -31,6 +32,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RateLimitError",
     "ServerError",
+    "UnsafePathError",
     "Artifact",
     "Checkpoint",
     "Dataset",

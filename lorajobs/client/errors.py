@@ -3,6 +3,7 @@
     LorajobsError
     ├── APIConnectionError        could not reach the server (after retries)
     ├── ChecksumError             a download's sha256 did not match the server's manifest
+    ├── UnsafePathError           a server-supplied file name would land outside the target
     └── APIError                  the server answered with an error; `.status`, `.code`, `.param`
         ├── AuthenticationError   401 / 403
         ├── NotFoundError         404
@@ -23,6 +24,7 @@ __all__ = [
     "LorajobsError",
     "APIConnectionError",
     "ChecksumError",
+    "UnsafePathError",
     "APIError",
     "AuthenticationError",
     "NotFoundError",
@@ -45,6 +47,11 @@ class APIConnectionError(LorajobsError):
 
 class ChecksumError(LorajobsError):
     pass
+
+
+class UnsafePathError(LorajobsError):
+    """A download refused before writing anything: an artifact name from the server is
+    absolute, climbs with `..`, or goes through a symlink, so `out / name` would escape `out`."""
 
 
 class APIError(LorajobsError):

@@ -14,7 +14,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import httpx
@@ -22,7 +22,12 @@ from tenacity import Retrying
 
 from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwargs
 from lorajobs.client.config import resolve_api_key, resolve_url
-from lorajobs.client.errors import APIConnectionError, ChecksumError, raise_for_response
+from lorajobs.client.errors import (
+    APIConnectionError,
+    ChecksumError,
+    UnsafePathError,
+    raise_for_response,
+)
 from lorajobs.client.types import (
     Artifact,
     Checkpoint,
@@ -224,7 +229,10 @@ class _Jobs(_Resource):
             raise NotFoundError(404, "not_found", f"job {job_id} has no {kind} artifact"
                                 + (f" at step {step}" if step is not None else ""))
         out = Path(out_dir)
-        return [self.download_artifact(job_id, a, out / a.name) for a in wanted]
+        # Every name is checked before the first byte is written: a hostile or broken server
+        # must not get a file outside `out` (nor half a download inside it).
+        dests = [safe_destination(out, a.name) for a in wanted]
+        return [self.download_artifact(job_id, a, d) for a, d in zip(wanted, dests, strict=True)]
 
     def download_artifact(self, job_id: str, artifact: Artifact, dest: Path) -> Path:
         """Resume a partial `dest.part` with Range; verify sha256; rename into place.
@@ -270,6 +278,35 @@ class _Jobs(_Resource):
             with open(part, "ab" if r.status_code == 206 else "wb") as fh:
                 for chunk in r.iter_raw():
                     fh.write(chunk)
+
+
+def safe_destination(out: Path, name: str) -> Path:
+    """`out / name` for an artifact name the server sent, or UnsafePathError.
+
+    A name is a relative POSIX path inside the artifact ("config.json", "sub/file"). Refused:
+    empty, absolute (`/x`, `C:x`, `\\\\host`), backslashes, NUL, `.` or `..` or empty
+    components, and any component (or the `.part` file) that is already a symlink on disk,
+    since writing through it would land wherever it points."""
+    def refuse(why: str) -> UnsafePathError:
+        return UnsafePathError(f"refusing to download artifact {name!r} from the server: "
+                               f"{why} (files are only written inside {out})")
+
+    if not name or "\x00" in name or "\\" in name:
+        raise refuse("empty name, NUL or backslash")
+    if name.startswith("/") or PureWindowsPath(name).drive:
+        raise refuse("absolute path")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise refuse("'.', '..' or empty path component")
+    dest = out.joinpath(*parts)
+    probes = [out.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]
+    for probe in [*probes, dest.with_name(dest.name + ".part")]:
+        if probe.is_symlink():
+            raise refuse(f"{probe} is a symlink")
+    root = out.resolve()
+    if not dest.resolve().is_relative_to(root):  # belt and braces: the checks above imply it
+        raise refuse("resolves outside the target directory")
+    return dest
 
 
 def _sha256(path: Path) -> str:

@@ -42,8 +42,9 @@ def test_public_surface() -> None:
     assert set(sdk.__all__) == {
         "Client", "AsyncClient", "LorajobsError", "APIConnectionError", "APIError",
         "AuthenticationError", "ChecksumError", "ConflictError", "InvalidRequestError",
-        "NotFoundError", "PayloadTooLargeError", "RateLimitError", "ServerError", "Artifact",
-        "Checkpoint", "Dataset", "Event", "Job", "MetricRow", "Model"}
+        "NotFoundError", "PayloadTooLargeError", "RateLimitError", "ServerError",
+        "UnsafePathError", "Artifact", "Checkpoint", "Dataset", "Event", "Job", "MetricRow",
+        "Model"}
     assert issubclass(sdk.NotFoundError, sdk.APIError)
     assert issubclass(sdk.APIError, sdk.LorajobsError)
 
