@@ -4,6 +4,10 @@ What a reader needs to re-run the job and expect the same adapter: the exact inp
 the base model's weight files and of the training data), the resolved spec and seed, the
 library versions and the hardware. Library versions are read from package metadata, never by
 importing torch & co: the worker process stays torch-free.
+
+Tenants download it, so it names things and never says where they are on the server: the run
+spec's paths become the file's name and sha256 (or go, where `base_model` and `dataset`
+already identify them), and no interpreter path is written.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lora_core.manifest import sha256_file
 
-__all__ = ["LIBRARIES", "library_versions", "hardware", "weights_digests", "write_manifest"]
+__all__ = ["LIBRARIES", "library_versions", "hardware", "weights_digests", "public_run_spec",
+           "write_manifest"]
 
+# RunSpec fields that hold server paths: the run directory is ours, the model and the training
+# data are identified by name + sha256 in the manifest's own `base_model` / `dataset`.
+DROPPED_PATH_FIELDS = ("model_dir", "output_dir")
+HASHED_PATH_FIELDS = ("train_file", "validation_file")
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "safetensors",
              "tokenizers", "lorajobs")
 NVIDIA_SMI_TIMEOUT_SECONDS = 10
@@ -61,6 +69,18 @@ def weights_digests(model_dir: Path, known: dict[str, Any] | None = None) -> dic
             for p in sorted(model_dir.rglob("*")) if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
 
 
+def public_run_spec(run_spec: dict[str, Any]) -> dict[str, Any]:
+    """`run_spec` without a server path: data files as `{name, sha256}`, other paths dropped."""
+    public = {k: v for k, v in run_spec.items() if k not in DROPPED_PATH_FIELDS}
+    for field in HASHED_PATH_FIELDS:
+        value = public.get(field)
+        if value is not None:
+            file = Path(value)
+            public[field] = {"name": file.name,
+                             "sha256": sha256_file(file) if file.is_file() else None}
+    return public
+
+
 def write_manifest(path: Path, *, job_id: str, spec: dict[str, Any], run_spec: dict[str, Any],
                    base_model: dict[str, Any], dataset: dict[str, Any],
                    world_size: int | None, attempt: int,
@@ -69,7 +89,7 @@ def write_manifest(path: Path, *, job_id: str, spec: dict[str, Any], run_spec: d
     doc = {
         "job_id": job_id,
         "spec": spec,
-        "run_spec": run_spec,
+        "run_spec": public_run_spec(run_spec),
         "seed": (spec.get("training") or {}).get("seed"),
         "base_model": base_model,
         "dataset": dataset,
@@ -78,7 +98,6 @@ def write_manifest(path: Path, *, job_id: str, spec: dict[str, Any], run_spec: d
         "world_size": world_size,
         "attempt": attempt,
         "resumed_from_step": resumed_from_step,
-        "python_executable": sys.executable,
     }
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")

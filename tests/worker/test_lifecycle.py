@@ -66,6 +66,7 @@ def test_job_runs_to_success_with_rows_and_artifacts(live_service: LiveService) 
     assert manifest["base_model"]["weights_sha256"].keys() == {"model.safetensors"}
     assert {"torch", "transformers", "peft", "deepspeed"} <= manifest["libraries"].keys()
     assert manifest["hardware"]["cpu_count"] >= 1
+    assert str(settings.data_dir) not in json.dumps(manifest)  # tenants download it: no paths
 
 
 def test_duplicate_delivery_trains_once(live_service: LiveService) -> None:
