@@ -12,11 +12,11 @@ $(BIN)/python:
 # torch is installed first and pinned so that no CUDA build is ever pulled on a CPU machine.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[all]'
 
 dev: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 
 demo: install
 	$(BIN)/python -m lorajobs.demo

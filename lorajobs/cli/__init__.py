@@ -31,10 +31,17 @@ def main() -> None:
     """Console-script entry: run the app, turning our errors into one line + exit code."""
     from lora_core.errors import LoraCoreError
     from lorajobs.cli.errors import UserError, one_line
+    from lorajobs.cli.extras import missing_extra
     from lorajobs.client.errors import LorajobsError
 
     try:
         app()
     except (LorajobsError, LoraCoreError, UserError) as exc:
         typer.echo(f"error: {one_line(exc)}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except ModuleNotFoundError as exc:
+        fix = missing_extra(exc, sys.argv[1:])
+        if fix is None:
+            raise
+        typer.echo(f"error: {fix}", err=True)
         sys.exit(EXIT_USER_ERROR)

@@ -42,7 +42,7 @@ def _load_spec(path: Path) -> dict[str, Any]:
 
 def _check_spec(spec: dict[str, Any], path: Path) -> None:
     """The server's own schema, checked before anything is uploaded: a typo costs nothing."""
-    from lorajobs.service.submit import JobRequest
+    from lorajobs.jobspec import JobRequest
 
     placeholder = {f: "ds_local" for f in ("training_file", "validation_file")
                    if isinstance(spec.get(f), str)}
@@ -299,11 +299,11 @@ def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True
                                                                 file_okay=False),
                     url: str | None = URL, api_key: str | None = KEY,
                     json_out: bool = JSON) -> None:
-    """Copy a local safetensors model dir into the server's model root and register it."""
-    from lorajobs.service.settings import get_settings
+    """Copy a local safetensors model dir into the (same machine's) server model root and
+    register it."""
+    from lorajobs.client.config import local_model_root
 
-    root = get_settings().resolved_model_root
-    dest = root / name
+    dest = local_model_root() / name
     if model_dir.resolve() != dest.resolve():
         if dest.exists():
             raise UserError(f"{dest} already exists in the model root - pick another name")

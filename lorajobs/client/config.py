@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_URL", "resolve_url", "resolve_api_key"]
+__all__ = ["DEFAULT_URL", "resolve_url", "resolve_api_key", "local_model_root"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -35,3 +35,12 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     if key_file.exists():
         return key_file.read_text().strip()
     return None
+
+
+def local_model_root() -> Path:
+    """The embedded server's model root on this machine (`LORAJOBS_MODEL_ROOT`, else
+    `<data dir>/models`), read the way the server reads it but without its settings (the
+    client install has none of the server's packages)."""
+    if env := os.environ.get("LORAJOBS_MODEL_ROOT"):
+        return Path(env)
+    return _data_dir() / "models"

@@ -24,15 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lora_core.errors import LoraCoreError, SpecError
 from lora_core.inspect import validate_lora_spec
-from lora_core.spec import VLLM_LORA_RANKS, DistributedSpec, LoraSpec, MergeMode, TrainingSpec
+from lora_core.spec import VLLM_LORA_RANKS, LoraSpec
+from lorajobs.jobspec import JobRequest
 from lorajobs.service import jobs
+from lorajobs.service.bounds import JobShape, check_job_bounds
 from lorajobs.service.datasets import get_dataset
 from lorajobs.service.errors import InvalidRequest, LimitExceeded, NotFound
 from lorajobs.service.models import (
@@ -51,36 +52,7 @@ __all__ = ["JobRequest", "Resolved", "request_hash", "resolve", "create_job", "d
 
 log = logging.getLogger(__name__)
 
-MAX_METADATA_KEYS = 16
-MAX_METADATA_KEY_CHARS = 64  # OpenAI's metadata limits, so the compat layer can pass it through
-MAX_METADATA_VALUE_CHARS = 512
 MAX_IDEMPOTENCY_KEY_CHARS = 255  # the column width
-
-
-class JobRequest(BaseModel):
-    """What a client may set on a job. No status/tenant/attempt/lease: mass assignment is moot."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str = Field(min_length=1, max_length=200)
-    training_file: str = Field(min_length=1, max_length=40)
-    validation_file: str | None = Field(None, min_length=1, max_length=40)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
-    merge: MergeMode = "final"
-    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_sizes(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            if not key or len(key) > MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"key {key[:20]!r}: 1 to {MAX_METADATA_KEY_CHARS} characters")
-            if len(value) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(f"value of {key!r}: at most {MAX_METADATA_VALUE_CHARS} chars")
-        return v
 
 
 @dataclass
@@ -212,6 +184,10 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
         param = "training.max_steps" if request.training.max_steps else "training.epochs"
         raise InvalidRequest(f"{steps} total steps exceed the limit of "
                              f"{settings.max_total_steps}", param=param, code="too_many_steps")
+    check_job_bounds(JobShape(training=request.training, distributed=request.distributed,
+                              merge=request.merge, num_examples=train.num_examples,
+                              total_steps=steps, max_positions=info.max_positions),
+                     settings, model_name=request.base_model)
     try:
         num_tokens, truncated = _count_tokens(model_dir(settings, model), store, train,
                                               request.training.max_seq_length)

@@ -1,0 +1,46 @@
+"""What a client may ask for when it creates a job: the body of `POST /v1/jobs`.
+
+Shared by the server (`service.submit` checks it against the model, the data and the tenant's
+limits) and the client (the CLI checks a spec file before uploading anything). It imports only
+pydantic and `lora_core.spec`, both torch- and SQL-free, so the client-only install
+(`pip install lorajobs`) can validate with the server's own schema.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lora_core.spec import DistributedSpec, LoraSpec, MergeMode, TrainingSpec
+
+__all__ = ["JobRequest", "MAX_METADATA_KEYS", "MAX_METADATA_KEY_CHARS",
+           "MAX_METADATA_VALUE_CHARS"]
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64  # OpenAI's metadata limits, so the compat layer can pass it through
+MAX_METADATA_VALUE_CHARS = 512
+
+
+class JobRequest(BaseModel):
+    """What a client may set on a job. No status/tenant/attempt/lease: mass assignment is moot."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=40)
+    validation_file: str | None = Field(None, min_length=1, max_length=40)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    merge: MergeMode = "final"
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_sizes(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:20]!r}: 1 to {MAX_METADATA_KEY_CHARS} characters")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"value of {key!r}: at most {MAX_METADATA_VALUE_CHARS} chars")
+        return v
