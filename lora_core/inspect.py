@@ -75,6 +75,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 # Leaf names of output heads: never a LoRA target under "all-linear" (PEFT excludes them too).
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+# config.json keys that hold the longest sequence a model's positions cover, by family:
+# most (max_position_embeddings), GPT-2/BigCode (n_positions), MPT (max_seq_len), Bloom-like
+# (seq_length), GPT-J/CodeGen (n_ctx). Rope-scaled configs already state the extended length.
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                       "n_ctx")
 
 
 @dataclass
@@ -93,6 +98,15 @@ class ModelInfo:
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     module_names: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's positions cover (config.json), None if unstated."""
+        for key in POSITION_LIMIT_KEYS:
+            value = self.config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able summary the API stores for a registered model."""

@@ -45,6 +45,26 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 * MiB, ge=1024)
     max_active_jobs_per_tenant: int = Field(16, ge=1)
     max_total_steps: int = Field(1_000_000, ge=1)
+    # Job-spec bounds (checked at submit, lorajobs/service/bounds.py): what one tenant's job
+    # may ask of a shared node. max_seq_length is also capped by the model's position limit.
+    max_seq_length: int = Field(32_768, ge=8)
+    max_batch_size: int = Field(256, ge=1)
+    max_gradient_accumulation_steps: int = Field(128, ge=1)
+    # Tokens in one micro-batch (batch_size x max_seq_length): what drives activation memory.
+    max_batch_tokens: int = Field(262_144, ge=8)
+    # Processes (GPUs) one job may use: the largest node of the fleet. A worker also refuses a
+    # job wider than the devices it sees (runspec.worker_capacity), as a user error at claim.
+    max_processes_per_job: int = Field(8, ge=1, le=64)
+    # Checkpoints one job writes, and merged models a job with merge "all" writes (one per
+    # kept checkpoint + the final one): each merged model is a full copy of the base weights.
+    max_checkpoints_per_job: int = Field(100, ge=1)
+    max_merges_per_job: int = Field(8, ge=1)
+    # Wall time of one attempt; then the trainer is stopped (it checkpoints) and the job fails
+    # with `max_runtime_exceeded` (not retried). 72 h.
+    max_job_runtime_seconds: float = Field(72 * 3600, gt=0)
+    # Bytes a tenant may keep stored: its datasets + its jobs' registered artifacts. Past it,
+    # uploads and new jobs answer 413 `storage_quota_exceeded` until DELETEs free space.
+    storage_quota_bytes_per_tenant: int = Field(500 * 1024 * MiB, ge=1)
     # Requests the API works on at once (more wait in the event loop, holding no thread and
     # no database connection). Must stay <= db.POOL_CAPACITY / 2: a request holds at most two
     # connections (its session, the enqueue stamp). Without it, a burst of sync requests could
