@@ -94,6 +94,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a worker last claimed one of this tenant's jobs: the fair claim order serves the
+    # tenant served longest ago first (jobs.fair_queue).
+    last_claimed_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
