@@ -23,7 +23,21 @@ __all__ = [
     "TrainingError",
     "MergeError",
     "StorageError",
+    "validation_problems",
 ]
+
+
+def validation_problems(errors: list[Any], rename: dict[str, str] | None = None
+                        ) -> tuple[str, str]:
+    """(param of the first problem, "a.b: msg; c: msg" naming every problem) of a pydantic
+    ValidationError's `errors()`: a spec with three mistakes is reported once, not three
+    round trips. `rename` maps our dotted field names to the caller's (the OpenAI names)."""
+    rename = rename or {}
+    names = [rename.get(n, n) for n in
+             (".".join(str(p) for p in e.get("loc", ())) or "spec" for e in errors)]
+    problems = "; ".join(f"{n}: {e.get('msg', 'invalid')}"
+                         for n, e in zip(names, errors, strict=True))
+    return (names[0] if names else "spec"), problems
 
 
 class LoraCoreError(Exception):

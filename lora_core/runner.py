@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_core.errors import LoraCoreError, SpecError
+from lora_core.errors import LoraCoreError, SpecError, validation_problems
 
 __all__ = ["main", "run_child", "train_from_file", "validate_data_cmd", "load_spec", "StopFlag"]
 
@@ -51,9 +51,7 @@ def load_spec(path: str | os.PathLike[str]) -> Any:  # -> RunSpec
             return RunSpec.model_validate(yaml.safe_load(text) or {})
         return RunSpec.model_validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(x) for x in first["loc"])
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        param, problems = validation_problems(exc.errors())
         raise SpecError(f"invalid spec {p.name}: {problems}", param=param) from exc
     except ValueError as exc:  # YAML errors
         raise SpecError(f"invalid spec {p.name}: {exc}", param="spec") from exc

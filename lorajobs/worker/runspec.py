@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from lora_core.errors import validation_problems
 from lora_core.spec import RunSpec
 from lorajobs.service.models import Dataset, Job, RegisteredModel
 from lorajobs.service.settings import Settings
@@ -111,9 +112,8 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalA
             "resume": True,
         })
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PrepareError("invalid_spec", f"{first['msg']}",
-                           param=".".join(str(p) for p in first["loc"]), user_fault=True) from exc
+        param, problems = validation_problems(exc.errors())
+        raise PrepareError("invalid_spec", problems, param=param, user_fault=True) from exc
     return run_spec, model, dataset
 
 

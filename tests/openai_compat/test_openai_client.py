@@ -132,8 +132,8 @@ def test_errors_arrive_as_openai_exceptions(client: OpenAI, live: Live) -> None:
         client.fine_tuning.jobs.retrieve("ftjob-nope")
     with pytest.raises(openai.BadRequestError) as bad:  # 400, as OpenAI answers
         client.fine_tuning.jobs.create(model=MODEL, training_file=_file(client),
-                                       hyperparameters={"n_epochs": 0})
-    assert "n_epochs" in str(bad.value)
+                                       hyperparameters={"n_epochs": 0, "batch_size": 0})
+    assert "n_epochs" in str(bad.value) and "batch_size" in str(bad.value)  # all at once
     with pytest.raises(openai.BadRequestError, match="no-such-model"):
         client.fine_tuning.jobs.create(model="no-such-model", training_file=_file(client))
     with OpenAI(base_url=f"{live.url}/openai/v1", api_key="sk-wrong", max_retries=0) as wrong:
