@@ -178,11 +178,40 @@ def _is_embedding(module: str) -> bool:
     return "embed" in leaf or leaf in ("wte", "wpe")
 
 
+# Directories inspected by this process, keyed by what their files look like now (name, size,
+# mtime): a run asks for the base model's info in validation, PEFT setup, loading and every
+# merge, and the headers of a large sharded model are worth reading once, not six times. A file
+# replaced or touched changes the key, so a stale ModelInfo is never returned.
+_INFO_CACHE: dict[tuple[str, tuple[tuple[str, int, int], ...]], ModelInfo] = {}
+INFO_CACHE_ENTRIES = 8  # distinct model dirs remembered per process (a worker runs one job)
+
+
+def _dir_signature(d: Path) -> tuple[tuple[str, int, int], ...]:
+    try:
+        entries = [(e.name, e.stat()) for e in os.scandir(d) if e.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
+
+
 def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelInfo:
-    """Read config.json and every weight file's header: no tensor byte is loaded."""
+    """Read config.json and every weight file's header: no tensor byte is loaded.
+
+    Remembered per process while the directory's files are unchanged (_INFO_CACHE)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelError(f"model directory {d} does not exist")
+    key = (str(d.resolve()), _dir_signature(d))
+    if (cached := _INFO_CACHE.get(key)) is not None:
+        return cached
+    info = _read_model_dir(d)
+    if len(_INFO_CACHE) >= INFO_CACHE_ENTRIES:
+        _INFO_CACHE.pop(next(iter(_INFO_CACHE)))
+    _INFO_CACHE[key] = info
+    return info
+
+
+def _read_model_dir(d: Path) -> ModelInfo:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"no config.json in {d}")

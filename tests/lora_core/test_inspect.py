@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,17 @@ def test_manifest_roundtrip(tmp_path):
         "c.txt: not in manifest",
         f"a.txt: sha256 {new} != manifest {old}",
     ]
+
+
+def test_inspection_is_remembered_until_a_file_changes(tiny_model_dir, tmp_path, monkeypatch):
+    import lora_core.inspect as inspect_mod
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    reads: list[Path] = []
+    read = inspect_mod._read_model_dir
+    monkeypatch.setattr(inspect_mod, "_read_model_dir", lambda d: reads.append(d) or read(d))
+    first = inspect_mod.inspect_model_dir(model)
+    assert inspect_mod.inspect_model_dir(model) is first and len(reads) == 1
+    config = model / "config.json"
+    config.write_text(config.read_text().replace('"model_type"', '"model_type" ', 1))
+    assert inspect_mod.inspect_model_dir(model) is not first and len(reads) == 2

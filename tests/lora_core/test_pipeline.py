@@ -38,14 +38,20 @@ def _spec_dict(model_dir, train_file, out, **training) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_trains_merges_every_checkpoint_and_reports_stages(
-    tiny_model_dir, train_file, tmp_path
+    tiny_model_dir, train_file, tmp_path, monkeypatch
 ):
+    import lora_core.inspect as inspect_mod
     from lora_core.pipeline import run
     from lora_core.spec import RunSpec
 
+    reads: list[Path] = []  # the base model's headers are read once per run, not per use
+    read = inspect_mod._read_model_dir
+    monkeypatch.setattr(inspect_mod, "_read_model_dir", lambda d: reads.append(d) or read(d))
+    inspect_mod._INFO_CACHE.clear()
     events: list[tuple[str, dict]] = []
     spec = RunSpec.model_validate(_spec_dict(tiny_model_dir, train_file, tmp_path / "out"))
     result = run(spec, lambda t, **f: events.append((t, f)))
+    assert [d.resolve() for d in reads].count(Path(tiny_model_dir).resolve()) == 1, reads
     stages = [f["stage"] for t, f in events if t == "stage"]
     assert stages == ["preparing", "training", "saving", "merging", "verifying"]
     merged = [f for t, f in events if t == "merged"]
