@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, String, and_, bindparam, case, func, or_, select
+from sqlalchemy import (
+    Row,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
@@ -36,6 +48,7 @@ __all__ = [
     "list_events",
     "list_metrics",
     "list_checkpoints",
+    "checkpoint_artifacts",
     "list_artifacts",
     "get_artifact",
     "artifact_set",
@@ -155,19 +168,65 @@ def list_events(session: Session, *, job_id: str, after: int | None,
     return rows[:limit], len(rows) > limit
 
 
-def list_metrics(session: Session, *, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(
-        select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)))
+def list_metrics(session: Session, *, job_id: str, limit: int,
+                 after: int | None = None) -> tuple[list[JobMetric], bool]:
+    """By step, keyset-paged: `after` is the last step of the previous page ((job, step) is
+    unique). Returns (rows, has_more)."""
+    stmt = select(JobMetric).where(JobMetric.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(JobMetric.step > after)
+    return _page(session, stmt.order_by(JobMetric.step), limit)
 
 
-def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
-    return list(session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+def list_checkpoints(session: Session, *, job_id: str, limit: int, after: int | None = None,
+                     newest_first: bool = False) -> tuple[list[Checkpoint], bool]:
+    """By step (descending if `newest_first`), keyset-paged: `after` is the last step of the
+    previous page, in the page's own order. Returns (rows, has_more)."""
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(Checkpoint.step < after if newest_first else Checkpoint.step > after)
+    order = Checkpoint.step.desc() if newest_first else Checkpoint.step
+    return _page(session, stmt.order_by(order), limit)
 
 
-def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(
-        Artifact.kind, Artifact.step.is_(None), Artifact.step, Artifact.name)))
+def checkpoint_artifacts(session: Session, *, job_id: str, steps: list[int]) -> list[Artifact]:
+    """The adapter and merged files of the given checkpoint steps (one page of checkpoints)."""
+    if not steps:
+        return []
+    return list(session.scalars(select(Artifact).where(
+        Artifact.job_id == job_id, Artifact.kind.in_(("adapter", "merged")),
+        Artifact.step.in_(steps)).order_by(Artifact.kind, Artifact.step, Artifact.name)))
+
+
+# Artifacts list by kind, checkpoints before the final files (step NULL) and by step, then by
+# name; the id breaks ties. A page starts after the cursor artifact's place in that order.
+def _artifact_sort_key(row: Any) -> tuple[Any, ...]:
+    return (row.kind, 1 if row.step is None else 0, -1 if row.step is None else row.step,
+            row.name, row.id)
+
+
+_ARTIFACT_ORDER = (Artifact.kind, case((Artifact.step.is_(None), 1), else_=0),
+                   func.coalesce(Artifact.step, -1), Artifact.name, Artifact.id)
+
+
+def list_artifacts(session: Session, *, job_id: str, limit: int,
+                   after: str | None = None) -> tuple[list[Artifact], bool]:
+    """Every file of a job in a stable order, keyset-paged: `after` is the last artifact id
+    of the previous page (unknown to this job: 422). Returns (rows, has_more)."""
+    stmt = select(Artifact).where(Artifact.job_id == job_id)
+    if after:
+        anchor = session.get(Artifact, after)
+        if anchor is None or anchor.job_id != job_id:
+            raise InvalidRequest(f"unknown cursor {after!r}", param="after")
+        stmt = stmt.where(tuple_(*_ARTIFACT_ORDER) > tuple_(
+            *(literal(v) for v in _artifact_sort_key(anchor))))
+    return _page(session, stmt.order_by(*_ARTIFACT_ORDER), limit)
+
+
+def _page(session: Session, stmt: Select[Any], limit: int) -> tuple[list[Any], bool]:
+    """One page in SQL: `limit + 1` rows are read to know whether there is another."""
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def get_artifact(session: Session, *, job_id: str, artifact_id: str) -> Artifact:

@@ -230,6 +230,8 @@ class MetricRow(BaseModel):
 class MetricsPublic(BaseModel):
     object: str = "list"
     data: list[MetricRow]
+    has_more: bool = False
+    next_cursor: int | None = Field(None, description="the last step of this page: `after`")
 
 
 class ArtifactPublic(BaseModel):
@@ -252,6 +254,8 @@ class ArtifactPublic(BaseModel):
 class ArtifactsPublic(BaseModel):
     object: str = "list"
     data: list[ArtifactPublic]
+    has_more: bool = False
+    next_cursor: str | None = Field(None, description="the last artifact id of this page")
 
 
 class ArtifactSet(BaseModel):
@@ -273,6 +277,8 @@ class CheckpointPublic(BaseModel):
 class CheckpointsPublic(BaseModel):
     object: str = "list"
     data: list[CheckpointPublic]
+    has_more: bool = False
+    next_cursor: int | None = Field(None, description="the last step of this page: `after`")
 
 
 class KeyCreate(_Request):
@@ -281,6 +287,7 @@ class KeyCreate(_Request):
     name: str = Field("", max_length=200)
     tenant: str | None = Field(None, min_length=1, max_length=200)
     is_admin: bool = False
+    manage_keys: bool = Field(False, description="may mint and revoke its tenant's keys")
 
 
 class KeyPublic(BaseModel):
@@ -290,13 +297,17 @@ class KeyPublic(BaseModel):
     name: str
     tenant_id: str
     is_admin: bool
+    manage_keys: bool = False
+    created_by: str | None = Field(None, description="the key that minted this one")
     created_at: datetime
     revoked_at: datetime | None
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyPublic:
         return cls(id=row.id, prefix=row.prefix, name=row.name, tenant_id=row.tenant_id,
-                   is_admin=row.is_admin, created_at=row.created_at, revoked_at=row.revoked_at)
+                   is_admin=row.is_admin, manage_keys=bool(row.manage_keys),
+                   created_by=row.created_by, created_at=row.created_at,
+                   revoked_at=row.revoked_at)
 
 
 class KeyCreated(KeyPublic):

@@ -315,10 +315,13 @@ def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True
 
 @keys_app.command("create")
 def keys_create(name: str = typer.Option(""), tenant: str | None = typer.Option(None),
+                manage_keys: bool = typer.Option(False, "--manage-keys",
+                                                 help="the new key may mint and revoke keys"),
                 url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
-    """Create an API key (admins may create one for a new tenant). Shown once."""
+    """Create an API key (admin or --manage-keys keys; admins may name a new tenant). Shown
+    once."""
     with _client(url, api_key) as client:
-        body = client.keys.create(name=name, tenant=tenant)
+        body = client.keys.create(name=name, tenant=tenant, manage_keys=manage_keys)
     print_json(body) if json_out else console.print(f"{body.get('id')}: {body.get('key')}")
 
 

@@ -43,6 +43,9 @@ __all__ = ["Client"]
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RETRIES = 3
 DOWNLOAD_CHUNK = 1024 * 1024
+# Page sizes for the per-job lists: the server's maxima, so a usual job is one request.
+LIST_PAGE = 1000
+METRICS_PAGE = 10_000
 
 
 class Client:
@@ -98,7 +101,8 @@ class Client:
             yield from page["data"]
             if not page.get("has_more"):
                 return
-            after = page.get("next_cursor") or page["data"][-1]["id"]
+            cursor = page.get("next_cursor")  # may be 0 (a step): not "missing"
+            after = cursor if cursor is not None else page["data"][-1]["id"]
 
 
 class _Resource:
@@ -134,10 +138,15 @@ class _Models(_Resource):
 
 
 class _Keys(_Resource):
-    def create(self, *, name: str = "", tenant: str | None = None) -> dict[str, Any]:
+    def create(self, *, name: str = "", tenant: str | None = None,
+               manage_keys: bool = False) -> dict[str, Any]:
+        """A new key (its secret is in the answer only). Needs an admin key or one with
+        manage_keys; `tenant` (admins only) names another tenant, created if new."""
         body: dict[str, Any] = {"name": name}
         if tenant:
             body["tenant"] = tenant
+        if manage_keys:
+            body["manage_keys"] = True
         return self._c.request("POST", "/v1/keys", json=body).json()
 
     def revoke(self, key_id: str) -> None:
@@ -200,16 +209,17 @@ class _Jobs(_Resource):
             raise APIConnectionError(f"event stream broke: {exc}") from exc
 
     def metrics(self, job_id: str) -> list[MetricRow]:
-        body = self._c.get_json(f"/v1/jobs/{job_id}/metrics")
-        return [MetricRow.model_validate(m) for m in body["data"]]
+        """The whole loss curve (every page)."""
+        return [MetricRow.model_validate(m) for m in self._c.paginate(
+            f"/v1/jobs/{job_id}/metrics", limit=METRICS_PAGE)]
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
-        body = self._c.get_json(f"/v1/jobs/{job_id}/checkpoints")
-        return [Checkpoint.model_validate(c) for c in body["data"]]
+        return [Checkpoint.model_validate(c) for c in self._c.paginate(
+            f"/v1/jobs/{job_id}/checkpoints", limit=LIST_PAGE)]
 
     def artifacts(self, job_id: str) -> list[Artifact]:
-        body = self._c.get_json(f"/v1/jobs/{job_id}/artifacts")
-        return [Artifact.model_validate(a) for a in body["data"]]
+        return [Artifact.model_validate(a) for a in self._c.paginate(
+            f"/v1/jobs/{job_id}/artifacts", limit=LIST_PAGE)]
 
     def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
                  step: int | None = None, kind: str | None = None) -> list[Path]:

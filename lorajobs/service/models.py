@@ -109,6 +109,12 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(200), default="")
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # May mint keys for its own tenant and revoke its tenant's non-admin keys (keys.py).
+    manage_keys: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The key that minted this one (None: made by the server itself, e.g. the local admin
+    # key). Revoking a non-admin key revokes every key minted under it (keys.revoke_key).
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True,
+                                                   default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 

@@ -16,6 +16,9 @@ from lorajobs.service.archive import TarEntry, TarStream
 
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+# A job's files: a few per adapter or merged model, per kept checkpoint. One page is all of
+# them for any usual job (the dashboard reads one page); the SDK follows `next_cursor`.
+ARTIFACTS_PAGE_MAX = 1000
 
 
 def _tar_download(session: SessionDep, store: StoreDep, tenant_id: str, job_id: str,
@@ -47,11 +50,17 @@ def download_merged(job_id: str, session: SessionDep, store: StoreDep, principal
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
-def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep) -> ArtifactsPublic:
+def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep,
+                   after: Annotated[str | None, Query(max_length=40,
+                                                      description="the last artifact id seen")]
+                   = None,
+                   limit: Annotated[int, Query(ge=1, le=ARTIFACTS_PAGE_MAX)] = ARTIFACTS_PAGE_MAX,
+                   ) -> ArtifactsPublic:
     """Every file of the job with its size and sha256."""
     queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
-    return ArtifactsPublic(data=[ArtifactPublic.from_row(a)
-                                 for a in queries.list_artifacts(session, job_id=job_id)])
+    rows, has_more = queries.list_artifacts(session, job_id=job_id, after=after, limit=limit)
+    return ArtifactsPublic(data=[ArtifactPublic.from_row(a) for a in rows], has_more=has_more,
+                           next_cursor=rows[-1].id if rows else after)
 
 
 @router.get("/{job_id}/artifacts/{artifact_id}")

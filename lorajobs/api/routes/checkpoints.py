@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from lorajobs.api import queries
 from lorajobs.api.deps import PrincipalDep, SessionDep
-from lorajobs.api.schemas import ArtifactPublic, ArtifactSet, CheckpointPublic, CheckpointsPublic
+from lorajobs.api.schemas import (
+    MAX_STEP,
+    ArtifactPublic,
+    ArtifactSet,
+    CheckpointPublic,
+    CheckpointsPublic,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
+CHECKPOINTS_PAGE_MAX = 1000  # checkpoints are kept bounded per job: one page is all of them
+
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
-def list_checkpoints(job_id: str, session: SessionDep,
-                     principal: PrincipalDep) -> CheckpointsPublic:
+def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep,
+                     after: Annotated[int | None, Query(ge=0, le=MAX_STEP,
+                                                        description="the last step already seen")]
+                     = None,
+                     limit: Annotated[int, Query(ge=1, le=CHECKPOINTS_PAGE_MAX)]
+                     = CHECKPOINTS_PAGE_MAX) -> CheckpointsPublic:
     """Checkpoints by step with their adapter (and merged, if merged) files."""
     queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    rows, has_more = queries.list_checkpoints(session, job_id=job_id, after=after, limit=limit)
     files: dict[tuple[str, int | None], list[ArtifactPublic]] = defaultdict(list)
-    for row in queries.list_artifacts(session, job_id=job_id):
+    for row in queries.checkpoint_artifacts(session, job_id=job_id, steps=[c.step for c in rows]):
         files[(row.kind, row.step)].append(ArtifactPublic.from_row(row))
 
     def artifact_set(kind: str, step: int) -> ArtifactSet | None:
@@ -32,5 +46,5 @@ def list_checkpoints(job_id: str, session: SessionDep,
                          adapter=artifact_set("adapter", c.step),
                          merged=artifact_set("merged", c.step), metrics=c.metrics or {},
                          created_at=c.created_at)
-        for c in queries.list_checkpoints(session, job_id=job_id)
-    ])
+        for c in rows
+    ], has_more=has_more, next_cursor=rows[-1].step if rows else after)
