@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
-from lorajobs.api.schemas import MAX_EVENT_ID, fine_tuned_model_name
+from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP, fine_tuned_model_name
 from lorajobs.service import datasets, jobs, submit
 from lorajobs.service.errors import InvalidRequest
 from lorajobs.service.models import Dataset, Job, JobEvent
@@ -275,6 +275,7 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep,
 
 
 EVENT_PREFIX = "ftevent-"
+CHECKPOINT_PREFIX = "ftckpt-"  # + "<job id>-<step>"
 
 
 def _events_newest_first(session: Session, *, job_id: str, before: int | None,
@@ -295,7 +296,10 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, principal: Princip
     before = None
     if after:
         digits = after.removeprefix(EVENT_PREFIX)
-        if not digits.isdigit() or int(digits) > MAX_EVENT_ID:
+        # ASCII digits only ("²".isdigit() is true, int("²") raises), and few enough that
+        # int() accepts them (CPython refuses over 4300 digits).
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 19) \
+                or int(digits) > MAX_EVENT_ID:
             raise InvalidRequest(f"invalid event id {after!r}", param="after")
         before = int(digits)
     rows, has_more = _events_newest_first(session, job_id=job_id, before=before, limit=limit)
@@ -308,17 +312,25 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, principal: Princip
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep,
-                                 limit: Annotated[int, Query(ge=1, le=100)] = 10
+                                 limit: Annotated[int, Query(ge=1, le=100)] = 10,
+                                 after: Annotated[str | None, Query(max_length=100)] = None,
                                  ) -> dict[str, Any]:
-    """Checkpoints, newest first."""
+    """Checkpoints, newest first; `after` is the last checkpoint id of the previous page."""
     job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
-    rows = list(reversed(queries.list_checkpoints(session, job_id=job_id)))[:limit]
-    data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job.id}-{c.step}",
+    before = None
+    if after:
+        step = after.removeprefix(f"{CHECKPOINT_PREFIX}{job.id}-")
+        if step == after or not (step.isascii() and step.isdigit()) or int(step) > MAX_STEP:
+            raise InvalidRequest(f"invalid checkpoint id {after!r}", param="after")
+        before = int(step)
+    rows, has_more = queries.list_checkpoints(session, job_id=job_id, after=before,
+                                              limit=limit, newest_first=True)
+    data = [{"object": "fine_tuning.job.checkpoint", "id": f"{CHECKPOINT_PREFIX}{job.id}-{c.step}",
              "created_at": _ts(c.created_at), "fine_tuning_job_id": job.id,
              "fine_tuned_model_checkpoint": f"ft:{job.base_model}:{job.suffix or 'lorajobs'}:"
                                             f"{job.id}:ckpt-step-{c.step}",
              "metrics": {"step": c.step, **(c.metrics or {})}, "step_number": c.step}
             for c in rows]
-    return {"object": "list", "data": data, "has_more": False,
+    return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
