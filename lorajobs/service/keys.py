@@ -2,6 +2,17 @@
 
 A key looks like `lj_<43 url-safe chars>` (256 bits); sha256 of a high-entropy secret needs no
 salt or slow KDF. Revocation takes effect on the next request (every request re-reads the row).
+
+What a key may do with keys (`mint_key`, `revoke_key`; the README has the table):
+
+    admin          any tenant: mint (admin keys too), revoke any key
+    manage_keys    its own tenant: mint non-admin keys, revoke its non-admin keys
+    other keys     revoke themselves only
+
+Every key records the key that minted it (`created_by`). Revoking a non-admin key also revokes
+every key minted under it, transitively, so a leaked key cannot leave live keys behind. Keys
+minted by an admin key survive its revocation: rotating the operator's key must not revoke
+every tenant's keys (an admin key's leak is answered by listing `created_by`).
 """
 
 from __future__ import annotations
@@ -10,10 +21,10 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from lorajobs.service.errors import NotFound, Unauthorized
+from lorajobs.service.errors import Forbidden, NotFound, Unauthorized
 from lorajobs.service.models import ApiKey, Tenant, new_id, utcnow
 
 __all__ = [
@@ -21,6 +32,7 @@ __all__ = [
     "create_tenant",
     "get_or_create_tenant",
     "create_key",
+    "mint_key",
     "authenticate",
     "check_key",
     "check_presented",
@@ -47,15 +59,35 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
     return tenant or create_tenant(session, name=name)
 
 
-def create_key(session: Session, *, tenant_id: str, name: str = "", is_admin: bool = False
+def create_key(session: Session, *, tenant_id: str, name: str = "", is_admin: bool = False,
+               manage_keys: bool = False, created_by: str | None = None
                ) -> tuple[ApiKey, str]:
-    """Create a key; returns (row, plaintext). The plaintext is never stored."""
+    """Create a key, no questions asked (callers check rights: `mint_key`); returns
+    (row, plaintext). The plaintext is never stored."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(id=new_id("key"), tenant_id=tenant_id, key_hash=hash_key(plaintext),
-                 prefix=plaintext[:10], name=name, is_admin=is_admin)
+                 prefix=plaintext[:10], name=name, is_admin=is_admin, manage_keys=manage_keys,
+                 created_by=created_by)
     session.add(row)
     session.flush()
     return row, plaintext
+
+
+def mint_key(session: Session, *, by: ApiKey, name: str = "", tenant: str | None = None,
+             is_admin: bool = False, manage_keys: bool = False) -> tuple[ApiKey, str]:
+    """A key minted by the key `by`, for `by`'s tenant (admins: for `tenant`, created if new).
+
+    Forbidden unless `by` is an admin key or has manage_keys; only an admin names a tenant or
+    mints an admin key."""
+    if not (by.is_admin or by.manage_keys):
+        raise Forbidden("minting keys needs an admin key or a key with manage_keys",
+                        param="Authorization")
+    if (tenant is not None or is_admin) and not by.is_admin:
+        raise Forbidden("only an admin key may name a tenant or create admin keys",
+                        param="tenant" if tenant is not None else "is_admin")
+    tenant_id = by.tenant_id if tenant is None else get_or_create_tenant(session, name=tenant).id
+    return create_key(session, tenant_id=tenant_id, name=name, is_admin=is_admin,
+                      manage_keys=manage_keys or is_admin, created_by=by.id)
 
 
 def authenticate(session: Session, presented: str | None) -> ApiKey:
@@ -85,14 +117,42 @@ def check_key(stored_hash: str | None, revoked_at: object, digest: str) -> None:
         raise Unauthorized("API key revoked")
 
 
-def revoke_key(session: Session, *, key_id: str, tenant_id: str) -> ApiKey:
+def revoke_key(session: Session, *, key_id: str, by: ApiKey) -> ApiKey:
+    """Revoke `key_id` on behalf of the key `by`, and every key minted under it (module doc).
+
+    NotFound for a key `by` cannot see (another tenant's, unless `by` is an admin); Forbidden
+    for an admin key unless `by` is one, and for another key unless `by` is an admin or has
+    manage_keys. A key may always revoke itself."""
     row = session.get(ApiKey, key_id)
-    if row is None or row.tenant_id != tenant_id:
+    if row is None or (row.tenant_id != by.tenant_id and not by.is_admin):
         raise NotFound(f"no API key {key_id!r}", param="key_id")
+    if row.id != by.id:
+        if row.is_admin and not by.is_admin:
+            raise Forbidden("only an admin key may revoke an admin key", param="key_id")
+        if not (by.is_admin or by.manage_keys):
+            raise Forbidden("revoking another key needs an admin key or a key with "
+                            "manage_keys", param="key_id")
+    now = utcnow()
     if row.revoked_at is None:
-        row.revoked_at = utcnow()
+        row.revoked_at = now
+    if not row.is_admin:
+        _revoke_minted_under(session, row.id, now)
     session.flush()
     return row
+
+
+def _revoke_minted_under(session: Session, key_id: str, now: object) -> None:
+    """Revoke the keys minted by `key_id`, their keys, and so on: one query per generation.
+    Keys are minted by live keys only, so this tree has no cycles."""
+    frontier = [key_id]
+    while frontier:
+        children = list(session.scalars(select(ApiKey.id).where(
+            ApiKey.created_by.in_(frontier))))
+        if children:
+            session.execute(update(ApiKey).where(ApiKey.id.in_(children),
+                                                 ApiKey.revoked_at.is_(None))
+                            .values(revoked_at=now))
+        frontier = children
 
 
 def ensure_admin_key(session: Session, *, key_file) -> str:  # type: ignore[no-untyped-def]

@@ -85,8 +85,9 @@ def api(api_settings: Settings) -> Iterator[Api]:
     with get_sessionmaker(api_settings)() as session:
         for who in ("admin", "alice", "bob"):
             tenant = keys.create_tenant(session, name=who)
+            # Each tenant's root key, as an admin mints it: it manages its tenant's keys.
             _, plaintext[who] = keys.create_key(session, tenant_id=tenant.id, name=who,
-                                                is_admin=who == "admin")
+                                                is_admin=who == "admin", manage_keys=True)
         session.commit()
         registry.register_model(session, name=MODEL_NAME, path_under_model_root="tiny",
                                 settings=api_settings)
