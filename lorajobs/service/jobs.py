@@ -16,17 +16,19 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from lorajobs.service.errors import IllegalTransition
-from lorajobs.service.models import Job, JobEvent, JobStatus, utcnow
+from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, utcnow
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "transition",
     "add_event",
     "claim",
+    "claim_next",
+    "fair_queue",
     "renew_lease",
     "request_cancel",
     "reap_expired_leases",
@@ -127,8 +129,57 @@ def claim(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> J
     assert job is not None
     add_event(session, job_id, "status", f"queued -> running (attempt {job.attempt})",
               data={"from": S.QUEUED, "to": S.RUNNING, "attempt": job.attempt, "owner": owner})
+    session.execute(update(Tenant).where(Tenant.id == job.tenant_id)
+                    .values(last_claimed_at=now))
     session.commit()
     return job
+
+
+# Queued jobs one `claim_next` tries in fair order per read: more than the workers that can
+# race for the head of the queue at once; after CLAIM_ROUNDS reads lost to racers it gives up
+# (the message's job stays queued and the reaper re-sends it).
+CLAIM_CANDIDATES = 8
+CLAIM_ROUNDS = 3
+
+
+def fair_queue(session: Session, *, limit: int) -> list[str]:
+    """Claimable job ids in fair-share order, best first.
+
+    1. the tenant with the fewest running jobs (one tenant cannot hold every worker while
+       another waits);
+    2. then the tenant served longest ago (`tenants.last_claimed_at`, never first): with one
+       worker, tenants take turns instead of one tenant's backlog running first;
+    3. then the tenant's oldest job (a requeued job keeps its place).
+    """
+    running = (select(Job.tenant_id, func.count().label("n"))
+               .where(Job.status == S.RUNNING).group_by(Job.tenant_id).subquery())
+    return list(session.scalars(
+        select(Job.id)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .where(Job.status == S.QUEUED, Job.cancel_requested.is_(False))
+        .order_by(func.coalesce(running.c.n, 0), Tenant.last_claimed_at.asc().nulls_first(),
+                  Job.created_at, Job.id)
+        .limit(limit)))
+
+
+def claim_next(session: Session, *, owner: str, lease_seconds: int) -> Job | None:
+    """Claim the job whose turn it is (`fair_queue`), or None when nothing is claimable.
+
+    The worker calls this on every broker message, whichever job id it carries: a message is
+    a wake-up call, one per queued job, and each claims at most one job, so every queued job
+    is still claimed once and a duplicate or stale message finds nothing left (a no-op).
+    Racing workers: `claim` is conditional, the loser moves on to the next candidate.
+    """
+    for _ in range(CLAIM_ROUNDS):
+        candidates = fair_queue(session, limit=CLAIM_CANDIDATES)
+        session.rollback()  # end the read: each claim is its own short transaction
+        if not candidates:
+            return None
+        for job_id in candidates:
+            if (job := claim(session, job_id, owner=owner, lease_seconds=lease_seconds)):
+                return job
+    return None
 
 
 def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:

@@ -1,8 +1,12 @@
-"""The Celery task body: claim the job under a lease, or do nothing.
+"""The Celery task body: claim a job under a lease, or do nothing.
 
-Thin on purpose (Celery's own advice): the message carries only the job id, the row is re-read,
-and `jobs.claim` decides whether there is work. A duplicate delivery, a message for a job that
-finished, was cancelled or is running under someone else's live lease: all return "noop".
+Thin on purpose (Celery's own advice): the message carries only a job id and is a wake-up call.
+The worker claims the job whose turn it is in the fair-share order (`jobs.claim_next`: the
+tenant with the fewest running jobs, then the one served longest ago), which need not be the
+message's job: with one worker, a tenant that queued 10 jobs no longer runs all 10 before
+another tenant's one. Each message claims at most one job, and there is one per queued job,
+so each is claimed once; a duplicate delivery, or a message whose job someone already ran,
+finds nothing left and returns "noop".
 """
 
 from __future__ import annotations
@@ -53,12 +57,13 @@ def run_job(job_id: str) -> str:
                      requeue=True)
     owner = worker_owner()
     with get_sessionmaker(settings)() as session:
-        job = jobs.claim(session, job_id, owner=owner, lease_seconds=settings.lease_seconds)
+        job = jobs.claim_next(session, owner=owner, lease_seconds=settings.lease_seconds)
     if job is None:
-        log.info("job %s not claimable (duplicate delivery, finished or cancelled): no-op",
-                 job_id)
+        log.info("job %s not claimable and no other job queued (duplicate delivery, "
+                 "finished or cancelled): no-op", job_id)
         return "noop"
-    log.info("job %s claimed by %s (attempt %d)", job_id, owner, job.attempt)
-    outcome = supervise(settings, job_id, owner)
-    log.info("job %s attempt %d: %s", job_id, job.attempt, outcome)
+    log.info("job %s claimed by %s (attempt %d; woken by the message for %s)", job.id, owner,
+             job.attempt, job_id)
+    outcome = supervise(settings, job.id, owner)
+    log.info("job %s attempt %d: %s", job.id, job.attempt, outcome)
     return outcome
