@@ -4,6 +4,7 @@ guarded by our lease owner: if the reaper or a cancel won a race, we lose quietl
     finished completed            -> succeeded  (final adapter, manifest, logs registered first)
     error event                   -> failed     (the child's {code, message, param, user_fault})
     stopped / killed for a cancel -> cancelled  (checkpoints kept)
+    stopped at the runtime limit  -> failed     max_runtime_exceeded (checkpoints kept)
     stopped for worker shutdown   -> queued     (and re-sent: another worker resumes it)
     no verdict (crash, OOM kill)  -> queued while attempts remain, else failed trainer_crashed
 """
@@ -154,6 +155,17 @@ def _storage_full_error(context: SettleContext, recorder: EventRecorder,
                        f"(trainer: {child})"}
 
 
+def _runtime_exceeded(settings: Settings, step: int | None) -> dict[str, Any]:
+    """The job ran past `max_job_runtime_seconds`: failed, not retried (it would run as long
+    again), with what it saved on the way out still listed and downloadable."""
+    kept = (f"its last checkpoint (step {step}) is kept: download it with ?step={step}"
+            if step else "it had saved no checkpoint")
+    return {"code": "max_runtime_exceeded", "param": None, "user_fault": True,
+            "message": f"the job ran longer than the limit of "
+                       f"{settings.max_job_runtime_seconds:g} s and was stopped; {kept}. "
+                       "Resubmit with fewer steps or a smaller dataset"}
+
+
 def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
            returncode: int, stop_reason: str | None, lost: bool,
            context: SettleContext) -> str:
@@ -184,6 +196,8 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
         ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
                              message=f"cancelled; last checkpoint step {step}")
         return CANCELLED if ok else LOST
+    if stop_reason == "timeout":
+        return fail(session, job, owner=owner, error=_runtime_exceeded(context.settings, step))
     if stop_reason == "shutdown":
         return requeue(session, job, owner=owner, settings=context.settings,
                        message=f"worker shutting down; requeued{resume_note}",

@@ -11,6 +11,8 @@ Every `worker_poll_seconds` the loop:
     renews the lease            -> lost it? SIGKILL the group: someone else owns the job now
     reads cancel_requested      -> stop file, SIGTERM after cancel_grace_seconds, then SIGKILL
     checks the shutdown flag    -> the same stop sequence; the job is requeued, not failed
+    checks the runtime limit    -> the same stop sequence past max_job_runtime_seconds of this
+                                   attempt; the job fails `max_runtime_exceeded`, checkpoint kept
 
 Outcomes (`settle`): finished completed -> succeeded; finished stopped -> cancelled (cancel) or
 queued (shutdown); an error event -> failed with the child's {code, message, param, user_fault};
@@ -67,7 +69,9 @@ class Supervisor:
         self.shutdown_requested = shutdown_requested or (lambda: shutdown.requested(settings))
         self.sessions = get_sessionmaker(settings)
         self.store = get_store(settings)
-        self.stop_reason: str | None = None  # "cancel" | "shutdown"
+        self.stop_reason: str | None = None  # "cancel" | "shutdown" | "timeout"
+        # The runtime limit counts from the claim, so preparing and merging count too.
+        self.deadline = time.monotonic() + settings.max_job_runtime_seconds
         self.lost = False
         self._stop_sent_at: float | None = None
         self._term_sent_at: float | None = None
@@ -240,6 +244,10 @@ class Supervisor:
                     self._request_stop(paths, "shutdown")
                 elif self._cancel_requested():
                     self._request_stop(paths, "cancel")
+                elif now >= self.deadline:
+                    log.warning("job %s: past max_job_runtime_seconds=%g; stopping it",
+                                self.job_id, self.settings.max_job_runtime_seconds)
+                    self._request_stop(paths, "timeout")
             self._escalate(proc.pid, now)
             time.sleep(poll)
 
