@@ -1,17 +1,20 @@
 """The FastAPI app factory: `create_app(settings)` wires settings, DB, store, errors, metrics.
 
-    request ─▶ MetricsMiddleware (latency by route) ─▶ ConcurrencyLimitMiddleware (bulkhead)
-            ─▶ NulByteMiddleware (422) ─▶ BodyLimitMiddleware (413 early/streaming)
+    request ─▶ MetricsMiddleware (latency by route) ─▶ NulByteMiddleware (422)
+            ─▶ BodyLimitMiddleware (413 early/streaming) ─▶ AuthMiddleware (401 from headers)
+            ─▶ BodyTimeoutMiddleware (408; JSON read whole) ─▶ ConcurrencyLimitMiddleware
             ─▶ FastAPI router (/healthz /readyz /metrics, /v1/...) ─▶ error handlers (api.errors)
 
 Everything a request needs hangs off `app.state` (settings, sessionmaker, store, enqueue,
-metrics registry; on PostgreSQL the asyncpg reader of the polled `GET /v1/jobs/{id}`): no
-module globals, so tests can run a SQLite app and a PostgreSQL app side by side. This module,
-like the whole API package, never imports torch or transformers.
+metrics registry, the request slots /readyz reports; on PostgreSQL the asyncpg reader of the
+polled `GET /v1/jobs/{id}`): no module globals, so tests can run a SQLite app and a PostgreSQL
+app side by side. This module, like the whole API package, never imports torch or
+transformers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,13 +23,20 @@ from functools import partial
 from fastapi import FastAPI
 
 from lorajobs.api import openai_compat
+from lorajobs.api.auth import LOOKUPS_IN_FLIGHT, AuthMiddleware
 from lorajobs.api.errors import document_error_responses, install_error_handlers
 from lorajobs.api.limits import (
     BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
     ConcurrencyLimitMiddleware,
     NulByteMiddleware,
+    RequestSlots,
 )
-from lorajobs.api.observability import MetricsMiddleware, make_registry
+from lorajobs.api.observability import (
+    MetricsMiddleware,
+    install_access_log_redaction,
+    make_registry,
+)
 from lorajobs.api.pgread import make_pg_reader
 from lorajobs.api.routes import (
     artifacts,
@@ -62,17 +72,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pg_reader = make_pg_reader(settings.resolved_database_url)
     app.state.store = get_store(settings)
     app.state.enqueue = partial(default_enqueue, settings=settings)
-    registry, latency = make_registry(app.state.sessionmaker)
+    app.state.request_slots = RequestSlots(settings.api_max_concurrent_requests,
+                                           settings.max_concurrent_uploads)
+    # Key lookups and probe queries outside the slots (auth.LOOKUPS_IN_FLIGHT).
+    app.state.lookups = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
+    registry, latency = make_registry(app.state.sessionmaker, settings)
     app.state.metrics_registry = registry
     for module in ROUTERS:
         app.include_router(module.router)
     install_error_handlers(app)
-    # Added last = outermost: latency includes the limit check and the error handlers.
     document_error_responses(app)
+    # Added last = outermost: latency includes the limit checks and the error handlers. A
+    # request takes its slot (ConcurrencyLimit) only once its key is valid (Auth) and its
+    # JSON body has arrived (BodyTimeout): see api/limits.py.
+    app.add_middleware(ConcurrencyLimitMiddleware, slots=app.state.request_slots)
+    app.add_middleware(BodyTimeoutMiddleware, settings=settings)
+    app.add_middleware(AuthMiddleware, sessions=app.state.sessionmaker,
+                       lookups=app.state.lookups)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(NulByteMiddleware)
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.api_max_concurrent_requests)
     app.add_middleware(MetricsMiddleware, latency=latency)
+    install_access_log_redaction()
     return app
 
 

@@ -2,27 +2,107 @@
 
 The principal is the `ApiKey` row; its `tenant_id` scopes every query a route makes, and
 `is_admin` gates the operator endpoints (model registration, creating other tenants).
+
+`AuthMiddleware` checks the key from the headers alone, before a byte of the body is read and
+before the request takes a concurrency slot (api/limits.py): a request without a valid key
+answers 401 having held nothing. The row it found travels in `scope["state"]` to
+`deps.get_principal`, so a route does not read it twice. Keys are only ever read from the
+`Authorization` header: never from a query string, which access logs and browser histories
+keep (api/observability.py redacts them from the access log all the same).
 """
 
 from __future__ import annotations
 
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+import asyncio
+import re
 
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lorajobs.api.errors import error_response
 from lorajobs.service import keys
 from lorajobs.service.errors import Forbidden
 from lorajobs.service.models import ApiKey
 
-__all__ = ["bearer", "authenticate", "require_admin"]
+__all__ = ["bearer", "authenticate", "authenticate_presented", "bearer_token", "require_admin",
+           "AuthMiddleware", "AUTH_PREFIXES", "LOOKUPS_IN_FLIGHT", "PRINCIPAL_STATE"]
 
 # auto_error=False: a missing or malformed header must answer in our error shape (401), not
 # FastAPI's default 403 {"detail": ...}.
 bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer lj_...`")
 
+# Every route under these needs a key.
+AUTH_PREFIXES = ("/v1/", "/openai/v1/")
+# GET /v1/jobs/{id} (the polled hot read) checks the key in the same query as the job
+# (routes/jobs.py, api/pgread.py): checking it here too would double its cost. It has no
+# body to wait for, and its one query is bounded (pgread.COMMAND_TIMEOUT_S).
+_SELF_AUTHENTICATED = re.compile(r"/v1/jobs/[^/]+/?")
+# Key lookups and probes running outside the request slots at once (app.state.lookups): each
+# holds one pooled connection inside one thread call, so with the slots' two connections a
+# request (2 x 16) they stay within db.POOL_CAPACITY (40), and they never wait on a thread
+# that waits on them.
+LOOKUPS_IN_FLIGHT = 4
+PRINCIPAL_STATE = "principal"  # scope["state"] key of the authenticated ApiKey row
+
 
 def authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
     """The live key row for the request's bearer token, or Unauthorized."""
     return keys.authenticate(session, credentials.credentials if credentials else None)
+
+
+def authenticate_presented(sessions: sessionmaker[Session], presented: str | None) -> ApiKey:
+    """`keys.authenticate` in a session of its own, one autocommit read (no BEGIN/COMMIT
+    round trips, no connection kept once it returns): runs in one threadpool call."""
+    with sessions() as session:
+        if presented:
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        return keys.authenticate(session, presented)
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The credentials of `Authorization: Bearer <key>`, as HTTPBearer reads them; else None."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                return credentials
+            return None
+    return None
+
+
+def needs_key(scope: Scope) -> bool:
+    path = scope["path"]
+    if not path.startswith(AUTH_PREFIXES):
+        return False
+    return not (scope["method"] == "GET" and _SELF_AUTHENTICATED.fullmatch(path))
+
+
+class AuthMiddleware:
+    """401 from the headers, before any body is read or any slot taken (see the module)."""
+
+    def __init__(self, app: ASGIApp, sessions: sessionmaker[Session],
+                 lookups: asyncio.Semaphore) -> None:
+        self.app = app
+        self.sessions = sessions
+        self.lookups = lookups
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not needs_key(scope):
+            await self.app(scope, receive, send)
+            return
+        presented = bearer_token(scope["headers"])
+        try:
+            keys.check_presented(presented)  # no header: 401 without a query
+            async with self.lookups:
+                principal = await run_in_threadpool(authenticate_presented, self.sessions,
+                                                    presented)
+        except Exception as exc:  # noqa: BLE001 - answered as the app's handlers would
+            await error_response(scope, exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
+        await self.app(scope, receive, send)
 
 
 def require_admin(principal: ApiKey) -> ApiKey:

@@ -12,8 +12,9 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from lorajobs.api.auth import authenticate, bearer, require_admin
+from lorajobs.api.auth import PRINCIPAL_STATE, authenticate_presented, bearer, require_admin
 from lorajobs.service.models import ApiKey
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
@@ -54,20 +55,21 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
 
 
-def get_principal(
-    session: SessionDep,
+async def get_principal(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> ApiKey:
-    """The caller's key. The read transaction ends here (expire_on_commit is off, so the row
-    stays usable): FastAPI runs each sync dependency and the route in separate threadpool
-    calls, and a connection kept across those hops (or for a whole SSE stream) is one the
-    threads of other requests can starve on. The key read runs in autocommit: a lone SELECT
-    needs no BEGIN/COMMIT round trips; the route's own transaction (a new connection
-    checkout) has the default isolation again."""
-    if credentials is not None and not session.in_transaction():
-        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    principal = authenticate(session, credentials)
-    session.commit()
+    """The caller's key: the row AuthMiddleware read from the headers before the body (every
+    /v1 and /openai/v1 route but the self-authenticating GET /v1/jobs/{id}); read here
+    otherwise. Either way in a session of its own that ends with the read: FastAPI runs each
+    sync dependency and the route in separate threadpool calls, and a connection kept across
+    those hops (or for a whole SSE stream) is one the threads of other requests can starve
+    on."""
+    principal = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    if principal is None:
+        principal = await run_in_threadpool(
+            authenticate_presented, request.app.state.sessionmaker,
+            credentials.credentials if credentials else None)
     return principal
 
 

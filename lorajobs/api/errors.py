@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from lora_core.errors import LoraCoreError
 from lorajobs.service.errors import (
@@ -35,8 +36,8 @@ from lorajobs.service.errors import (
     Unauthorized,
 )
 
-__all__ = ["install_error_handlers", "error_body", "status_for", "document_error_responses",
-           "ErrorResponse"]
+__all__ = ["install_error_handlers", "error_body", "error_response", "status_for",
+           "document_error_responses", "ErrorResponse"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (LimitExceeded, 429),
 )
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-               416: "range_not_satisfiable", 429: "limit_exceeded"}
+               405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+               415: "unsupported_media_type", 416: "range_not_satisfiable",
+               429: "limit_exceeded"}
 
 
 def status_for(exc: ServiceError) -> int:
@@ -133,13 +135,27 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
+# Most specific first (error_response takes the first match; Starlette, the nearest class).
+_HANDLERS: tuple[tuple[type[Exception], Callable[[Request, Exception], JSONResponse]], ...] = (
+    (ServiceError, _service_error),
+    (LoraCoreError, _lora_core_error),
+    (RequestValidationError, _validation_error),
+    (StarletteHTTPException, _http_error),
+    (DataError, _data_error),
+    (Exception, _internal_error),
+)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(LoraCoreError, _lora_core_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(DataError, _data_error)
-    app.add_exception_handler(Exception, _internal_error)
+    for cls, handler in _HANDLERS:
+        app.add_exception_handler(cls, handler)
+
+
+def error_response(scope: Scope, exc: Exception) -> JSONResponse:
+    """The response the installed handlers give `exc`, for middleware that answers before
+    the app (outside FastAPI's exception handling, where an exception would be a bare 500)."""
+    handler = next(h for cls, h in _HANDLERS if isinstance(exc, cls))
+    return handler(Request(scope), exc)
 
 
 class ErrorDetail(BaseModel):
@@ -157,6 +173,7 @@ class ErrorResponse(BaseModel):
 _DESCRIPTIONS = {
     400: "malformed request body (/openai: also invalid parameters, as OpenAI answers)",
     401: "missing, invalid or revoked API key",
+    408: "the request body did not arrive in time (body_timeout_seconds)",
     403: "the key lacks the admin right",
     404: "no such object for this tenant (other tenants' objects included), or unknown cursor",
     409: "the object's state forbids it (e.g. cancel a finished job), or the name is taken",
@@ -178,7 +195,7 @@ def _error_codes(route: APIRoute) -> list[int]:
     if _depends_on(route.dependant, get_admin):
         codes.append(403)
     if route.methods & {"POST", "PUT", "PATCH"}:
-        codes += [400, 413]
+        codes += [400, 408, 413]
     elif route.path_format.startswith("/openai/"):
         codes.append(400)  # OpenAI's own status for invalid parameters
     if "POST" in route.methods:

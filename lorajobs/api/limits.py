@@ -5,14 +5,24 @@ one (chunked) is counted as it streams and refused the moment it passes the limi
 is ever buffered past the cap. Upload paths get `max_upload_bytes` (+ multipart framing);
 every other body gets `max_request_bytes`.
 
-Also here: `ConcurrencyLimitMiddleware` (at most `api_max_concurrent_requests` requests in the
-app at once; the rest wait in the event loop, holding nothing) and `NulByteMiddleware` (a NUL
-in the path or query is refused with 422 before it reaches a database that cannot store it).
+Also here: `BodyTimeoutMiddleware` (a body that does not arrive in time: 408; a JSON body is
+read whole before the request takes a slot), `ConcurrencyLimitMiddleware` (at most
+`api_max_concurrent_requests` requests in the app at once; the rest wait in the event loop,
+holding nothing; `RequestSlots` is its state, which /readyz reports) and `NulByteMiddleware`
+(a NUL in the path or query is refused with 422 before it reaches a database that cannot
+store it). The order, outermost first (app.py):
+
+    BodyLimit (declared 413) -> Auth (401 from the headers, api/auth.py) -> BodyTimeout
+    (408; JSON read whole) -> ConcurrencyLimit (slot) -> the app
+
+so a request without a valid key, or whose body is still arriving, holds no slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import HTTPException
 from starlette.responses import JSONResponse
@@ -21,17 +31,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorajobs.api.errors import error_body
 from lorajobs.service.settings import Settings
 
-__all__ = ["BodyLimitMiddleware", "ConcurrencyLimitMiddleware", "NulByteMiddleware",
-           "UPLOAD_PATHS", "MULTIPART_OVERHEAD", "UNLIMITED_SUFFIXES"]
+__all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "ConcurrencyLimitMiddleware",
+           "NulByteMiddleware", "RequestSlots", "UPLOAD_PATHS", "MULTIPART_OVERHEAD",
+           "UNLIMITED_PATHS", "UNLIMITED_SUFFIXES", "is_upload"]
 
 UPLOAD_PATHS = frozenset({"/v1/datasets", "/openai/v1/files"})
 # Boundaries, part headers and small form fields around the file; the file itself is capped
 # exactly by the dataset service.
 MULTIPART_OVERHEAD = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Long-lived or database-free requests that must not wait behind (or hold) a request slot:
-# an SSE stream lasts as long as its job and polls with short sessions of its own.
-UNLIMITED_SUFFIXES = ("/events/stream", "/healthz")
+_TIMED_METHODS = _BODY_METHODS | {"DELETE"}
+# Requests that must not wait behind (or hold) a request slot: probes and scrapes must answer
+# while the API is saturated (their database work goes through app.state.lookups, one
+# connection inside one thread call each); an SSE stream lasts as long as its job and polls
+# with short sessions of its own.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNLIMITED_SUFFIXES = ("/events/stream",)
 
 
 class BodyLimitMiddleware:
@@ -70,8 +85,40 @@ class BodyLimitMiddleware:
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(error_body("payload_too_large", f"request body exceeds {limit} bytes"),
-                        status_code=413, headers={"Connection": "close"})
+    return _error(413, "payload_too_large", f"request body exceeds {limit} bytes")
+
+
+class RequestSlots:
+    """The bulkhead's state: at most `limit` requests inside the app, of which at most
+    `uploads` uploads. Shared by ConcurrencyLimitMiddleware and /readyz (`saturated`)."""
+
+    def __init__(self, limit: int, uploads: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(limit)
+        self._uploads = asyncio.Semaphore(min(uploads, limit))
+
+    @property
+    def saturated(self) -> bool:
+        """No slot free: the next request would wait."""
+        return self.in_use >= self.limit
+
+    @asynccontextmanager
+    async def hold(self, *, upload: bool = False) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            self.waiting += 1
+            try:
+                if upload:
+                    await stack.enter_async_context(self._uploads)
+                await stack.enter_async_context(self._slots)
+            finally:
+                self.waiting -= 1
+            self.in_use += 1
+            try:
+                yield
+            finally:
+                self.in_use -= 1
 
 
 class ConcurrencyLimitMiddleware:
@@ -82,18 +129,154 @@ class ConcurrencyLimitMiddleware:
     connection between those calls. Unbounded, 200 concurrent POST /v1/jobs held every pooled
     connection while all 40 threads waited for one: 30 s pool timeouts, then 500s. Bounded
     below the pool (db.POOL_CAPACITY) and the thread pool, no request ever waits on either.
+
+    It counts requests being served, not sockets: it sits inside AuthMiddleware and
+    BodyTimeoutMiddleware, so a request takes its slot once its key is valid and its JSON body
+    has arrived whole. An upload streams inside its slot (BodyTimeoutMiddleware paces it).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, slots: RequestSlots) -> None:
         self.app = app
-        self.slots = asyncio.Semaphore(limit)
+        self.slots = slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith(UNLIMITED_SUFFIXES):
+        if scope["type"] != "http" or _unlimited(scope["path"]):
             await self.app(scope, receive, send)
             return
-        async with self.slots:
+        async with self.slots.hold(upload=is_upload(scope)):
             await self.app(scope, receive, send)
+
+
+def _unlimited(path: str) -> bool:
+    return path in UNLIMITED_PATHS or path.endswith(UNLIMITED_SUFFIXES)
+
+
+def is_upload(scope: Scope) -> bool:
+    return scope["method"] in _BODY_METHODS and scope["path"].rstrip("/") in UPLOAD_PATHS
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    declared = headers.get(b"content-length")
+    return b"transfer-encoding" in headers or (declared is not None and declared != b"0")
+
+
+class BodyTimeoutMiddleware:
+    """Slow and stalled bodies (a slowloris on the body): 408, and nothing held meanwhile.
+
+    uvicorn has no body timeout (h11 and httptools wait as long as the socket is open; its
+    only timer is keep-alive, between requests). A JSON body (POST/PUT/PATCH/DELETE, at most
+    max_request_bytes) is read here, whole, within body_timeout_seconds, before
+    ConcurrencyLimitMiddleware gives the request a slot; the app then gets it from memory.
+    An upload (UPLOAD_PATHS, up to max_upload_bytes) cannot be buffered: the app streams it
+    inside its slot through a receive that answers 408 after body_timeout_seconds without a
+    byte, or when, after that grace, the average rate falls below
+    upload_min_bytes_per_second (a deadline that grows with every byte: a declared 200 MiB
+    has about an hour at 64 KiB/s). Either 408 closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] not in _TIMED_METHODS
+                or not _has_body(scope)):
+            await self.app(scope, receive, send)
+            return
+        if is_upload(scope):
+            await self.app(scope, _PacedReceive(receive, self.settings), send)
+            return
+        try:
+            body = await _read_body(receive, self.settings.body_timeout_seconds)
+        except TimeoutError:
+            await _timed_out(self.settings.body_timeout_seconds)(scope, receive, send)
+            return
+        except HTTPException as exc:  # BodyLimitMiddleware's streaming 413
+            await _error(exc.status_code, "payload_too_large", str(exc.detail))(
+                scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body(receive: Receive, timeout: float) -> bytes | None:
+    """The whole body within `timeout` seconds (TimeoutError), or None on a disconnect."""
+    chunks: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The buffered body as one message; then the client's own receive (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class _PacedReceive:
+    """An upload's receive: 408 after `body_timeout_seconds` without a byte, or below
+    `upload_min_bytes_per_second` on average once that grace has passed (see above)."""
+
+    def __init__(self, receive: Receive, settings: Settings) -> None:
+        self.receive = receive
+        self.grace = settings.body_timeout_seconds
+        self.min_rate = settings.upload_min_bytes_per_second
+        self.started: float | None = None
+        self.received = 0
+        self.done = False
+
+    def _time_left(self, now: float) -> float:
+        assert self.started is not None
+        left = self.grace  # idle: bytes must keep coming
+        if self.min_rate:
+            left = min(left, self.started + self.grace + self.received / self.min_rate - now)
+        return left
+
+    async def __call__(self) -> Message:
+        if self.done:  # after the body: only a disconnect is left to wait for
+            return await self.receive()
+        now = asyncio.get_running_loop().time()
+        if self.started is None:
+            self.started = now
+        left = self._time_left(now)
+        try:
+            if left <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(left):
+                message = await self.receive()
+        except TimeoutError:
+            raise HTTPException(408, f"the upload stalled: no byte for {self.grace:g} s, or "
+                                f"under {self.min_rate} bytes/s on average",
+                                headers={"Connection": "close"}) from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+        return message
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status,
+                        headers={"Connection": "close"})
+
+
+def _timed_out(timeout: float) -> JSONResponse:
+    return _error(408, "request_timeout",
+                  f"the request body did not arrive within {timeout:g} s")
 
 
 class NulByteMiddleware:

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     # connections (its session, the enqueue stamp). Without it, a burst of sync requests could
     # hold every pooled connection while the threads that would release them wait for one.
     api_max_concurrent_requests: int = Field(16, ge=1, le=20)
+    # Slow or stalled request bodies (lorajobs/api/limits.py). A JSON body must arrive whole
+    # within body_timeout_seconds of its headers (1 MiB max: >= 100 KB/s), else 408; it takes
+    # a request slot only once it has. An upload holds a slot while it streams: it gets 408
+    # after body_timeout_seconds without a byte, or once it falls below
+    # upload_min_bytes_per_second on average after that grace (0: no rate floor; 64 KiB/s
+    # sends the 200 MiB maximum in under an hour). At most max_concurrent_uploads uploads
+    # hold slots at once, so uploads alone never fill the limit.
+    body_timeout_seconds: float = Field(10, gt=0, le=300)
+    upload_min_bytes_per_second: int = Field(64 * 1024, ge=0)
+    max_concurrent_uploads: int = Field(4, ge=1, le=20)
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` and also exposes the
+    # per-job series (job ids of every tenant); unset, /metrics is open and aggregate only.
+    metrics_token: str | None = Field(None, min_length=16)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

@@ -63,7 +63,7 @@ def test_job_progresses_and_finishes_on_the_dashboard(live: Live, browser) -> No
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     job_id = live.submit(max_steps=STEPS)
-    page.goto(f"{live.url}/ui?key={live.key}")
+    page.goto(f"{live.url}/ui#key={live.key}")  # the fragment never reaches the server
     row = page.locator(f'tr.job[data-id="{job_id}"]')
     expect(row).to_be_visible(timeout=10_000)
     assert "key=" not in page.url  # the key leaves the address bar (and the history)
@@ -96,10 +96,14 @@ def test_job_progresses_and_finishes_on_the_dashboard(live: Live, browser) -> No
 
 def test_download_link_carries_the_key(live: Live, browser) -> None:  # noqa: ANN001
     """Plain links cannot send the Authorization header; the page fetches and saves."""
+    from playwright.sync_api import expect
+
     job_id = live.submit(max_steps=2)
     live.wait_end(job_id)
     page = browser.new_page(accept_downloads=True)
-    page.goto(f"{live.url}/ui?key={live.key}#/jobs/{job_id}")
+    page.goto(f"{live.url}/ui#/jobs/{job_id}&key={live.key}")
+    expect(page.locator("#jobtitle")).to_have_text(job_id)
+    assert "key=" not in page.url and page.url.endswith(f"#/jobs/{job_id}")
     link = page.locator("a[data-dl]", has_text="adapter_config.json").first
     with page.expect_download(timeout=10_000) as info:
         link.click()
@@ -114,8 +118,30 @@ def test_download_link_carries_the_key(live: Live, browser) -> None:  # noqa: AN
 
 def test_wrong_key_shows_the_error(live: Live, browser) -> None:  # noqa: ANN001
     page = browser.new_page()
-    page.goto(f"{live.url}/ui?key=lj_wrong")
+    page.goto(f"{live.url}/ui#key=lj_wrong")
     from playwright.sync_api import expect
 
     expect(page.locator("#conn")).to_contain_text("invalid API key", timeout=10_000)
+    page.close()
+
+
+def test_key_through_the_form_never_in_a_url(live: Live, browser) -> None:  # noqa: ANN001
+    """The form path: the key goes from the input to the Authorization header of each call,
+    and into no URL the page requests; a key in the query string is refused, not used."""
+    from playwright.sync_api import expect
+
+    job_id = live.submit(max_steps=2)
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{live.url}/ui")
+    page.fill("#apikey", live.key)
+    page.click("#keyform button")
+    expect(page.locator(f'tr.job[data-id="{job_id}"]')).to_be_visible(timeout=10_000)
+    assert requests and not [u for u in requests if live.key in u]
+
+    refused = page.goto(f"{live.url}/ui?key={live.key}")
+    assert refused is not None and refused.status == 400
+    expect(page.locator("h1")).to_contain_text("do not go in the query string")
+    assert live.key not in page.content()
     page.close()

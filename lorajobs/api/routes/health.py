@@ -1,7 +1,11 @@
-"""Liveness, readiness and Prometheus metrics: unauthenticated, cheap, outside /v1."""
+"""Liveness, readiness and Prometheus metrics: outside /v1, cheap, and outside the request
+slots (api/limits.py), so they answer while the API is saturated; their database work goes
+through `app.state.lookups`. /healthz and /readyz are open; /metrics is, unless
+`metrics_token` is set."""
 
 from __future__ import annotations
 
+import hmac
 import importlib
 import logging
 
@@ -9,8 +13,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from lorajobs.api.deps import SessionDep, SettingsDep
+from lorajobs.service.errors import Unauthorized
 from lorajobs.service.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -34,30 +40,61 @@ def _broker_ok(settings: Settings) -> bool | None:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process answers."""
+async def healthz() -> dict[str, str]:
+    """The process answers (on the event loop: no thread, no slot, no database)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Ready when the database (and the broker, if checkable) answers; 503 otherwise."""
+async def readyz(request: Request) -> JSONResponse:
+    """Ready (200) when the database (and the broker, if checkable) answers and a request
+    slot is free; 503 otherwise: `unavailable` (a dependency is down) or `degraded` (every
+    slot busy: requests here wait). Answers while the API is saturated (no slot of its own)."""
+    app = request.app
+    async with app.state.lookups:
+        checks = await run_in_threadpool(_check_dependencies, app.state.sessionmaker,
+                                         app.state.settings)
+    slots = app.state.request_slots
+    checks["requests"] = "saturated" if slots.saturated else "ok"
+    down = checks["database"] != "ok" or checks["broker"] == "unreachable"
+    status = "unavailable" if down else "degraded" if slots.saturated else "ok"
+    body = {"status": status, "checks": checks,
+            "requests": {"in_flight": slots.in_use, "limit": slots.limit,
+                         "waiting": slots.waiting}}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+def _check_dependencies(sessions: sessionmaker[Session], settings: Settings) -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
-        session.execute(text("SELECT 1"))
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001
         log.warning("readiness: database unreachable: %s", exc)
         checks["database"] = "unreachable"
     broker = _broker_ok(settings)
     checks["broker"] = {None: "unchecked", True: "ok", False: "unreachable"}[broker]
-    ready = checks["database"] == "ok" and broker is not False
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+    return checks
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
-    """Prometheus exposition of this app's registry."""
-    return Response(generate_latest(request.app.state.metrics_registry),
-                    media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this app's registry; with `metrics_token` set, only for
+    `Authorization: Bearer <metrics_token>`."""
+    app = request.app
+    _check_metrics_token(app.state.settings.metrics_token, request.headers.get("authorization"))
+    async with app.state.lookups:
+        body = await run_in_threadpool(generate_latest, app.state.metrics_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _check_metrics_token(token: str | None, authorization: str | None) -> None:
+    if token is None:
+        return
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <metrics token>'",
+                           param="Authorization")
+    if not hmac.compare_digest(presented.encode(), token.encode()):
+        raise Unauthorized("invalid metrics token", param="Authorization")
