@@ -31,9 +31,11 @@ from lorajobs.service.settings import Settings
 from lorajobs.service.storage import LocalArtifactStore
 
 __all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_args", "trainer_command",
-           "trainer_env"]
+           "trainer_env", "visible_gpus", "worker_capacity"]
 
 STOP_FILE_NAME = "STOP"
+# One entry per GPU the NVIDIA driver has bound (Linux): counted without importing torch.
+NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 # Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "LORAJOBS_TRAINER_THREADS")
@@ -114,7 +116,45 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalA
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors())
         raise PrepareError("invalid_spec", problems, param=param, user_fault=True) from exc
+    _check_capacity(run_spec, settings)
     return run_spec, model, dataset
+
+
+def visible_gpus(gpus_dir: Path = NVIDIA_GPUS_DIR) -> int:
+    """GPUs this worker's trainers can use: the driver's count, narrowed by
+    CUDA_VISIBLE_DEVICES (CUDA stops at the first invalid entry, e.g. "-1"). 0 on a CPU node."""
+    try:
+        present = sum(1 for _ in gpus_dir.iterdir())
+    except OSError:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    count = 0
+    for entry in visible.split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        count += 1
+    return min(count, present)
+
+
+def worker_capacity(settings: Settings) -> int:
+    """Processes one job may run on this worker: one per visible GPU, and at most
+    `max_processes_per_job` (on a CPU node, that setting alone: ranks share the cores)."""
+    gpus = visible_gpus()
+    return min(gpus, settings.max_processes_per_job) if gpus else settings.max_processes_per_job
+
+
+def _check_capacity(run_spec: RunSpec, settings: Settings) -> None:
+    """A job wider than this worker: a clear user error at claim, not a crashed trainer (the
+    API refuses more than `max_processes_per_job`; a smaller node of the fleet lands here)."""
+    wanted, capacity = run_spec.distributed.num_processes, worker_capacity(settings)
+    if wanted > capacity:
+        raise PrepareError("too_many_processes",
+                           f"distributed.num_processes={wanted}, but the worker that claimed "
+                           f"the job runs at most {capacity} process(es) per job; resubmit with "
+                           f"num_processes <= {capacity}",
+                           param="distributed.num_processes", user_fault=True)
 
 
 def write_spec(run_spec: RunSpec, paths: RunPaths) -> None:

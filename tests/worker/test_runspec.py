@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lora_core.spec import RunSpec
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import LocalArtifactStore
-from lorajobs.worker.runspec import RunPaths, trainer_command, trainer_env
+from lorajobs.worker.runspec import RunPaths, trainer_command, trainer_env, visible_gpus
 
 
 def _spec(tmp_path: Path, nproc: int) -> RunSpec:
@@ -28,3 +30,46 @@ def test_single_process_and_torchrun_commands(tmp_path: Path) -> None:
     assert paths.events_file.name == "events-attempt2.jsonl"
     env = trainer_env(settings)
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_visible_gpus_counts_the_driver_narrowed_by_cuda_visible_devices(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:01:00.0", "0000:02:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus(gpus) == 2
+    assert visible_gpus(tmp_path / "no-driver") == 0
+    for value, expected in [("0", 1), ("1,0", 2), ("0,1,2,3", 2), ("", 0), ("-1", 0),
+                            ("0,-1,1", 1)]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        assert visible_gpus(gpus) == expected, value
+
+
+def test_a_job_wider_than_the_worker_fails_at_claim_as_a_user_error(tmp_path: Path) -> None:
+    """No trainer is started: one clear error naming the field, not a crashed launch."""
+    from sqlalchemy import update
+
+    from lorajobs.service import jobs
+    from lorajobs.service.db import get_sessionmaker
+    from lorajobs.service.migrate import upgrade
+    from lorajobs.service.models import Job
+    from lorajobs.worker.supervisor import supervise
+    from tests.worker.jobfactory import get_job, make_job, trainer_starts
+
+    settings = Settings(data_dir=tmp_path / "data", max_processes_per_job=2)
+    upgrade(settings)
+    job_id = make_job(settings)
+    sessions = get_sessionmaker(settings)
+    with sessions() as session:
+        spec = dict(session.get(Job, job_id).spec)
+        spec["distributed"] = {"num_processes": 4, "zero_stage": 0}
+        session.execute(update(Job).where(Job.id == job_id).values(spec=spec))
+        session.commit()
+        assert jobs.claim(session, job_id, owner="w1", lease_seconds=60)
+    assert supervise(settings, job_id, "w1") == "failed"
+    job = get_job(settings, job_id)
+    assert job.error["code"] == "too_many_processes" and job.error["user_fault"]
+    assert job.error["param"] == "distributed.num_processes"
+    assert "at most 2" in job.error["message"] or "at most 1" in job.error["message"]
+    assert trainer_starts(settings, job_id) == []
