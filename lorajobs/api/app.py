@@ -49,6 +49,7 @@ from lorajobs.api.routes import (
     metrics,
     models,
     ui,
+    usage,
 )
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.settings import Settings, get_settings
@@ -58,7 +59,7 @@ from lorajobs.service.submit import default_enqueue
 __all__ = ["create_app"]
 
 ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           openai_compat, ui)
+           usage, openai_compat, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

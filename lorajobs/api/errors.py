@@ -198,9 +198,9 @@ def _error_codes(route: APIRoute) -> list[int]:
         codes += [400, 408, 413]
     elif route.path_format.startswith("/openai/"):
         codes.append(400)  # OpenAI's own status for invalid parameters
-    if "POST" in route.methods:
-        codes.append(409)
-        if route.path.rstrip("/").endswith("/jobs"):
+    if route.methods & {"POST", "DELETE"}:
+        codes.append(409)  # DELETE: a dataset in use, a job not finished
+        if "POST" in route.methods and route.path.rstrip("/").endswith("/jobs"):
             codes.append(429)
     return codes
 

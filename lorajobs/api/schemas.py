@@ -35,7 +35,8 @@ __all__ = [
     "DatasetPublic", "DatasetsPublic", "ModelCreate", "ModelPublic", "ModelsPublic",
     "EventPublic", "EventsPublic", "MetricRow", "MetricsPublic", "ArtifactPublic",
     "ArtifactsPublic", "ArtifactSet", "CheckpointPublic", "CheckpointsPublic",
-    "KeyCreate", "KeyPublic", "KeyCreated", "fine_tuned_model_name",
+    "KeyCreate", "KeyPublic", "KeyCreated", "DatasetDeleted", "ArtifactsDeleted",
+    "StorageUsagePublic", "UsagePublic", "fine_tuned_model_name",
 ]
 
 
@@ -312,3 +313,36 @@ class KeyPublic(BaseModel):
 
 class KeyCreated(KeyPublic):
     key: str = Field(description="the secret: shown once, stored only as a hash")
+
+
+class DatasetDeleted(BaseModel):
+    id: str
+    object: str = "dataset"
+    deleted: bool = True
+    freed_bytes: int
+
+
+class ArtifactsDeleted(BaseModel):
+    id: str = Field(description="the job id")
+    object: str = "job.artifacts"
+    deleted: bool = True
+    files: int
+    freed_bytes: int
+
+
+class StorageUsagePublic(BaseModel):
+    datasets_bytes: int
+    artifacts_bytes: int
+    used_bytes: int
+    quota_bytes: int
+    remaining_bytes: int
+
+
+class UsagePublic(BaseModel):
+    """What the caller's tenant uses, and the limits a job spec is checked against."""
+
+    object: str = "usage"
+    storage: StorageUsagePublic
+    active_jobs: int
+    max_active_jobs: int
+    limits: dict[str, int | float]

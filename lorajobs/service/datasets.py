@@ -22,12 +22,14 @@ from sqlalchemy.orm import Session
 
 from lora_core.data.formats import validate_file
 from lora_core.errors import DatasetError
-from lorajobs.service.errors import InvalidRequest, NotFound, PayloadTooLarge
-from lorajobs.service.models import Dataset, new_id
+from lorajobs.service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from lorajobs.service.models import Dataset, Job, JobStatus, new_id
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
+from lorajobs.service.usage import check_storage_room
 
-__all__ = ["create_dataset", "get_dataset", "list_datasets", "dataset_key", "clean_filename"]
+__all__ = ["create_dataset", "get_dataset", "list_datasets", "delete_dataset", "dataset_key",
+           "clean_filename"]
 
 COPY_CHUNK = 1024 * 1024  # 1 MiB: the upload never sits in memory as a whole while copying
 MAX_FILENAME = 255
@@ -89,6 +91,8 @@ def create_dataset(
                 param="file", code="invalid_dataset",
                 details={"errors": report.errors, "num_errors": report.num_errors},
             )
+        check_storage_room(session, tenant_id=tenant_id, settings=settings, incoming=size,
+                           param="file")
         dataset_id = new_id("ds")
         key = dataset_key(tenant_id, dataset_id)
         store.put_file(key, tmp)
@@ -133,3 +137,25 @@ def list_datasets(session: Session, *, tenant_id: str, limit: int,
         stmt.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)
     ))
     return rows[:limit], len(rows) > limit
+
+
+def delete_dataset(session: Session, *, tenant_id: str, dataset_id: str,
+                   store: ArtifactStore) -> Dataset:
+    """Delete the tenant's dataset, row then file (its bytes leave the quota); commits.
+
+    409 `dataset_in_use` while a queued or running job trains on it; finished jobs keep the
+    id in their spec. Row first: a failure in between leaves an unlisted file, never a listed
+    dataset without its file.
+    """
+    row = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
+    users = list(session.scalars(select(Job.id).where(
+        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        or_(Job.training_file == dataset_id, Job.validation_file == dataset_id)).limit(3)))
+    if users:
+        raise Conflict(f"dataset {dataset_id} is used by active job(s) {', '.join(users)}: "
+                       "cancel them or wait for them to finish", param="dataset_id",
+                       code="dataset_in_use")
+    session.delete(row)
+    session.commit()
+    store.delete_prefix(row.storage_key)
+    return row

@@ -47,6 +47,7 @@ from lorajobs.service.models import (
 from lorajobs.service.registry import get_model, inspect_registered, model_dir
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
+from lorajobs.service.usage import check_storage_room
 
 __all__ = ["JobRequest", "Resolved", "request_hash", "resolve", "create_job", "default_enqueue"]
 
@@ -253,6 +254,7 @@ def create_job(
         if (job := _replay(session, tenant_id=tenant_id, key=idempotency_key, digest=digest)):
             return job, False
     _check_quota(session, tenant_id, settings)
+    check_storage_room(session, tenant_id=tenant_id, settings=settings)  # a job writes files
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED,
         base_model=request.base_model, training_file=request.training_file,

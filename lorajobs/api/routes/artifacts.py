@@ -11,7 +11,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from lorajobs.api import queries
 from lorajobs.api.deps import PrincipalDep, SessionDep, StoreDep
-from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsPublic
+from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsDeleted, ArtifactsPublic
+from lorajobs.service import usage
 from lorajobs.service.archive import TarEntry, TarStream
 
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
@@ -75,3 +76,11 @@ def download_artifact(job_id: str, artifact_id: str, session: SessionDep, store:
         headers={"ETag": f'"{row.sha256}"', "Digest": f"sha-256={digest_b64}",
                  "Repr-Digest": f"sha-256=:{digest_b64}:", "X-Checksum-SHA256": row.sha256},
     )
+
+
+@router.delete("/{job_id}/artifacts", response_model=ArtifactsDeleted)
+def delete_artifacts(job_id: str, session: SessionDep, store: StoreDep,
+                     principal: PrincipalDep) -> ArtifactsDeleted:
+    """Delete every file of a finished job (adapters, merged models, checkpoints, logs)."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return ArtifactsDeleted(**usage.delete_job_artifacts(session, store, job))

@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from lora_core.spec import DATA_FORMATS
 from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
-from lorajobs.api.schemas import DatasetPublic, DatasetsPublic
+from lorajobs.api.schemas import DatasetDeleted, DatasetPublic, DatasetsPublic
 from lorajobs.service import datasets
 from lorajobs.service.errors import InvalidRequest
 
@@ -64,3 +64,12 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -
     """One dataset of the tenant."""
     row = datasets.get_dataset(session, tenant_id=principal.tenant_id, dataset_id=dataset_id)
     return DatasetPublic.from_row(row)
+
+
+@router.delete("/{dataset_id}", response_model=DatasetDeleted)
+def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep,
+                   principal: PrincipalDep) -> DatasetDeleted:
+    """Delete a dataset and its file (freeing quota); 409 while an active job uses it."""
+    row = datasets.delete_dataset(session, tenant_id=principal.tenant_id,
+                                  dataset_id=dataset_id, store=store)
+    return DatasetDeleted(id=row.id, freed_bytes=row.size_bytes)
