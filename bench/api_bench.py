@@ -24,8 +24,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from lorajobs.localserver import ServerStartError, free_port, http_ok, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -57,12 +57,6 @@ request = function()
      ["Idempotency-Key"] = key}, BODY)
 end
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_database(backend: str, work: Path) -> str:
@@ -139,24 +133,11 @@ def start_uvicorn(target: str, port: int, env: dict[str, str], cwd: Path,
             "--log-level", "warning"]
     if factory:
         args.append("--factory")
-    proc = subprocess.Popen(args, env=env, cwd=cwd, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit(f"{target} did not start")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        return start_server(args, env=env, cwd=cwd, timeout=60,
+                            ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz", None))
+    except ServerStartError as exc:
+        raise SystemExit(f"{target} did not start: {exc}") from None
 
 
 def _ms(value: str, unit: str) -> float:
@@ -201,7 +182,7 @@ def latencies(url: str, key: str, ds: str, env: dict[str, str], cwd: Path) -> di
         sys.stderr.write(Path(log.name).read_text(errors="replace")[-3000:])
         raise
     finally:
-        stop(worker)
+        stop_server(worker)
         log.close()
     return {k: statistics.median(v) for k, v in runs.items()}
 
@@ -273,7 +254,7 @@ def main() -> None:
             "get_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs/{job}", s, c, key),
             "create_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs", s, c, script=lua),
         }
-        stop(procs.pop())  # the latency arm runs its own API: no leftover load
+        stop_server(procs.pop())  # the latency arm runs its own API: no leftover load
         if broker:
             # The create_job arm left thousands of queued jobs, each sent to the broker: a real
             # worker would train them one by one (~8 s each) before the latency arm's job, so
@@ -292,7 +273,7 @@ def main() -> None:
                 print(f"{name:24} {value:6.2f} s (median of {LATENCY_REPEATS})")
     finally:
         for p in procs:
-            stop(p)
+            stop_server(p)
         drop_database(url)
         if broker:
             import redis

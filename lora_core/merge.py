@@ -35,6 +35,7 @@ import torch
 
 from lora_core.errors import MergeError, StorageError
 from lora_core.inspect import SAFETENSORS_DTYPE_BYTES, inspect_model_dir
+from lora_core.layer import PEFT_PREFIX
 from lora_core.manifest import write_manifest
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "COPIED_FILES",
 ]
 
-PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 BASE_LAYER = ".base_layer."  # PEFT's name for a wrapped module's own weight
 # Files carried from the base dir so the merged dir loads with from_pretrained + its tokenizer.

@@ -18,17 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from lorajobs.client import Client
+from lorajobs.localserver import ServerStartError, free_port, http_ok, start_server, stop_server
 
 MODEL_NAME = "tiny-llama"
 READY_TIMEOUT_S = 90
@@ -52,41 +49,17 @@ DEMO_JOB: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_service(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LORAJOBS_DATA_DIR": str(data_dir)}
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
-    proc = subprocess.Popen([sys.executable, "-m", "lorajobs", "serve", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited early; see {log_path}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200 and \
-                    (data_dir / "admin_key").exists():
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop_service(proc)
-    raise SystemExit(f"the service did not become ready in {READY_TIMEOUT_S}s; see {log_path}")
+    """`lorajobs serve` on `port`, ready once /readyz answers and the admin key is written."""
+    def ready() -> bool:
+        return http_ok(f"http://127.0.0.1:{port}/readyz") and (data_dir / "admin_key").exists()
 
-
-def stop_service(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        return start_server([sys.executable, "-m", "lorajobs", "serve", "--port", str(port)],
+                            ready=ready, timeout=READY_TIMEOUT_S, log=log_path,
+                            env={**os.environ, "LORAJOBS_DATA_DIR": str(data_dir)})
+    except ServerStartError as exc:
+        raise SystemExit(f"the service did not start: {exc}") from None
 
 
 def build_model(model_root: Path, train_file: Path) -> Path:
@@ -172,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     print(f"building a tiny Llama-style model in {data_dir / 'models' / MODEL_NAME}")
     build_model(data_dir / "models", train_file)
-    port = _free_port()
+    port = free_port()
     print(f"starting the embedded service on http://127.0.0.1:{port} (log: {workdir}/serve.log)")
     proc = start_service(data_dir, port, workdir / "serve.log")
     try:
@@ -183,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             merged = client.jobs.download(job_id, workdir / "merged", merged=True)
             metrics = client.jobs.metrics(job_id)
     finally:
-        stop_service(proc)
+        stop_server(proc)
     print(f"downloaded {len(adapter)} adapter files and {len(merged)} merged-model files "
           "(sha256 verified)")
     figures = evaluate(data_dir / "models" / MODEL_NAME, workdir / "adapter",
