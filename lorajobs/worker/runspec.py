@@ -34,8 +34,10 @@ __all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_args", "traine
            "trainer_env", "visible_gpus", "worker_capacity"]
 
 STOP_FILE_NAME = "STOP"
-# One entry per GPU the NVIDIA driver has bound (Linux): counted without importing torch.
+# One entry per GPU the NVIDIA driver has bound (Linux): counted without importing torch. A
+# container may not see /proc/driver/nvidia; it sees the device nodes it was given (/dev/nvidiaN).
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
+DEV_DIR = Path("/dev")
 # Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "LORAJOBS_TRAINER_THREADS")
@@ -120,12 +122,18 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalA
     return run_spec, model, dataset
 
 
-def visible_gpus(gpus_dir: Path = NVIDIA_GPUS_DIR) -> int:
-    """GPUs this worker's trainers can use: the driver's count, narrowed by
-    CUDA_VISIBLE_DEVICES (CUDA stops at the first invalid entry, e.g. "-1"). 0 on a CPU node."""
+def visible_gpus(gpus_dir: Path = NVIDIA_GPUS_DIR, dev_dir: Path = DEV_DIR) -> int:
+    """GPUs this worker's trainers can use: the driver's count (else the /dev/nvidiaN nodes),
+    narrowed by CUDA_VISIBLE_DEVICES (CUDA stops at the first invalid entry, e.g. "-1").
+    0 on a CPU node."""
     try:
         present = sum(1 for _ in gpus_dir.iterdir())
     except OSError:
+        try:
+            present = sum(1 for p in dev_dir.glob("nvidia*") if p.name[6:].isdigit())
+        except OSError:
+            present = 0
+    if not present:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:

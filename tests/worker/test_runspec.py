@@ -39,7 +39,12 @@ def test_visible_gpus_counts_the_driver_narrowed_by_cuda_visible_devices(
         (gpus / bus).mkdir(parents=True)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert visible_gpus(gpus) == 2
-    assert visible_gpus(tmp_path / "no-driver") == 0
+    dev = tmp_path / "dev"  # a container without /proc/driver/nvidia: its device nodes
+    dev.mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm"):
+        (dev / name).touch()
+    assert visible_gpus(tmp_path / "no-driver", dev) == 3
+    assert visible_gpus(tmp_path / "no-driver", tmp_path / "no-dev") == 0
     for value, expected in [("0", 1), ("1,0", 2), ("0,1,2,3", 2), ("", 0), ("-1", 0),
                             ("0,-1,1", 1)]:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
