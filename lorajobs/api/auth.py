@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lorajobs.api.errors import error_response
+from lorajobs.api.limits import has_body
 from lorajobs.service import keys
 from lorajobs.service.errors import Forbidden
 from lorajobs.service.models import ApiKey
@@ -99,7 +100,10 @@ class AuthMiddleware:
                 principal = await run_in_threadpool(authenticate_presented, self.sessions,
                                                     presented)
         except Exception as exc:  # noqa: BLE001 - answered as the app's handlers would
-            await error_response(scope, exc)(scope, receive, send)
+            response = error_response(scope, exc)
+            if has_body(scope):  # unread: the connection cannot carry another request
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         await self.app(scope, receive, send)

@@ -33,7 +33,7 @@ from lorajobs.service.settings import Settings
 
 __all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "ConcurrencyLimitMiddleware",
            "NulByteMiddleware", "RequestSlots", "UPLOAD_PATHS", "MULTIPART_OVERHEAD",
-           "UNLIMITED_PATHS", "UNLIMITED_SUFFIXES", "is_upload"]
+           "UNLIMITED_PATHS", "UNLIMITED_SUFFIXES", "has_body", "is_upload"]
 
 UPLOAD_PATHS = frozenset({"/v1/datasets", "/openai/v1/files"})
 # Boundaries, part headers and small form fields around the file; the file itself is capped
@@ -155,7 +155,8 @@ def is_upload(scope: Scope) -> bool:
     return scope["method"] in _BODY_METHODS and scope["path"].rstrip("/") in UPLOAD_PATHS
 
 
-def _has_body(scope: Scope) -> bool:
+def has_body(scope: Scope) -> bool:
+    """The request declares a body (a Content-Length over 0, or chunked)."""
     headers = dict(scope["headers"])
     declared = headers.get(b"content-length")
     return b"transfer-encoding" in headers or (declared is not None and declared != b"0")
@@ -181,7 +182,7 @@ class BodyTimeoutMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] not in _TIMED_METHODS
-                or not _has_body(scope)):
+                or not has_body(scope)):
             await self.app(scope, receive, send)
             return
         if is_upload(scope):

@@ -155,7 +155,7 @@ def make_registry(sessions: sessionmaker[Session], settings: Settings
 _SECRET_PARAM = re.compile(
     r"(?i)((?:^|[?&;])[^=&;?#\s]*(?:key|token|secret|passw|auth|sig|credential|session)"
     r"[^=&;?#\s]*=)[^&;#\s\"]*")
-_KEY_SHAPED = re.compile(r"lj_[A-Za-z0-9_\-]{8,}")
+_KEY_SHAPED = re.compile(r"lj(?:_|%5[Ff])[A-Za-z0-9_\-%]{8,}")  # raw or percent-encoded
 _REDACTED = "[redacted]"
 _REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
 
