@@ -10,25 +10,31 @@ Four formats, each a JSON object per record (JSONL, or one JSON list):
 `load_examples` returns *normalised* examples, one of three shapes, so tokenisation has three
 cases, not four: `{"prompt", "completion"}` (alpaca and completion), `{"messages"}`, `{"text"}`.
 Every error names its 1-based line, the field (`messages[1].role`) and what is wrong.
+
+Files are read as a stream (`DatasetValidator`, on `lora_core.data.reader`): a 200 MiB upload
+is validated in the memory of one record, and its sha256 computed on the way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import statistics
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from lora_core.data.reader import MAX_RECORD_BYTES, RecordReader
 from lora_core.errors import DatasetError
+
+Source = str | os.PathLike[str] | bytes | bytearray | BinaryIO
 
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "CHAT_ROLES",
+    "DatasetValidator",
+    "MAX_RECORD_BYTES",
     "ValidationReport",
     "detect_format",
     "validate_record",
@@ -50,6 +56,13 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_ERRORS_DEFAULT = 20  # a report of 20 bad lines says enough; we still read every line
+# ... up to this many bad records: past it the file is not a dataset with a few bad lines, and
+# reading on (a 20 MiB `[{},{},...]` is 7M records) costs CPU and tells the user nothing more.
+MAX_ERRORS_COUNTED = 10_000
+READ_CHUNK = 1024 * 1024
+# The parser gets at most this much at once, so a cap stops it within ~22k records of 3 bytes
+# (`{},`), not after a whole chunk's 350k.
+FEED_PIECE = 64 * 1024
 # Keys that identify a format, checked in this order (alpaca before completion: more specific).
 _FORMAT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chat", ("messages",)),
@@ -75,6 +88,7 @@ class ValidationReport:
     num_tokens: int | None = None
     num_truncated: int | None = None
     sha256: str = ""
+    stopped: str | None = None  # why reading ended early (too many records or errors), if it did
 
     @property
     def ok(self) -> bool:
@@ -179,49 +193,39 @@ def _read_bytes(source: str | os.PathLike[str] | bytes) -> bytes:
     return path.read_bytes()
 
 
-def iter_records(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+def iter_chunks(source: Source, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of a file, bytes or binary stream, `chunk_size` at a time."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source)
+        for start in range(0, len(view), chunk_size):
+            yield bytes(view[start:start + chunk_size])
+        return
+    if hasattr(source, "read"):
+        while chunk := source.read(chunk_size):  # type: ignore[union-attr]
+            yield chunk
+        return
+    path = Path(source)  # type: ignore[arg-type]
+    if not path.is_file():
+        raise DatasetError(f"data file not found: {path}", field="file")
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            yield chunk
+
+
+def iter_records(
+    source: Source, max_record_bytes: int | None = MAX_RECORD_BYTES
+) -> Iterator[tuple[int, Any, str | None]]:
     """Yield (line, record, json_error) for every record; blank lines are skipped.
 
-    A file whose first non-blank byte is `[` is one JSON list (record i gets "line" i+1);
-    anything else is JSONL.
+    A file whose first non-blank byte is `[` is one JSON list (its i-th element gets "line" i);
+    anything else is JSONL. Streams: memory is bounded by one record (lora_core.data.reader).
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        yield 1, None, f"invalid UTF-8: {exc}"
-        return
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield exc.lineno, None, f"invalid JSON: {exc.msg}"
+    reader = RecordReader(max_record_bytes)
+    for chunk in iter_chunks(source):
+        yield from reader.feed(chunk)
+        if reader.done:
             return
-        for i, item in enumerate(items, start=1):
-            yield i, item, None
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
-
-
-def _resolve_format(fmt: str | None, records: list[tuple[int, Any, str | None]]) -> str | None:
-    """The given format, or the one detected from the first valid record."""
-    if fmt is not None:
-        if fmt not in _FORMATS:
-            raise DatasetError(
-                f"unknown format {fmt!r}; expected one of {', '.join(_FORMATS)}", field="format"
-            )
-        return fmt
-    for _, record, err in records:
-        if err is None:
-            detected = detect_format(record)
-            if detected:
-                return detected
-    return None
+    yield from reader.close()
 
 
 def _render_for_count(example: dict[str, Any], tokenizer: Any) -> str:
@@ -246,84 +250,228 @@ def count_tokens(example: dict[str, Any], tokenizer: Any) -> int:
     return len(ids) + 1
 
 
-def _length_stats(lengths: list[int], unit: str) -> dict[str, Any]:
-    if not lengths:
+def _text(value: Any) -> bool:
+    """A non-blank string (`_check_str(nonempty=True)` finds nothing wrong)."""
+    return type(value) is str and bool(value) and not value.isspace()
+
+
+_ALPACA_CHARS = len(ALPACA_PROMPT.format(instruction="", input=""))
+_ALPACA_NO_INPUT_CHARS = len(ALPACA_PROMPT_NO_INPUT.format(instruction=""))
+_CHAT_MARKUP_CHARS = len("<||>\n\n")  # _render_for_count's markup around role and content
+
+
+def _alpaca_length(r: dict) -> int | None:
+    instruction, output, inp = r.get("instruction"), r.get("output"), r.get("input", "")
+    if not (_text(instruction) and _text(output) and type(inp) is str):
+        return None
+    if inp and not inp.isspace():
+        return _ALPACA_CHARS + len(instruction) + len(inp) + len(output)
+    return _ALPACA_NO_INPUT_CHARS + len(instruction) + len(output)
+
+
+def _completion_length(r: dict) -> int | None:
+    prompt, completion = r.get("prompt"), r.get("completion")
+    return len(prompt) + len(completion) if type(prompt) is str and _text(completion) else None
+
+
+def _text_length(r: dict) -> int | None:
+    text = r.get("text")
+    return len(text) if _text(text) else None
+
+
+def _chat_length(r: dict) -> int | None:
+    messages = r.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    total, answered = 0, False
+    for m in messages:
+        if type(m) is not dict:
+            return None
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES or type(content) is not str:
+            return None
+        answered = answered or (role == "assistant" and not content.isspace() and bool(content))
+        total += _CHAT_MARKUP_CHARS + len(role) + len(content)
+    return total if answered else None
+
+
+# The character length `_render_for_count` gives a valid record, without building the text;
+# None when the record may have a problem (validate_record then says which). Per format.
+_FAST_LENGTH = {"alpaca": _alpaca_length, "completion": _completion_length,
+                "text": _text_length, "chat": _chat_length}
+
+
+def _length_stats(histogram: dict[int, int], unit: str) -> dict[str, Any]:
+    """min/mean/p50/p95/max of a {length: count} histogram (its size is bounded by the distinct
+    lengths, at most sqrt(2 * file size), not by the number of examples)."""
+    n = sum(histogram.values())
+    if not n:
         return {"unit": unit}
-    ordered = sorted(lengths)
+    ordered = sorted(histogram.items())
 
     def pct(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+        rank = min(n - 1, int(q * (n - 1) + 0.5))  # index into the sorted lengths
+        seen = 0
+        for length, count in ordered:
+            seen += count
+            if seen > rank:
+                return length
+        return ordered[-1][0]
 
     return {
         "unit": unit,
-        "min": ordered[0],
-        "mean": round(statistics.fmean(ordered), 1),
+        "min": ordered[0][0],
+        "mean": round(sum(k * c for k, c in ordered) / n, 1),
         "p50": pct(0.50),
         "p95": pct(0.95),
-        "max": ordered[-1],
+        "max": ordered[-1][0],
     }
 
 
+def _check_format(fmt: str | None) -> str | None:
+    if fmt is not None and fmt not in _FORMATS:
+        raise DatasetError(f"unknown format {fmt!r}; expected one of {', '.join(_FORMATS)}",
+                           field="format")
+    return fmt
+
+
+class DatasetValidator:
+    """Validate a data file fed in chunks, as it arrives: `feed(chunk)` ... `finish()`.
+
+    Memory is bounded by one record and a length histogram, whatever the file's size; the sha256
+    is of every byte fed. Reading stops early (`stopped`) once the file has more than
+    `max_examples` records or `MAX_ERRORS_COUNTED` bad ones: the report is then final, and a
+    caller may stop parsing (feeding still hashes, nothing more is parsed).
+    """
+
+    def __init__(
+        self,
+        format: str | None = None,  # noqa: A002 - the public name of the field everywhere
+        *,
+        tokenizer: Any = None,
+        max_seq_length: int | None = None,
+        max_errors: int = MAX_ERRORS_DEFAULT,
+        max_examples: int | None = None,
+        max_record_bytes: int | None = MAX_RECORD_BYTES,
+    ) -> None:
+        self.format = _check_format(format)
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.max_errors = max_errors
+        self.max_examples = max_examples
+        self.stopped: str | None = None  # why reading ended before the end of the file
+        self.num_records = 0
+        self.num_errors = 0
+        self.num_truncated = 0
+        self.errors: list[dict[str, Any]] = []
+        self._reader = RecordReader(max_record_bytes)
+        self._sha256 = hashlib.sha256()
+        self._lengths: dict[int, int] = {}
+        self._finished = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        view = memoryview(chunk)
+        for start in range(0, len(view), FEED_PIECE):
+            if self.stopped:
+                return
+            self._consume(self._reader.feed(bytes(view[start:start + FEED_PIECE])))
+
+    def finish(self) -> ValidationReport:
+        if not self.stopped and not self._finished:
+            self._consume(self._reader.close())
+        self._finished = True
+        if self.num_records == 0 and not self.num_errors:
+            self._add(1, "", "empty file: no records")
+        counted = self.tokenizer is not None
+        return ValidationReport(
+            format=self.format,
+            num_examples=sum(self._lengths.values()),
+            num_errors=self.num_errors,
+            errors=self.errors,
+            stats=_length_stats(self._lengths, "tokens" if counted else "chars"),
+            num_tokens=sum(k * c for k, c in self._lengths.items()) if counted else None,
+            num_truncated=self.num_truncated if counted and self.max_seq_length else None,
+            sha256=self._sha256.hexdigest(),
+            stopped=self.stopped,
+        )
+
+    def _add(self, line: int, fld: str, message: str, *, always: bool = False) -> None:
+        self.num_errors += 1
+        if always or len(self.errors) < self.max_errors:
+            self.errors.append({"line": line, "field": fld, "message": message})
+
+    def _stop(self, line: int, message: str) -> None:
+        """The reason reading stopped is listed even past `max_errors`."""
+        self.stopped = message
+        self.errors.append({"line": line, "field": "", "message": message})
+
+    def _consume(self, records: list[tuple[int, Any, str | None]]) -> None:
+        for line, record, json_error in records:
+            self.num_records += 1
+            if self.max_examples is not None and self.num_records > self.max_examples:
+                self._stop(line, f"too many examples: the limit is {self.max_examples}; "
+                                 "reading stopped here")
+                self.num_errors += 1
+                return
+            if json_error:
+                self._add(line, "", json_error)
+            else:
+                self._record(line, record)
+            if self.num_errors >= MAX_ERRORS_COUNTED:
+                self._stop(line, f"{self.num_errors} invalid records: reading stopped here")
+                return
+
+    def _record(self, line: int, record: Any) -> None:
+        fmt = self.format
+        if fmt is None:
+            fmt = self.format = detect_format(record)
+            if fmt is None:
+                self._add(line, "", "cannot detect the format: expected keys " + _expected_keys())
+                return
+        if self.tokenizer is None:
+            n = _FAST_LENGTH[fmt](record) if type(record) is dict else None
+            if n is not None:
+                self._lengths[n] = self._lengths.get(n, 0) + 1
+                return
+        problems = validate_record(record, fmt)
+        for fld, message in problems:
+            self._add(line, fld, message)
+        if problems:
+            return
+        example = normalize_record(record, fmt)
+        if self.tokenizer is not None:
+            n = count_tokens(example, self.tokenizer)
+            self.num_truncated += int(self.max_seq_length is not None and n > self.max_seq_length)
+        else:
+            n = len(_render_for_count(example, None))
+        self._lengths[n] = self._lengths.get(n, 0) + 1
+
+
 def validate_file(
-    source: str | os.PathLike[str] | bytes,
+    source: Source,
     format: str | None = None,  # noqa: A002 - the public name of the field everywhere
     *,
     tokenizer: Any = None,
     max_seq_length: int | None = None,
     max_errors: int = MAX_ERRORS_DEFAULT,
     max_examples: int | None = None,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
 ) -> ValidationReport:
-    """Read every record of a file (or bytes) and report what is wrong and how long it is.
+    """Read every record of a file, bytes or binary stream and report what is wrong and how long
+    it is, streaming (see DatasetValidator).
 
     Never raises for bad records: they are the report. Raises DatasetError only for an unknown
-    `format` or a missing file. `max_examples` caps how many examples a file may hold.
+    `format` or a missing file. `max_examples` caps how many records a file may hold.
     """
-    data = _read_bytes(source)
-    records = list(iter_records(data))
-    fmt = _resolve_format(format, records)
-    errors: list[dict[str, Any]] = []
-    num_errors = 0
-    lengths: list[int] = []
-    num_truncated = 0
-
-    def add(line: int, fld: str, message: str) -> None:
-        nonlocal num_errors
-        num_errors += 1
-        if len(errors) < max_errors:
-            errors.append({"line": line, "field": fld, "message": message})
-
-    if fmt is None and records:
-        add(records[0][0], "", "cannot detect the format: expected keys " + _expected_keys())
-    for line, record, json_error in records if fmt else []:
-        if json_error:
-            add(line, "", json_error)
-            continue
-        problems = validate_record(record, fmt)
-        for fld, message in problems:
-            add(line, fld, message)
-        if problems:
-            continue
-        example = normalize_record(record, fmt)
-        if tokenizer is not None:
-            n = count_tokens(example, tokenizer)
-            num_truncated += int(max_seq_length is not None and n > max_seq_length)
-        else:
-            n = len(_render_for_count(example, None))
-        lengths.append(n)
-    if not records:
-        add(1, "", "empty file: no records")
-    if max_examples is not None and len(lengths) > max_examples:
-        add(0, "", f"too many examples: {len(lengths)} > {max_examples}")
-    return ValidationReport(
-        format=fmt,
-        num_examples=len(lengths),
-        num_errors=num_errors,
-        errors=errors,
-        stats=_length_stats(lengths, "tokens" if tokenizer is not None else "chars"),
-        num_tokens=sum(lengths) if tokenizer is not None else None,
-        num_truncated=num_truncated if tokenizer is not None and max_seq_length else None,
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    validator = DatasetValidator(format, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                 max_errors=max_errors, max_examples=max_examples,
+                                 max_record_bytes=max_record_bytes)
+    for chunk in iter_chunks(source):
+        validator.feed(chunk)
+        if validator.stopped:
+            break
+    return validator.finish()
 
 
 def _expected_keys() -> str:
@@ -331,12 +479,17 @@ def _expected_keys() -> str:
 
 
 def load_examples(
-    source: str | os.PathLike[str] | bytes,
+    source: Source,
     format: str | None = None,  # noqa: A002
 ) -> tuple[str, list[dict[str, Any]]]:
-    """(format, normalised examples) of a file; DatasetError listing every bad line otherwise."""
-    data = _read_bytes(source)
-    report = validate_file(data, format, max_errors=MAX_ERRORS_DEFAULT)
+    """(format, normalised examples) of a file; DatasetError listing every bad line otherwise.
+
+    No bound on a record's size: files reaching here were validated when uploaded (under the
+    server's bound) or are the caller's own.
+    """
+    if hasattr(source, "read"):
+        source = source.read()  # type: ignore[union-attr] - read twice below
+    report = validate_file(source, format, max_errors=MAX_ERRORS_DEFAULT, max_record_bytes=None)
     if not report.ok:
         first = report.errors[0] if report.errors else {"line": None, "field": None, "message": ""}
         name = source if not isinstance(source, bytes | bytearray) else "data"
@@ -348,7 +501,6 @@ def load_examples(
             errors=report.errors,
         )
     assert report.format is not None
-    examples = [
-        normalize_record(record, report.format) for _, record, _ in iter_records(data)
-    ]
+    examples = [normalize_record(record, report.format)
+                for _, record, _ in iter_records(source, max_record_bytes=None)]
     return report.format, examples

@@ -32,11 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from lora_core.errors import validation_problems
 from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP, fine_tuned_model_name
+from lorajobs.api.uploads import receive_upload
 from lorajobs.service import datasets, jobs, submit
 from lorajobs.service.errors import InvalidRequest
 from lorajobs.service.models import Dataset, Job, JobEvent
@@ -155,10 +156,8 @@ def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
                                  validation_file=body.validation_file, training=training,
                                  suffix=suffix or None, metadata=body.metadata or {})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        ours = ".".join(str(p) for p in first["loc"])
-        param = OPENAI_PARAM.get(ours, ours)
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from exc
+        param, problems = validation_problems(exc.errors(), OPENAI_PARAM)
+        raise InvalidRequest(problems, param=param) from exc
 
 
 # Our spec's field -> the OpenAI parameter it came from, so errors name what the user sent.
@@ -201,22 +200,28 @@ def job_object(job: Job) -> dict[str, Any]:
 @router.post("/files", openapi_extra=OPENAI_UPLOAD_SCHEMA)
 async def create_file(request: Request, session: SessionDep, settings: SettingsDep,
                       store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
-    """Upload a training file (purpose `fine-tune`); every line validated.
+    """Upload a training file (purpose `fine-tune`); every line validated as it streams.
 
-    The form is parsed after authentication (see routes/datasets.py for why).
+    The body is read after authentication (see api/uploads.py).
     """
-    async with request.form(max_files=1, max_fields=4) as form:
-        upload, purpose = form.get("file"), form.get("purpose")
-        if purpose != "fine-tune":
-            raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
-                                 param="purpose")
-        if not isinstance(upload, StarletteUploadFile):
-            raise InvalidRequest("multipart field 'file' is required", param="file")
+    def make_upload(fields: dict[str, str]) -> datasets.Upload:
+        if "purpose" in fields:  # sent before the file: refuse before storing a byte
+            _check_purpose(fields["purpose"])
+        return datasets.Upload(settings)
+
+    form = await receive_upload(request, make_upload)
+    with form.upload:
+        _check_purpose(form.fields.get("purpose"))
         row = await run_in_threadpool(
-            datasets.create_dataset, session, tenant_id=principal.tenant_id,
-            filename=upload.filename, stream=upload.file, data_format=None,
-            settings=settings, store=store)
+            datasets.store_upload, session, form.upload, tenant_id=principal.tenant_id,
+            filename=form.filename, store=store)
     return file_object(row)
+
+
+def _check_purpose(purpose: str | None) -> None:
+    if purpose != "fine-tune":
+        raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
+                             param="purpose")
 
 
 @router.get("/files")

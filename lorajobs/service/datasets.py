@@ -1,38 +1,51 @@
-"""Dataset writes: validate every line of an upload, then store the file and its row together.
+"""Dataset writes: validate an upload while it streams, then store the file and its row together.
 
-    upload stream ──copy (size-capped)──▶ staging temp file ──validate_file──▶ report
-        report.ok ──▶ store.put_file(datasets/<tenant>/<id>.jsonl) ──▶ INSERT + COMMIT
-        commit fails ──▶ the stored file is deleted again
+    upload chunks ─▶ Upload.write: size cap, staging file (<artifact root>/.staging), sha256 and
+                     DatasetValidator (lora_core), record by record as the bytes arrive
+    Upload.finish ─▶ report.ok ─▶ rename the staging file to datasets/<tenant>/<id>.jsonl
+                                  ─▶ INSERT + COMMIT (commit fails: the file is deleted again)
+                     not ok ─▶ 422 listing the bad lines; the staging file is removed
 
-So there is never a row without a file, and a file without a row only if the process dies
-between the two steps (the staging area and that window are both tiny). A rejected upload
-stores nothing. This module is the only writer of the `datasets` table.
+Memory is bounded by one record (`max_record_bytes`) and a 1 MiB buffer, whatever the file's
+size. A rejected upload stores nothing; the staging file lives in the artifact root so it is
+renamed, not copied, into place, and a staging file left by a process that died mid-upload is
+swept by the next upload. So there is never a row without a file, and a file without a row only
+if the process dies between the rename and the commit. This module is the only writer of the
+`datasets` table.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from lora_core.data.formats import validate_file
+from lora_core.data.formats import DatasetValidator, ValidationReport
 from lora_core.errors import DatasetError
 from lorajobs.service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from lorajobs.service.models import Dataset, Job, JobStatus, new_id
 from lorajobs.service.settings import Settings
-from lorajobs.service.storage import ArtifactStore
+from lorajobs.service.storage import ArtifactStore, LocalArtifactStore
 from lorajobs.service.usage import check_storage_room
 
-__all__ = ["create_dataset", "get_dataset", "list_datasets", "delete_dataset", "dataset_key",
-           "clean_filename"]
+__all__ = ["Upload", "create_dataset", "store_upload", "get_dataset", "list_datasets",
+           "delete_dataset", "dataset_key", "clean_filename", "staging_dir"]
 
 COPY_CHUNK = 1024 * 1024  # 1 MiB: the upload never sits in memory as a whole while copying
 MAX_FILENAME = 255
+STAGING = ".staging"  # under the artifact root: the same filesystem as the stored datasets
+# A staging file nobody wrote to for this long belongs to a process that died mid-upload (an
+# upload that slow was cut off long before: BodyTimeoutMiddleware's rate floor).
+STAGING_MAX_AGE_SECONDS = 6 * 3600
 _UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
@@ -47,15 +60,167 @@ def clean_filename(name: str | None) -> str:
     return _UNSAFE_NAME_CHARS.sub("_", base)[:MAX_FILENAME] or "upload.jsonl"
 
 
-def _copy_capped(stream: BinaryIO, dest: BinaryIO, limit: int) -> int:
-    """Copy `stream` to `dest`; PayloadTooLarge as soon as more than `limit` bytes arrive."""
-    written = 0
-    while chunk := stream.read(COPY_CHUNK):
-        written += len(chunk)
-        if written > limit:
+def staging_dir(settings: Settings) -> Path:
+    return settings.resolved_artifact_root / STAGING
+
+
+def _sweep(staging: Path) -> None:
+    """Remove staging files of uploads whose process died (no writes for a long time)."""
+    cutoff = time.time() - STAGING_MAX_AGE_SECONDS
+    for entry in os.scandir(staging):
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:  # another process swept it first
+            continue
+
+
+class Upload:
+    """One upload as it arrives: `write(chunk)` ... `finish()`, then `store_upload` or `discard`.
+
+    Every chunk is counted against max_upload_bytes (413 the moment it is passed), appended to a
+    staging file (0600) and fed to the validator. Once the validator has stopped (more records
+    than max_examples_per_dataset, or too many bad ones) nothing more is parsed; if the format
+    is final (`format_final`: given before the file, or never to be given), nothing more is
+    written either. A format given only after the file (a multipart field after the file part)
+    is applied by `finish(data_format)`, which validates the staged file again.
+
+    A context manager: leaving it discards the staging file unless `store_upload` moved it.
+    """
+
+    def __init__(self, settings: Settings, data_format: str | None = None, *,
+                 format_final: bool = True) -> None:
+        self.settings = settings
+        self.data_format = data_format
+        self.format_final = format_final
+        self.validator = self._validator(data_format)
+        self.size = 0
+        self.report: ValidationReport | None = None
+        staging = staging_dir(settings)
+        staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _sweep(staging)
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=staging)  # 0600
+        self.path: Path | None = Path(name)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+
+    def _validator(self, data_format: str | None) -> DatasetValidator:
+        try:
+            return DatasetValidator(data_format,
+                                    max_examples=self.settings.max_examples_per_dataset,
+                                    max_record_bytes=self.settings.max_record_bytes)
+        except DatasetError as exc:  # an unknown format: the only thing it raises for
+            raise InvalidRequest(exc.message, param=exc.param or "format") from exc
+
+    @property
+    def done(self) -> bool:
+        """The verdict is known and the rest of the upload changes nothing (the caller may stop
+        reading its source)."""
+        return bool(self.validator.stopped) and self.format_final
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        limit = self.settings.max_upload_bytes
+        if self.size > limit:
             raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes", param="file")
-        dest.write(chunk)
-    return written
+        if self.done or self._file is None:
+            return
+        self._file.write(chunk)
+        self.validator.feed(chunk)
+
+    def finish(self, data_format: str | None = None) -> ValidationReport:
+        """The report; with a `data_format` other than the one validated with, the staged file
+        is validated again (streaming, from disk)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if data_format is not None and data_format != self.data_format and self.path:
+            self.validator = self._validator(data_format)
+            self.data_format = data_format
+            for chunk in _read_chunks(self.path):
+                self.validator.feed(chunk)
+                if self.validator.stopped:
+                    break
+        self.report = self.validator.finish()
+        return self.report
+
+    def take(self) -> Path:
+        """The staged file, now the caller's (it is no longer discarded)."""
+        assert self.path is not None
+        path, self.path = self.path, None
+        return path
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.discard()
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(COPY_CHUNK):
+            yield chunk
+
+
+def _place(store: ArtifactStore, key: str, path: Path) -> None:
+    """Move a staged file to `key`: a rename on the local store, else a copy."""
+    if isinstance(store, LocalArtifactStore):
+        dest = store.local_path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            os.replace(path, dest)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another filesystem (an artifact_root mount): copy
+                raise
+    store.put_file(key, path)
+
+
+def store_upload(session: Session, upload: Upload, *, tenant_id: str, filename: str | None,
+                 store: ArtifactStore, data_format: str | None = None) -> Dataset:
+    """Finish a received upload and store it with its row; commits. InvalidRequest
+    (code=invalid_dataset) if bad: `details["errors"] = [{line, field, message}]` (the first
+    20 bad lines, and why reading stopped if it did) and `details["num_errors"]`."""
+    report = upload.finish(data_format)
+    if not report.ok:
+        stopped = f" ({report.stopped})" if report.stopped else ""
+        raise InvalidRequest(
+            f"{report.num_errors} invalid line(s) in the upload{stopped}; nothing was stored",
+            param="file", code="invalid_dataset",
+            details={"errors": report.errors, "num_errors": report.num_errors},
+        )
+    check_storage_room(session, tenant_id=tenant_id, settings=upload.settings,
+                       incoming=upload.size, param="file")
+    dataset_id = new_id("ds")
+    key = dataset_key(tenant_id, dataset_id)
+    path = upload.take()
+    try:
+        _place(store, key, path)
+    finally:
+        path.unlink(missing_ok=True)  # gone after a rename; the source of a copy
+    row = Dataset(
+        id=dataset_id, tenant_id=tenant_id, filename=clean_filename(filename),
+        format=report.format or "", num_examples=report.num_examples,
+        num_tokens=report.num_tokens, size_bytes=upload.size, sha256=report.sha256,
+        stats=dict(report.stats), storage_key=key,
+    )
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete_prefix(key)
+        raise
+    return row
 
 
 def create_dataset(
@@ -68,50 +233,13 @@ def create_dataset(
     settings: Settings,
     store: ArtifactStore,
 ) -> Dataset:
-    """Validate and store an upload; commits. InvalidRequest(code=invalid_dataset) if bad.
-
-    The 422 carries `details["errors"] = [{line, field, message}]` (the first 20 bad lines)
-    and `details["num_errors"]` (all of them): every line is read, not just the first error.
-    """
-    staging = settings.data_dir / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix="upload-", suffix=".jsonl", dir=staging)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            size = _copy_capped(stream, out, settings.max_upload_bytes)
-        try:
-            report = validate_file(tmp, data_format,
-                                   max_examples=settings.max_examples_per_dataset)
-        except DatasetError as exc:  # unknown `format`: the only thing validate_file raises for
-            raise InvalidRequest(exc.message, param=exc.param or "format") from exc
-        if not report.ok:
-            raise InvalidRequest(
-                f"{report.num_errors} invalid line(s) in the upload; nothing was stored",
-                param="file", code="invalid_dataset",
-                details={"errors": report.errors, "num_errors": report.num_errors},
-            )
-        check_storage_room(session, tenant_id=tenant_id, settings=settings, incoming=size,
-                           param="file")
-        dataset_id = new_id("ds")
-        key = dataset_key(tenant_id, dataset_id)
-        store.put_file(key, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    row = Dataset(
-        id=dataset_id, tenant_id=tenant_id, filename=clean_filename(filename),
-        format=report.format or "", num_examples=report.num_examples,
-        num_tokens=report.num_tokens, size_bytes=size, sha256=report.sha256,
-        stats=dict(report.stats), storage_key=key,
-    )
-    try:
-        session.add(row)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        store.delete_prefix(key)
-        raise
-    return row
+    """Validate and store a file read from `stream`; commits (see `store_upload`). Stops
+    reading as soon as the verdict is known (e.g. more records than the cap)."""
+    with Upload(settings, data_format) as upload:
+        while not upload.done and (chunk := stream.read(COPY_CHUNK)):
+            upload.write(chunk)
+        return store_upload(session, upload, tenant_id=tenant_id, filename=filename,
+                            store=store)
 
 
 def get_dataset(session: Session, *, tenant_id: str, dataset_id: str,

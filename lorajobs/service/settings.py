@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lora_core.data.reader import MAX_RECORD_BYTES
+
 __all__ = ["Settings", "get_settings"]
 
 MiB = 1024 * 1024
@@ -42,6 +44,10 @@ class Settings(BaseSettings):
     # Resource limits (OWASP API4).
     max_upload_bytes: int = Field(200 * MiB, ge=1)
     max_examples_per_dataset: int = Field(2_000_000, ge=1)
+    # One record of an upload (a JSONL line, or one element of a JSON list): a longer one is a
+    # line error, and what an upload's validation holds in memory is bounded by it (1 MiB is
+    # ~250k tokens of English, more than any context a job trains on).
+    max_record_bytes: int = Field(MAX_RECORD_BYTES, ge=1024)
     max_request_bytes: int = Field(1 * MiB, ge=1024)
     max_active_jobs_per_tenant: int = Field(16, ge=1)
     max_total_steps: int = Field(1_000_000, ge=1)
@@ -83,6 +89,17 @@ class Settings(BaseSettings):
     # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` and also exposes the
     # per-job series (job ids of every tenant); unset, /metrics is open and aggregate only.
     metrics_token: str | None = Field(None, min_length=16)
+
+    # Live event streams (GET /v1/jobs/{id}/events/stream, lorajobs/api/streams.py). Open
+    # streams per key and per API process: more answer 429. A stream ends after
+    # stream_max_seconds (clients reconnect with Last-Event-ID and lose nothing) and within
+    # stream_key_check_seconds of its key's revocation. One poll per job every
+    # stream_poll_seconds serves all of that job's streams.
+    stream_max_per_key: int = Field(16, ge=1)
+    stream_max_total: int = Field(1000, ge=1)
+    stream_max_seconds: float = Field(600, gt=0)
+    stream_key_check_seconds: float = Field(2, gt=0)
+    stream_poll_seconds: float = Field(0.5, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

@@ -75,3 +75,50 @@ def test_clean_filename() -> None:
     assert datasets.clean_filename("C:\\x\\y.jsonl") == "y.jsonl"
     assert datasets.clean_filename("a\x00b\nc") == "a_b_c"
     assert datasets.clean_filename(None) == "upload.jsonl"
+
+
+class _CountingStream(io.RawIOBase):
+    """`lines` JSONL records made as they are read; `read_bytes` says how far a reader got."""
+
+    def __init__(self, lines: int) -> None:
+        self.line = jsonl(alpaca_lines(1))
+        self.remaining = lines
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        n = min(self.remaining, max(1, size // len(self.line)))
+        self.remaining -= n
+        self.read_bytes += n * len(self.line)
+        return self.line * n
+
+
+def test_example_cap_stops_reading_early(db_settings: Settings) -> None:  # noqa: F811
+    settings = db_settings.model_copy(update={"max_examples_per_dataset": 10})
+    with get_sessionmaker(settings)() as session:
+        tenant = keys.create_tenant(session, name="t")
+        session.commit()
+        stream = _CountingStream(200_000)  # ~11 MB if read to the end
+        with pytest.raises(InvalidRequest) as info:
+            datasets.create_dataset(session, tenant_id=tenant.id, filename="d.jsonl",
+                                    stream=stream, data_format=None, settings=settings,
+                                    store=get_store(settings))
+        assert info.value.details["errors"][-1]["line"] == 11
+        assert stream.read_bytes <= 2 * datasets.COPY_CHUNK  # stopped within a chunk or two
+        assert _files(settings) == []  # the staging file is gone too
+
+
+def test_stale_staging_files_are_swept(db_settings: Settings) -> None:  # noqa: F811
+    import os
+    import time
+
+    staging = datasets.staging_dir(db_settings)
+    staging.mkdir(parents=True, exist_ok=True)
+    dead, live = staging / "upload-dead.part", staging / "upload-live.part"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"y")
+    old = time.time() - datasets.STAGING_MAX_AGE_SECONDS - 60
+    os.utime(dead, (old, old))
+    with datasets.Upload(db_settings) as upload:
+        assert upload.path is not None and upload.path.parent == staging
+        assert not dead.exists() and live.exists()
+    assert upload.path is None and sorted(p.name for p in staging.iterdir()) == [live.name]

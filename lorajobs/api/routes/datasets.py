@@ -1,4 +1,5 @@
-"""`/v1/datasets`: upload (every line validated, nothing stored if one is bad), list, get."""
+"""`/v1/datasets`: upload (every line validated as it streams, nothing stored if one is bad),
+list, get."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from lora_core.spec import DATA_FORMATS
 from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import DatasetDeleted, DatasetPublic, DatasetsPublic
+from lorajobs.api.uploads import receive_upload
 from lorajobs.service import datasets
-from lorajobs.service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -20,28 +20,28 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {
     "schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": "JSONL (or one JSON list) of records"},
+                 "description": "JSONL (or one JSON list) of records; a record (line) may "
+                                "be at most max_record_bytes (1 MiB)"},
         "format": {"type": "string", "enum": list(DATA_FORMATS)}}}}}}}
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=UPLOAD_SCHEMA)
 async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep,
                          store: StoreDep, principal: PrincipalDep) -> DatasetPublic:
-    """Validate every line and store the file; 422 lists the bad lines.
+    """Validate every line while the file streams in and store it; 422 lists the bad lines.
 
-    The form is parsed here, after authentication, so an anonymous client cannot make the
-    server spool an upload to disk (a declared `file` parameter would be parsed first).
+    The body is read here, after authentication (see api/uploads.py). A `format` field sent
+    after the file part is honoured too (the staged file is validated again).
     """
-    async with request.form(max_files=1, max_fields=4) as form:
-        upload, data_format = form.get("file"), form.get("format")
-        if not isinstance(upload, StarletteUploadFile):
-            raise InvalidRequest("multipart field 'file' is required", param="file")
-        if data_format is not None and not isinstance(data_format, str):
-            raise InvalidRequest("'format' must be a text field", param="format")
+    def make_upload(fields: dict[str, str]) -> datasets.Upload:
+        return datasets.Upload(settings, fields.get("format") or None,
+                               format_final="format" in fields)
+
+    form = await receive_upload(request, make_upload)
+    with form.upload:
         row = await run_in_threadpool(
-            datasets.create_dataset, session, tenant_id=principal.tenant_id,
-            filename=upload.filename, stream=upload.file, data_format=data_format or None,
-            settings=settings, store=store)
+            datasets.store_upload, session, form.upload, tenant_id=principal.tenant_id,
+            filename=form.filename, store=store, data_format=form.fields.get("format") or None)
     return DatasetPublic.from_row(row)
 
 
