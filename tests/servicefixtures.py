@@ -5,18 +5,17 @@ database on the shared server + the shared Redis). Parallel test sessions must n
 other's tasks on the shared Redis: each LiveService claims a Redis database number for itself
 (SET NX on a lock key in db 0, released on close) and flushes it before and after.
 
-Processes are real subprocesses: `uvicorn lorajobs.api.app:create_app --factory` (only when the
-API package exists) and `python -m lorajobs.worker.main worker|reaper`. The trainer defaults to
+Processes are real subprocesses: `uvicorn lorajobs.api.app:create_app --factory` and
+`python -m lorajobs.worker.main worker|reaper`. The trainer defaults to
 tests/worker/fake_trainer.py (through a small wrapper, since `trainer_python` is a program).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,14 @@ from typing import Any
 
 import pytest
 
-from tests.dbfixtures import REDIS_URL, check_redis, create_pg_database, drop_pg_database
+from lorajobs.localserver import free_port
+from tests.dbfixtures import (
+    REDIS_URL,
+    REQUIRE_SERVICES,
+    check_redis,
+    create_pg_database,
+    drop_pg_database,
+)
 
 __all__ = ["LiveService", "free_port", "wait_for", "live_service", "FAKE_TRAINER"]
 
@@ -39,12 +45,6 @@ TEST_SETTINGS: dict[str, Any] = {
     "cancel_grace_seconds": 2, "requeue_after_seconds": 2, "reaper_interval_seconds": 0.5,
     "trainer_threads": 1,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
@@ -68,7 +68,11 @@ def _claim_redis_db(base_url: str) -> tuple[str, int]:
             url = base_url.rsplit("/", 1)[0] + f"/{db}"
             redis.Redis.from_url(url).flushdb()
             return url, db
-    pytest.skip("no free Redis database number for this test session")
+    # 15 sessions at once, or claims of crashed sessions (they expire): not a reason to pass
+    why = f"no free Redis database number in {REDIS_TEST_DBS} for this test session"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{why} (LORAJOBS_REQUIRE_SERVICES=1)")
+    pytest.skip(why)
 
 
 def _release_redis_db(base_url: str, url: str, db: int) -> None:
@@ -143,10 +147,12 @@ class LiveService:
     def start_reaper(self) -> subprocess.Popen[bytes]:
         return self._spawn(["-m", "lorajobs.worker.main", "reaper"], "reaper")
 
-    def start_api(self) -> str | None:
-        """uvicorn on a free port; None when the API package is not written yet."""
-        if importlib.util.find_spec("lorajobs.api.app") is None:
-            return None
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        """`lorajobs beat` as production runs it: the maintenance process."""
+        return self._spawn(["-m", "lorajobs", "beat"], "beat")
+
+    def start_api(self) -> str:
+        """uvicorn on a free port; its base URL once /healthz answers."""
         import httpx
 
         port = free_port()
@@ -168,6 +174,17 @@ class LiveService:
     def log(self, name: str) -> str:
         path = self.tmp_path / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def task_outcomes(self, name: str = "worker") -> list[str]:
+        """How each job message the worker `name` took ended, from Celery's own log lines: the
+        task's return value ("succeeded", "noop", ...), else the first word of Celery's failure
+        line ("raised", "retry", ...). Counting them tells that every message sent so far was
+        handled, without sleeping."""
+        from lorajobs.service.queue import RUN_JOB_TASK
+
+        ended = re.compile(re.escape(f"Task {RUN_JOB_TASK}[") +
+                           r"[^\]]+\] (?!received)(?:succeeded in \S+: '?(\w+)'?|(\S+))")
+        return [m.group(1) or m.group(2) for m in ended.finditer(self.log(name))]
 
     @staticmethod
     def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,

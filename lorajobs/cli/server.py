@@ -15,6 +15,7 @@ def serve(
 ) -> None:
     """API + worker + reaper in one command: SQLite, embedded broker, local artifacts."""
     from lorajobs.service.settings import get_settings
+    from lorajobs.service.storage import private_dir, use_private_umask
     from lorajobs.worker.embedded import serve as run
 
     settings = get_settings()
@@ -22,7 +23,8 @@ def serve(
     # The CLI and SDK on this machine find the server here (lorajobs.client.config), as they
     # find its admin key in data_dir/admin_key: no flags needed on any port.
     url_file = settings.data_dir / "server_url"
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    use_private_umask()  # the data dir holds every tenant's data: 0700, files 0600
+    private_dir(settings.data_dir)
     url_file.write_text(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}\n")
     try:
         run(settings, host, port)
@@ -36,8 +38,10 @@ def api(host: str = typer.Option(None), port: int = typer.Option(None),
     import uvicorn
 
     from lorajobs.service.settings import get_settings
+    from lorajobs.service.storage import use_private_umask
 
     settings = get_settings()
+    use_private_umask()  # uploads and anything else it writes: the service user's alone
     uvicorn.run("lorajobs.api.app:create_app", factory=True, host=host or settings.api_host,
                 port=port or settings.api_port, workers=workers, loop="uvloop",
                 http="httptools", log_level="info")
@@ -52,7 +56,8 @@ def worker() -> None:
 
 
 def beat() -> None:
-    """The periodic reaper (Celery beat) for production."""
+    """The maintenance process for production: the reaper sweeps in this process, so it never
+    waits for a busy GPU worker."""
     from lorajobs.service.settings import get_settings
     from lorajobs.worker.main import run_beat
 

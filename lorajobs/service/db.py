@@ -17,12 +17,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorajobs.service.settings import Settings, get_settings
+from lorajobs.service.storage import PRIVATE_DIR_MODE, private_file
 
 __all__ = ["make_engine", "get_engine", "get_sessionmaker", "session_scope"]
 
@@ -81,13 +83,16 @@ def _ping_idle_connections(engine: Engine) -> None:
 
 @lru_cache(maxsize=4)
 def _engine_for(url: str) -> Engine:
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:" and not database.startswith("file:"):
+        private_file(Path(database))  # 0600 before SQLite creates it 0644 (and its WAL)
     return make_engine(url)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
     if settings.resolved_database_url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     return _engine_for(settings.resolved_database_url)
 
 

@@ -9,6 +9,12 @@ Each transition is one conditional UPDATE (`WHERE id = ? AND status = <from>` an
 worker, `AND lease_owner = <me>`), so two actors racing (the worker finishing, the reaper
 requeueing, a user cancelling) cannot both win; the loser gets `IllegalTransition`. Every
 successful transition writes a `status` event in the same transaction.
+
+Cancel against requeue: a queued job with its cancel flag set is never claimed and never
+re-sent, so that state must not arise. `request_cancel` is one UPDATE that cancels a
+queued row outright and only flags a running one; running -> queued requires the flag unset
+(`requeue` turns a flagged job into cancelled instead); the reaper finishes any flagged queued
+row an older version left behind (`finish_cancelled_queued`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, literal, null, select, update
 from sqlalchemy.orm import Session
 
 from lorajobs.service.errors import IllegalTransition
@@ -31,7 +37,9 @@ __all__ = [
     "fair_queue",
     "renew_lease",
     "request_cancel",
+    "requeue",
     "reap_expired_leases",
+    "finish_cancelled_queued",
     "stale_queued_jobs",
     "mark_enqueued",
     "update_progress",
@@ -94,18 +102,46 @@ def transition(
     stmt = update(Job).where(Job.id == job.id, Job.status == from_status)
     if expect_owner is not None:
         stmt = stmt.where(Job.lease_owner == expect_owner)
+    if to == S.QUEUED:  # a flagged job back in the queue would never be claimed: see `requeue`
+        stmt = stmt.where(Job.cancel_requested.is_(False))
     if session.execute(stmt.values(**values)).rowcount != 1:
         session.refresh(job)
         raise IllegalTransition(
-            f"job {job.id} changed concurrently (now {job.status}); cannot become {to}",
+            f"job {job.id} changed concurrently (now {job.status}"
+            f"{', cancel requested' if job.cancel_requested else ''}); cannot become {to}",
             param="status",
         )
     session.refresh(job)
+    _status_event(session, job, from_status, to, message=message, error=error)
+    return job
+
+
+def _status_event(session: Session, job: Job, from_status: str, to: str, *, message: str = "",
+                  error: dict[str, Any] | None = None) -> None:
     level = "error" if to == S.FAILED else "info"
     add_event(session, job.id, "status", message or f"{from_status} -> {to}", level=level,
               data={"from": from_status, "to": to, "attempt": job.attempt,
                     **({"error": error} if error else {})})
-    return job
+
+
+def requeue(session: Session, job: Job, *, owner: str | None, message: str,
+            refund_attempt: bool = False) -> str:
+    """running -> queued for another attempt, or -> cancelled if a cancel is pending (even one
+    that lands while we requeue). Returns the new status; raises IllegalTransition when the job
+    is no longer ours (finished, or under another lease). Does not commit.
+    """
+    if not job.cancel_requested:
+        try:
+            transition(session, job, to=S.QUEUED, expect_owner=owner, message=message,
+                       refund_attempt=refund_attempt)
+            return S.QUEUED
+        except IllegalTransition:
+            # refreshed: only a cancel that raced us is ours to finish, anything else is not
+            if not (job.status == S.RUNNING and job.cancel_requested):
+                raise
+    transition(session, job, to=S.CANCELLED, expect_owner=owner,
+               message="cancelled (cancel requested while the job was being requeued)")
+    return S.CANCELLED
 
 
 def claim(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> Job | None:
@@ -197,28 +233,37 @@ def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int
 def request_cancel(session: Session, job: Job) -> Job:
     """Queued: cancelled at once. Running: flag it; the worker stops the trainer. Commits.
 
-    A finished job raises IllegalTransition (409 at the edge).
+    One conditional UPDATE decides on the row as it is now, not on `job` as it was read: a job
+    requeued or claimed since is still handled right. A finished job raises
+    IllegalTransition (409 at the edge).
     """
-    if job.status == S.QUEUED:
-        try:
-            transition(session, job, to=S.CANCELLED, message="cancelled while queued")
-        except IllegalTransition:
-            session.rollback()
-            session.refresh(job)
-            if job.status != S.RUNNING:
-                raise
-        else:
-            session.commit()
+    now = utcnow()
+    was_queued = Job.status == S.QUEUED
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id,
+               was_queued | ((Job.status == S.RUNNING) & Job.cancel_requested.is_(False)))
+        .values(cancel_requested=True, updated_at=now,
+                # SET expressions read the row before the update: queued -> cancelled only
+                status=case((was_queued, S.CANCELLED), else_=Job.status),
+                finished_at=case((was_queued, literal(now, Job.finished_at.type)),
+                                 else_=Job.finished_at),
+                stage=case((was_queued, null()), else_=Job.stage))
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        session.refresh(job)
+        if job.status == S.RUNNING:  # flagged already: nothing more to do
             return job
-    if job.status == S.RUNNING:
-        if not job.cancel_requested:
-            session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
-            add_event(session, job.id, "cancel_requested", "cancel requested; stopping trainer")
-            session.commit()
-            session.refresh(job)
-        return job
-    raise IllegalTransition(f"job {job.id} is already {job.status}", param="status",
-                            code="job_not_cancellable")
+        raise IllegalTransition(f"job {job.id} is already {job.status}", param="status",
+                                code="job_not_cancellable")
+    session.refresh(job)  # our own write: the row is locked until we commit
+    if job.status == S.CANCELLED:
+        _status_event(session, job, S.QUEUED, S.CANCELLED, message="cancelled while queued")
+    else:
+        add_event(session, job.id, "cancel_requested", "cancel requested; stopping trainer")
+    session.commit()
+    return job
 
 
 def reap_expired_leases(session: Session, *, now: datetime | None = None) -> list[str]:
@@ -242,14 +287,33 @@ def reap_expired_leases(session: Session, *, now: datetime | None = None) -> lis
                     "code": "worker_lost", "user_fault": False, "param": None,
                     "message": f"worker lost {job.attempt} times (max_attempts="
                                f"{job.max_attempts}); giving up"})
-            else:
-                transition(session, job, to=S.QUEUED, expect_owner=owner,
-                           message=f"lease expired (worker {owner} lost); requeued")
+            elif requeue(session, job, owner=owner,
+                         message=f"lease expired (worker {owner} lost); requeued") == S.QUEUED:
                 requeued.append(job.id)
             session.commit()
         except IllegalTransition:
             session.rollback()  # the worker finished or renewed in between: fine
     return requeued
+
+
+def finish_cancelled_queued(session: Session) -> list[str]:
+    """Cancel queued jobs whose cancel flag is set: no claim takes them and no re-send is made
+    for them, so left alone they would stay queued (and count against the quota) forever.
+    Today's transitions never leave such a row; this sweeps up rows from older versions.
+    Returns their ids. Commits.
+    """
+    flagged = session.scalars(
+        select(Job).where(Job.status == S.QUEUED, Job.cancel_requested.is_(True))
+    ).all()
+    cancelled: list[str] = []
+    for job in flagged:
+        try:
+            transition(session, job, to=S.CANCELLED, message="cancelled while queued")
+            session.commit()
+            cancelled.append(job.id)
+        except IllegalTransition:
+            session.rollback()
+    return cancelled
 
 
 def stale_queued_jobs(session: Session, *, older_than_seconds: float) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 
 from sqlalchemy import select, update
@@ -173,9 +174,12 @@ def ensure_admin_key(session: Session, *, key_file) -> str:  # type: ignore[no-u
     tenant = get_or_create_tenant(session, name="local")
     _, plaintext = create_key(session, tenant_id=tenant.id, name="local admin", is_admin=True)
     session.commit()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(plaintext + "\n")
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    # 0600 from its creation: a chmod after writing leaves a moment where others can read it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(plaintext + "\n")
     tmp.replace(path)
     return plaintext

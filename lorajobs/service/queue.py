@@ -18,11 +18,13 @@ Celery settings for hours-long jobs, and why:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from celery import Celery
 from kombu import Connection
 
 from lorajobs.service.settings import Settings, get_settings
+from lorajobs.service.storage import PRIVATE_DIR_MODE, private_file
 
 __all__ = [
     "RUN_JOB_TASK",
@@ -46,6 +48,7 @@ PUBLISH_CONNECT_TIMEOUT_SECONDS = 1.0
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.2}
 BROKER_CHECK_TIMEOUT_SECONDS = 1.0
+SQLITE_BROKER_PREFIX = "sqla+sqlite:///"  # the embedded broker's URL: a SQLite file
 
 _apps: dict[str, Celery] = {}
 
@@ -76,7 +79,9 @@ def get_celery_app(settings: Settings | None = None) -> Celery:
         return _apps[url]
     if settings.is_embedded_broker:
         _configure_embedded_transport()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        if url.startswith(SQLITE_BROKER_PREFIX):  # 0600 before kombu creates it 0644
+            private_file(Path(url.removeprefix(SQLITE_BROKER_PREFIX)))
     app = Celery("lorajobs", broker=url, set_as_current=False)
     app.conf.update(
         result_backend=None,

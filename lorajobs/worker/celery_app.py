@@ -1,8 +1,9 @@
 """The worker's Celery app: `celery -A lorajobs.worker.celery_app worker --pool=solo -c 1`.
 
 The app's broker config is the service's (`queue.get_celery_app`); this module adds the task
-bodies, the reaper's beat entry, the warm-shutdown hook and the pre-warmed trainer zygote's
-start/stop (prewarm.py). `app` is built on first access from the environment's settings, so
+body, the warm-shutdown hook and the pre-warmed trainer zygote's start/stop (prewarm.py).
+Workers consume job messages only: the reaper runs in `lorajobs beat`'s own process (reaper.py),
+so it never waits behind a job. `app` is built on first access from the environment's settings, so
 importing this module has no side effects.
 
 Pool: `solo` is the default. Training runs in a child process of its own anyway, so there is no
@@ -25,18 +26,14 @@ from celery.signals import (
 
 from lorajobs.service.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
 from lorajobs.service.settings import Settings, get_settings
-from lorajobs.worker import prewarm, reaper, shutdown, tasks
+from lorajobs.worker import prewarm, shutdown, tasks
 
 __all__ = ["build_app", "WORKER_QUEUES"]
 
-# A worker consumes jobs and, when idle, the reaper's beat messages.
-WORKER_QUEUES = (QUEUE_NAME, reaper.MAINTENANCE_QUEUE)
+# A worker consumes job messages and nothing else (maintenance never queues behind a job).
+WORKER_QUEUES = (QUEUE_NAME,)
 
 _app: Celery | None = None
-
-
-def _reap() -> dict[str, Any]:
-    return reaper.reap_once(tasks.current_settings())
 
 
 def build_app(settings: Settings | None = None) -> Celery:
@@ -47,8 +44,6 @@ def build_app(settings: Settings | None = None) -> Celery:
     app = get_celery_app(settings)
     if RUN_JOB_TASK not in app.tasks:
         app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)(tasks.run_job)
-        app.task(name=reaper.REAP_TASK, ignore_result=True, acks_late=False)(_reap)
-    app.conf.beat_schedule = reaper.beat_schedule(settings)
     _app = app
     return app
 

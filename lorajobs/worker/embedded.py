@@ -2,6 +2,9 @@
 
     migrate -> ensure the local admin key -> worker subprocess + reaper thread -> uvicorn
 
+The data directory is 0700 and everything in it 0600 (umask 077 here, inherited by the worker
+and its trainers): it holds every tenant's data and the admin key.
+
 The worker is a subprocess, not a thread: Celery installs signal handlers (main thread only)
 and a crash in training supervision must not take the API down. Ctrl-C / SIGTERM stops uvicorn;
 then the worker gets SIGTERM (its trainer checkpoints, the job is requeued for the next start)
@@ -22,6 +25,7 @@ from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.keys import ensure_admin_key
 from lorajobs.service.migrate import upgrade
 from lorajobs.service.settings import Settings, get_settings
+from lorajobs.service.storage import private_dir, use_private_umask
 from lorajobs.worker.main import settings_env
 from lorajobs.worker.reaper import run_reaper_loop
 
@@ -72,7 +76,8 @@ def serve(settings: Settings | None = None, host: str | None = None,
     import uvicorn
 
     settings = settings or get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    use_private_umask()
+    private_dir(settings.data_dir)
     upgrade(settings)
     with get_sessionmaker(settings)() as session:
         ensure_admin_key(session, key_file=settings.admin_key_file)

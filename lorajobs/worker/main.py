@@ -1,11 +1,14 @@
-"""Process entry points: a worker, a beat (periodic reaper), a standalone reaper loop.
+"""Process entry points: a worker, and beat (the maintenance process: the reaper loop).
 
     python -m lorajobs.worker.main worker [--pool solo|prefork]
     python -m lorajobs.worker.main beat
-    python -m lorajobs.worker.main reaper
+    python -m lorajobs.worker.main reaper     # the same loop as beat, kept as an alias
 
 Settings come from `LORAJOBS_*`. SIGTERM to a worker is a warm shutdown: the running trainer
 gets its stop file, saves a checkpoint, and the job goes back to queued for another worker.
+Beat sweeps in its own process: reaping must not wait for a worker (each runs one job for
+hours), which a periodic message to the workers' queue would. Every process here creates
+files 0600 and directories 0700 (`use_private_umask`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 from types import FrameType
 
 from lorajobs.service.settings import Settings, get_settings
+from lorajobs.service.storage import use_private_umask
 
 __all__ = ["run_worker", "run_beat", "run_reaper", "settings_env"]
 
@@ -40,6 +44,7 @@ def run_worker(settings: Settings | None = None, *, pool: str = "solo",
     from lorajobs.worker.celery_app import WORKER_QUEUES, build_app
 
     settings = settings or get_settings()
+    use_private_umask()  # the trainer child inherits it: checkpoints, adapters, merged models
     app = build_app(settings)
     app.worker_main([
         "worker", f"--pool={pool}", "--concurrency=1", f"--loglevel={loglevel}",
@@ -49,15 +54,13 @@ def run_worker(settings: Settings | None = None, *, pool: str = "solo",
     ])
 
 
-def run_beat(settings: Settings | None = None, *, loglevel: str = "INFO") -> None:
-    """Celery beat sending the reaper task every `reaper_interval_seconds`."""
-    from lorajobs.worker.celery_app import build_app
-
+def run_beat(settings: Settings | None = None) -> None:
+    """The maintenance process: a reaper sweep every `reaper_interval_seconds`, in this
+    process, until SIGTERM/SIGINT. Needs the database and the broker (to re-send), no worker."""
     settings = settings or get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = build_app(settings)
-    app.Beat(loglevel=loglevel,
-             schedule=str(settings.data_dir / "celerybeat-schedule")).run()
+    log.info("beat: reaper sweeping every %.1fs in process %d",
+             settings.reaper_interval_seconds, os.getpid())
+    run_reaper(settings)
 
 
 def run_reaper(settings: Settings | None = None) -> None:
@@ -65,6 +68,7 @@ def run_reaper(settings: Settings | None = None) -> None:
     from lorajobs.worker.reaper import run_reaper_loop
 
     settings = settings or get_settings()
+    use_private_umask()
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         run_worker(pool=args.pool, loglevel=args.loglevel)
     elif args.command == "beat":
-        run_beat(loglevel=args.loglevel)
+        run_beat()
     else:
         run_reaper()
 

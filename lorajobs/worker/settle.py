@@ -90,14 +90,22 @@ def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any],
 
 def requeue(session: Session, job: Job, *, owner: str, settings: Settings, message: str,
             refund_attempt: bool = False) -> str:
-    """Back to queued and re-sent now; the next attempt resumes from the newest checkpoint."""
+    """Back to queued and re-sent now; the next attempt resumes from the newest checkpoint.
+    A cancel requested meanwhile (even one racing this requeue) makes it cancelled instead."""
     if job.cancel_requested:
         ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
                              message="cancelled")
         return CANCELLED if ok else LOST
-    if not _try_transition(session, job, owner=owner, to=JobStatus.QUEUED, message=message,
-                           refund_attempt=refund_attempt):
+    try:
+        status = jobs.requeue(session, job, owner=owner, message=message,
+                              refund_attempt=refund_attempt)
+        session.commit()
+    except IllegalTransition as exc:
+        session.rollback()
+        log.warning("job %s: could not be requeued: %s", job.id, exc.message)
         return LOST
+    if status == JobStatus.CANCELLED:
+        return CANCELLED
     from lorajobs.service.queue import enqueue_job
 
     if not enqueue_job(job.id, settings):

@@ -1,6 +1,6 @@
 """The first five minutes: `lorajobs serve` on a fresh data directory, then the CLI with no URL
 and no key (it finds both in the data directory), register the model, `submit --wait`, and
-run the download command it prints."""
+run the download command it prints. Everything the server wrote is its user's alone."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ from tests.servicefixtures import FAKE_TRAINER, free_port, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
+def _readable_by_others(root: Path, *, skip: Path) -> list[str]:
+    """Paths under `root` (itself included, `skip` not) with any group or other permission."""
+    return [f"{p.relative_to(root.parent)} {oct(p.stat().st_mode & 0o777)}"
+            for p in [root, *root.rglob("*")]
+            if not p.is_symlink() and not p.is_relative_to(skip) and p.stat().st_mode & 0o077]
+
+
 def test_fresh_embedded_server_submit_wait_download(tmp_path: Path,
                                                     tiny_model_dir: Path) -> None:
     data = tmp_path / "home"
@@ -26,6 +33,7 @@ def test_fresh_embedded_server_submit_wait_download(tmp_path: Path,
     trainer.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TRAINER}" "$@"\n')
     trainer.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAJOBS_")}
+    umask = os.umask(0o022)  # as a login shell has it: the server must not depend on it
     env.update({"LORAJOBS_DATA_DIR": str(data), "LORAJOBS_TRAINER_PYTHON": str(trainer),
                 "LORAJOBS_TRAINER_THREADS": "1", "LORAJOBS_WORKER_POLL_SECONDS": "0.1",
                 "COLUMNS": "120"})
@@ -33,6 +41,7 @@ def test_fresh_embedded_server_submit_wait_download(tmp_path: Path,
     with open(tmp_path / "serve.log", "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "lorajobs", "serve", "--port",
                                    str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    os.umask(umask)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "lorajobs", *args], env=env, cwd=tmp_path,
@@ -61,6 +70,13 @@ def test_fresh_embedded_server_submit_wait_download(tmp_path: Path,
         got = cli(*command[1:])
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+        # data dir 0700; database (+ WAL), broker, admin key, dataset, checkpoints, adapter,
+        # merged model, logs 0600: under the usual umask 022 of the shell that started it
+        assert data.stat().st_mode & 0o777 == 0o700
+        assert (data / "admin_key").stat().st_mode & 0o777 == 0o600
+        assert any(p.name.endswith(".jsonl") for p in (data / "artifacts").rglob("*"))
+        # models/: the operator's base model, copied there by the CLI as its files were
+        assert _readable_by_others(data, skip=data / "models") == []
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -27,6 +27,18 @@ def test_compose_has_the_production_services() -> None:
     assert env["LORAJOBS_BROKER_URL"].startswith("redis://")
 
 
+def test_maintenance_runs_apart_from_the_gpu_workers() -> None:
+    """The reaper must not wait for a GPU worker: beat sweeps in its own process (no GPU), and
+    workers consume job messages only (tests/worker/test_reaper.py proves it with processes)."""
+    from lorajobs.service.queue import QUEUE_NAME
+    from lorajobs.worker.celery_app import WORKER_QUEUES
+
+    beat = _compose()["services"]["beat"]
+    assert beat["command"] == ["lorajobs", "beat"]
+    assert "deploy" not in beat and beat.get("restart") == "unless-stopped"
+    assert WORKER_QUEUES == (QUEUE_NAME,)
+
+
 def test_every_compose_command_is_a_real_cli_command() -> None:
     runner = CliRunner()
     for name, service in _compose()["services"].items():

@@ -156,3 +156,50 @@ def test_request_cancel(db_settings: Settings) -> None:  # noqa: F811
     with sessions() as session:  # renew still works; the worker sees the flag and stops
         assert jobs.renew_lease(session, running, owner="w1", lease_seconds=60)
         assert not jobs.renew_lease(session, running, owner="w9", lease_seconds=60)
+
+
+def _claimed(settings: Settings, *, lease_seconds: int = 60) -> str:
+    job_id = make_job(settings)
+    with get_sessionmaker(settings)() as session:
+        assert jobs.claim(session, job_id, owner="w1", lease_seconds=lease_seconds)
+    return job_id
+
+
+def test_cancel_racing_a_requeue_it_did_not_see(db_settings: Settings) -> None:  # noqa: F811
+    """The API read the job running; the reaper requeued it; then the cancel lands. The cancel
+    decides on the row as it is now: cancelled, not a flagged job left queued forever."""
+    job_id = _claimed(db_settings, lease_seconds=0)
+    sessions = get_sessionmaker(db_settings)
+    with sessions() as api, sessions() as reaper:
+        seen = api.get(Job, job_id)  # what the cancel route read: running
+        assert seen is not None and seen.status == S.RUNNING
+        assert jobs.reap_expired_leases(reaper, now=utcnow() + timedelta(seconds=1)) == [job_id]
+        assert jobs.request_cancel(api, seen).status == S.CANCELLED
+    job = load(db_settings, job_id)
+    assert job.status == S.CANCELLED and job.finished_at is not None
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w2", lease_seconds=60) is None
+        history = session.scalars(select(JobEvent.data).where(
+            JobEvent.job_id == job_id, JobEvent.type == "status").order_by(JobEvent.id)).all()
+    assert [e["to"] for e in history] == [S.RUNNING, S.QUEUED, S.CANCELLED]
+
+
+def test_requeue_racing_a_cancel_it_did_not_see(db_settings: Settings) -> None:  # noqa: F811
+    """The reaper (or a stopping worker) read the job unflagged; the cancel lands; then the
+    requeue: running -> queued is refused on a flagged row and `requeue` cancels instead."""
+    sessions = get_sessionmaker(db_settings)
+    for refund in (False, True):
+        job_id = _claimed(db_settings)
+        with sessions() as api, sessions() as worker:
+            seen = worker.get(Job, job_id)
+            assert seen is not None and not seen.cancel_requested
+            flagged = jobs.request_cancel(api, api.get(Job, job_id))
+            assert flagged.status == S.RUNNING and flagged.cancel_requested
+            with pytest.raises(IllegalTransition):
+                jobs.transition(worker, seen, to=S.QUEUED, expect_owner="w1")
+            assert jobs.requeue(worker, seen, owner="w1", message="requeue",
+                                refund_attempt=refund) == S.CANCELLED
+            worker.commit()
+        job = load(db_settings, job_id)
+        assert job.status == S.CANCELLED and job.lease_owner is None
+
