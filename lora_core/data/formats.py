@@ -427,7 +427,7 @@ class DatasetValidator:
         if fmt is None:
             fmt = self.format = detect_format(record)
             if fmt is None:
-                self._add(line, "", "cannot detect the format: expected keys " + _expected_keys())
+                self._add(line, "", _UNDETECTED)
                 return
         if self.tokenizer is None:
             n = _FAST_LENGTH[fmt](record) if type(record) is dict else None
@@ -476,6 +476,9 @@ def validate_file(
 
 def _expected_keys() -> str:
     return "; ".join(f"{name}: {', '.join(keys)}" for name, keys in _FORMAT_KEYS)
+
+
+_UNDETECTED = "cannot detect the format: expected keys " + _expected_keys()
 
 
 def load_examples(
