@@ -4,7 +4,9 @@ Why a file and not stdout: torch, transformers and DeepSpeed print to stdout/std
 under torchrun several ranks share them. Only rank 0 writes this file; the supervising worker
 tails it. Each line is one object with a `type`:
 
-    started     {total_steps, world_size, resumed_from_step, num_examples, num_tokens}
+    started     {total_steps, world_size, resumed_from_step, num_examples, num_tokens,
+                 num_truncated, num_dropped}         (tokens of the training file: the service
+                                                     stores them, lorajobs/service/tokencounts)
     progress    {step, total_steps, epoch, loss, learning_rate, grad_norm,
                  tokens_per_second, tokens_seen, eta_seconds}
     eval        {step, eval_loss}

@@ -450,7 +450,8 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
     root = Path(spec.output_dir) / CHECKPOINTS_DIR
     events = EventCallback(emit, lambda: collator.label_tokens, world_size(), started={
         "resumed_from_step": ckpt_step, "num_examples": data.num_examples,
-        "num_tokens": data.num_tokens})
+        "num_tokens": data.num_tokens, "num_truncated": data.num_truncated,
+        "num_dropped": data.num_dropped})
     stop = StopCallback(should_stop)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,

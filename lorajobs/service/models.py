@@ -39,6 +39,7 @@ __all__ = [
     "Checkpoint",
     "Artifact",
     "IdempotencyRecord",
+    "TokenCount",
     "new_id",
     "utcnow",
     "JobStatus",
@@ -254,4 +255,20 @@ class IdempotencyRecord(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TokenCount(Base):
+    """Tokens of a dataset's content as one registered model's tokenizer sees it at one
+    max_seq_length, counted by the first trainer that tokenised it (service/tokencounts.py).
+    No foreign keys: keyed by content, a row outlives the datasets that share those bytes."""
+
+    __tablename__ = "token_counts"
+    dataset_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    format: Mapped[str] = mapped_column(String(20), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    max_seq_length: Mapped[int] = mapped_column(Integer, primary_key=True)
+    num_tokens: Mapped[int] = mapped_column(BigInteger)  # after truncation, dropped excluded
+    num_truncated: Mapped[int | None] = mapped_column(Integer, default=None)
+    num_dropped: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,7 +2,7 @@
 
     JobRequest ─▶ replay? (Idempotency-Key: same body -> same job; other body -> 422)
                ─▶ model registered? datasets the tenant's? targets exist, r <= dims?
-               ─▶ estimate (examples, tokens with the model's tokenizer, total steps)
+               ─▶ estimate (examples, total steps; tokens once a trainer counted them)
                ─▶ compatibility report (vLLM ranks, modules_to_save)
                ─▶ active-job quota ─▶ INSERT job + event + idempotency record ─▶ COMMIT
                ─▶ enqueue(job_id)   (after the commit: the worker re-reads the row)
@@ -21,18 +21,17 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lora_core.errors import LoraCoreError, SpecError
+from lora_core.errors import SpecError
 from lora_core.inspect import validate_lora_spec
 from lora_core.spec import VLLM_LORA_RANKS, LoraSpec
 from lorajobs.jobspec import JobRequest
-from lorajobs.service import jobs
+from lorajobs.service import jobs, tokencounts
 from lorajobs.service.bounds import JobShape, check_job_bounds
 from lorajobs.service.datasets import get_dataset
 from lorajobs.service.errors import InvalidRequest, LimitExceeded, NotFound
@@ -44,7 +43,7 @@ from lorajobs.service.models import (
     Tenant,
     new_id,
 )
-from lorajobs.service.registry import get_model, inspect_registered, model_dir
+from lorajobs.service.registry import get_model, inspect_registered
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
 from lorajobs.service.usage import check_storage_room
@@ -123,26 +122,6 @@ def total_steps(num_examples: int, request: JobRequest) -> int:
     return max(1, math.ceil(math.ceil(num_examples / per_step) * t.epochs))
 
 
-def _count_tokens(model_path: Path, store: ArtifactStore, dataset: Dataset,
-                  max_seq_length: int) -> tuple[int | None, int]:
-    """(tokens after formatting, truncated at max_seq_length; examples that get truncated).
-
-    Uses `tokenizers` on the model's tokenizer.json: torch- and transformers-free.
-    """
-    tokenizer_file = model_path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        return None, 0
-    from tokenizers import Tokenizer
-
-    from lora_core.data.formats import count_tokens, load_examples
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    _, examples = load_examples(store.local_path(dataset.storage_key), dataset.format)
-    lengths = [count_tokens(example, tokenizer) for example in examples]
-    return (sum(min(n, max_seq_length) for n in lengths),
-            sum(n > max_seq_length for n in lengths))
-
-
 def compatibility_report(lora: LoraSpec, truncated: int) -> dict[str, Any]:
     """What will bite at serving time: vLLM's fixed rank set, modules_to_save, truncation."""
     r = lora.r
@@ -159,8 +138,7 @@ def compatibility_report(lora: LoraSpec, truncated: int) -> dict[str, Any]:
             "these full-weight copies; serve the merged model instead"
         )
     if truncated:
-        warnings.append(f"{truncated} training example(s) exceed max_seq_length and will be "
-                        "truncated")
+        warnings.append(tokencounts.truncation_warning(truncated))
     return {"warnings": warnings,
             "vllm": {"supported_rank": r in VLLM_LORA_RANKS, "max_lora_rank": max_rank}}
 
@@ -189,11 +167,11 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
                               merge=request.merge, num_examples=train.num_examples,
                               total_steps=steps, max_positions=info.max_positions),
                      settings, model_name=request.base_model)
-    try:
-        num_tokens, truncated = _count_tokens(model_dir(settings, model), store, train,
-                                              request.training.max_seq_length)
-    except LoraCoreError as exc:  # the stored file was validated at upload: this is ours
-        raise InvalidRequest(exc.message, param="training_file") from exc
+    # Never tokenise here (the file may hold 2M examples): the trainer counts once per
+    # (content, model, max_seq_length) and every later submit reads that row.
+    count = tokencounts.lookup(session, dataset=train, model=model,
+                               max_seq_length=request.training.max_seq_length)
+    num_tokens, truncated = (count.num_tokens, count.num_truncated or 0) if count else (None, 0)
     spec = request.model_copy(deep=True)
     spec.lora.target_modules = targets
     return Resolved(

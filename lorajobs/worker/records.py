@@ -28,7 +28,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lora_core.manifest import MANIFEST_NAME, sha256_file
-from lorajobs.service import jobs
+from lorajobs.service import jobs, tokencounts
 from lorajobs.service.models import Artifact, Checkpoint, Job, JobMetric, JobStatus, new_id
 from lorajobs.service.storage import LocalArtifactStore
 
@@ -215,6 +215,7 @@ class EventRecorder:
     def _on_started(self, session: Session, event: dict[str, Any]) -> None:
         self.started = event
         self._total_steps = event.get("total_steps")
+        tokencounts.record_started(session, self.job_id, event)  # counted once, kept for all
         session.execute(
             update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING,
                               Job.lease_owner == self.owner)

@@ -94,7 +94,7 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
     r = client.post("/v1/jobs", headers=auth,
                     json={"base_model": "tiny", "training_file": r.json()["id"]})
     assert r.status_code == 201, r.text
-    assert r.json()["estimate"]["num_tokens"] > 0
+    assert r.json()["estimate"]["total_steps"] > 0
     print(json.dumps({"torch": "torch" in sys.modules,
                       "transformers": "transformers" in sys.modules}))
 """)

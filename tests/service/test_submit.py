@@ -52,7 +52,7 @@ def test_resolved_spec_estimate_and_events(env) -> None:  # type: ignore[no-unty
     assert again.lora.target_modules == ["q_proj", "v_proj"]
     assert job.spec["training"]["warmup_ratio"] == 0.0 and job.spec["merge"] == "final"
     assert job.estimate["total_steps"] == 3  # ceil(10 / (3*1*2)) = 2 per epoch, * 1.5
-    assert job.estimate["num_tokens"] > 10
+    assert job.estimate["num_tokens"] is None  # counted by the trainer (test_token_counts)
     types = [e.type for e in session.query(JobEvent).filter_by(job_id=job.id)]
     assert types == ["created"]
 

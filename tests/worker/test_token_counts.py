@@ -1,0 +1,84 @@
+"""Token counts: POST /v1/jobs never reads the dataset; the trainer's count, recorded by the
+worker, serves every later submit of the same (content, model, max_seq_length)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import pytest
+from sqlalchemy import func, select
+
+from lorajobs.service import datasets, jobs, keys, registry, submit
+from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.models import Dataset, Job, JobEvent, TokenCount
+from lorajobs.service.settings import Settings
+from lorajobs.service.storage import get_store
+from lorajobs.worker.records import EventRecorder
+from tests.api.conftest import alpaca_lines, jsonl
+from tests.dbfixtures import db_settings  # noqa: F401
+
+WARNING = "3 training example(s) exceed max_seq_length and will be truncated"
+
+
+@pytest.fixture
+def env(db_settings: Settings, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]  # noqa: F811
+    settings = db_settings.model_copy(update={"model_root": tmp_path / "models"})
+    shutil.copytree(tiny_model_dir, settings.resolved_model_root / "tiny")
+    store = get_store(settings)
+    session = get_sessionmaker(settings)()
+    tenant = keys.create_tenant(session, name="t")
+    session.commit()
+    registry.register_model(session, name="tiny", path_under_model_root="tiny", settings=settings)
+
+    def upload() -> str:
+        return datasets.create_dataset(session, tenant_id=tenant.id, filename="d.jsonl",
+                                       stream=io.BytesIO(jsonl(alpaca_lines(10))),
+                                       data_format=None, settings=settings, store=store).id
+
+    def create(ds: str, max_len: int = 16):  # type: ignore[no-untyped-def]
+        request = submit.JobRequest(base_model="tiny", training_file=ds,
+                                    training={"max_seq_length": max_len})
+        return submit.create_job(session, tenant_id=tenant.id, request=request,
+                                 settings=settings, store=store, enqueue=lambda _id: None)[0]
+
+    yield settings, session, upload, create
+    session.close()
+
+
+def test_submit_does_not_read_the_dataset(env) -> None:  # type: ignore[no-untyped-def]
+    settings, session, upload, create = env
+    ds = upload()
+    path = get_store(settings).local_path(session.get(Dataset, ds).storage_key)
+    path.write_bytes(b"\xff not json, not even UTF-8\n")  # a per-POST re-read would fail here
+    job = create(ds)
+    assert job.estimate["num_tokens"] is None and job.estimate["total_steps"] > 0
+
+
+def test_trainer_count_is_recorded_once_and_reused(env) -> None:  # type: ignore[no-untyped-def]
+    settings, session, upload, create = env
+    ds = upload()
+    first = create(ds)
+    owner = "worker-1:1:x"
+    assert jobs.claim(session, first.id, owner=owner, lease_seconds=60) is not None
+    session.commit()
+    started = {"type": "started", "total_steps": 2, "world_size": 1, "resumed_from_step": 0,
+               "num_examples": 10, "num_tokens": 150, "num_truncated": 3, "num_dropped": 0}
+    recorder = EventRecorder(get_sessionmaker(settings), get_store(settings), job_id=first.id,
+                             owner=owner)
+    recorder.apply([started])
+    recorder.apply([started])  # a resumed attempt reports it again: nothing doubles
+    session.expire_all()
+    assert session.scalar(select(func.count()).select_from(TokenCount)) == 1
+    job = session.get(Job, first.id)
+    assert job.estimate["num_tokens"] == 150 and job.compatibility["warnings"] == [WARNING]
+    warnings = session.scalars(select(JobEvent.message).where(
+        JobEvent.job_id == first.id, JobEvent.type == "warning")).all()
+    assert warnings == [WARNING]
+
+    again = create(ds)  # same content, model, length: the count at once
+    assert again.estimate["num_tokens"] == 150 and WARNING in again.compatibility["warnings"]
+    same_bytes = create(upload())  # another upload of the same bytes shares it
+    assert same_bytes.estimate["num_tokens"] == 150
+    longer = create(ds, max_len=64)  # another length: not counted yet
+    assert longer.estimate["num_tokens"] is None and longer.compatibility["warnings"] == []
