@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,11 +21,18 @@ from typing import Any
 import httpx
 from tenacity import Retrying
 
-from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwargs
+from lorajobs.client._retry import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    RETRYABLE_STATUS,
+    RetryableStatus,
+    retry_kwargs,
+)
 from lorajobs.client.config import resolve_api_key, resolve_url
 from lorajobs.client.errors import (
     APIConnectionError,
     ChecksumError,
+    RateLimitError,
     UnsafePathError,
     raise_for_response,
 )
@@ -43,6 +51,12 @@ __all__ = ["Client"]
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RETRIES = 3
 DOWNLOAD_CHUNK = 1024 * 1024
+# A stream that delivered nothing and closed sooner than this counts as a failed connection
+# (retried max_retries times in a row), not as the server's maximum duration.
+STREAM_MIN_HEALTHY_S = 1.0
+# Streams wait for events as long as a job runs; the server pings every 15 s, so a read that
+# waits longer than this means a dead connection (retried, resuming with Last-Event-ID).
+STREAM_TIMEOUT = httpx.Timeout(DEFAULT_TIMEOUT_S, read=60.0)
 # Page sizes for the per-job lists: the server's maxima, so a usual job is one request.
 LIST_PAGE = 1000
 METRICS_PAGE = 10_000
@@ -190,23 +204,56 @@ class _Jobs(_Resource):
 
     def stream_events(self, job_id: str, *, last_event_id: int | None = None
                       ) -> Iterator[Event]:
-        """Live events over SSE, resumed with Last-Event-ID; ends when the job is terminal."""
+        """Live events over SSE until the job is terminal (the server's `event: end`).
+
+        The server ends a stream after its maximum duration (and a proxy may cut one): it is
+        opened again with `Last-Event-ID`, so no event is lost or repeated. Broken or refused
+        (429) connections are retried like requests, `max_retries` in a row with backoff; a
+        revoked key, an unknown job or another error answer raises."""
+        cursor, failures = last_event_id, 0
+        while True:
+            opened, delivered = time.monotonic(), False
+            try:
+                for event in self._stream_once(job_id, cursor):
+                    if event is None:
+                        return  # `end`: the job is terminal and every event was sent
+                    cursor, delivered = event.id, True
+                    yield event
+                healthy = delivered or time.monotonic() - opened >= STREAM_MIN_HEALTHY_S
+                failure: Exception | None = None if healthy else APIConnectionError(
+                    f"the event stream of {job_id} keeps closing at once")
+            except (httpx.TransportError, RateLimitError) as exc:
+                failure = exc
+            if failure is None:
+                failures = 0
+                continue  # ended by the server (max duration): resume from `cursor`
+            failures += 1
+            if failures > self._c.max_retries:
+                if isinstance(failure, httpx.TransportError):
+                    raise APIConnectionError(f"event stream broke: {failure}") from failure
+                raise failure
+            time.sleep(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** failures))
+
+    def _stream_once(self, job_id: str, cursor: int | None) -> Iterator[Event | None]:
+        """One connection's events; None for the server's `end`. Raises the API's errors,
+        including an `event: error` frame (a key revoked while streaming)."""
         from httpx_sse import connect_sse
 
-        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-        try:
-            with connect_sse(self._c._http, "GET", f"/v1/jobs/{job_id}/events/stream",
-                             headers=headers, timeout=None) as source:
-                if source.response.status_code >= 400:
-                    source.response.read()
-                    raise_for_response(source.response)
-                for sse in source.iter_sse():
-                    if sse.event == "end":
-                        return
-                    if sse.data:
-                        yield Event.model_validate_json(sse.data)
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"event stream broke: {exc}") from exc
+        headers = {"Last-Event-ID": str(cursor)} if cursor is not None else {}
+        with connect_sse(self._c._http, "GET", f"/v1/jobs/{job_id}/events/stream",
+                         headers=headers, timeout=STREAM_TIMEOUT) as source:
+            if source.response.status_code >= 400:
+                source.response.read()
+                raise_for_response(source.response)
+            for sse in source.iter_sse():
+                if sse.event == "end":
+                    yield None
+                    return
+                if sse.event == "error":
+                    raise_for_response(httpx.Response(_stream_error_status(sse.data),
+                                                      content=sse.data.encode()))
+                if sse.data:
+                    yield Event.model_validate_json(sse.data)
 
     def metrics(self, job_id: str) -> list[MetricRow]:
         """The whole loss curve (every page)."""
@@ -288,6 +335,15 @@ class _Jobs(_Resource):
             with open(part, "ab" if r.status_code == 206 else "wb") as fh:
                 for chunk in r.iter_raw():
                     fh.write(chunk)
+
+
+def _stream_error_status(data: str) -> int:
+    """The HTTP status an `event: error` frame's `{"error": {"code": ...}}` stands for."""
+    try:
+        code = json.loads(data)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return 500
+    return {"unauthorized": 401, "forbidden": 403, "not_found": 404}.get(code, 500)
 
 
 def safe_destination(out: Path, name: str) -> Path:

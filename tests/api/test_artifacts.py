@@ -53,7 +53,9 @@ def test_events_ordered_and_paged(api: Api) -> None:
     api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.h("alice"))
     with api.client.stream("GET", f"{url}/stream", headers=api.h("alice")) as resp:
         body = "".join(resp.iter_text())
-    assert body.count("event: ") == len(events) + 1 and "event: status" in body
+    # every event, the cancel's status event, then the end of the stream (the job is over)
+    assert body.count("event: ") == len(events) + 2 and "event: status" in body
+    assert body.rstrip().endswith('event: end\r\ndata: {"reason": "finished"}')
 
 
 def test_metrics_and_checkpoints(api: Api) -> None:
