@@ -220,6 +220,8 @@ class _Jobs(_Resource):
                     cursor, delivered = event.id, True
                     yield event
                 healthy = delivered or time.monotonic() - opened >= STREAM_MIN_HEALTHY_S
+                if not healthy and self.get(job_id).is_terminal:
+                    return  # a server without `event: end` closes a finished job's stream
                 failure: Exception | None = None if healthy else APIConnectionError(
                     f"the event stream of {job_id} keeps closing at once")
             except (httpx.TransportError, RateLimitError) as exc:
