@@ -2,19 +2,24 @@
 
     queued ──claim──▶ running ──▶ succeeded | failed | cancelled
       │  ▲               │
-      │  └──requeue──────┘   (lease expired, graceful shutdown: attempt < max_attempts)
+      │  └──requeue──────┘   (lease expired, trainer crashed, graceful shutdown: attempts left)
       └──▶ cancelled | failed
 
-Each transition is one conditional UPDATE (`WHERE id = ? AND status = <from>` and, for a
-worker, `AND lease_owner = <me>`), so two actors racing (the worker finishing, the reaper
-requeueing, a user cancelling) cannot both win; the loser gets `IllegalTransition`. Every
-successful transition writes a `status` event in the same transaction.
+`ALLOWED_TRANSITIONS` is the one table of legal moves. Each transition is one conditional
+UPDATE (`WHERE id = ? AND status = <from>` and, for a worker, `AND lease_owner = <me>`), so two
+actors racing (two workers claiming, the worker finishing, the reaper requeueing, a user
+cancelling) cannot both win; the loser gets `IllegalTransition`. Every successful transition
+writes a `status` event in the same transaction. `claim` is the queued -> running transition.
+
+How an attempt ends is decided by one pure function, `policy.next_state`, applied by
+`end_attempt` for the worker (`worker/settle.py`) and the reaper alike.
 
 Cancel against requeue: a queued job with its cancel flag set is never claimed and never
 re-sent, so that state must not arise. `request_cancel` is one UPDATE that cancels a
-queued row outright and only flags a running one; running -> queued requires the flag unset
-(`requeue` turns a flagged job into cancelled instead); the reaper finishes any flagged queued
-row an older version left behind (`finish_cancelled_queued`).
+queued row outright and only flags a running one; -> queued and -> running both require the
+flag unset (`end_attempt`, refused a requeue by a flag set meanwhile, decides again: cancelled);
+the reaper finishes any flagged queued row an older version left behind
+(`finish_cancelled_queued`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from lorajobs.service.errors import IllegalTransition
 from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, utcnow
+from lorajobs.service.policy import Outcome, next_state
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -37,7 +43,7 @@ __all__ = [
     "fair_queue",
     "renew_lease",
     "request_cancel",
-    "requeue",
+    "end_attempt",
     "reap_expired_leases",
     "finish_cancelled_queued",
     "stale_queued_jobs",
@@ -46,6 +52,7 @@ __all__ = [
 ]
 
 S = JobStatus
+TERMINAL = S.TERMINAL
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
     S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
@@ -79,30 +86,39 @@ def transition(
     message: str = "",
     stage: str | None = None,
     refund_attempt: bool = False,
+    lease: tuple[str, float] | None = None,
 ) -> Job:
     """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit.
 
     `refund_attempt` (running -> queued only): the attempt did not fail (a graceful worker
     shutdown), so it does not count against `max_attempts`.
+    `lease` (`(owner, seconds)`, exactly when queued -> running, see `claim`): the new
+    attempt's lease; the attempt count goes up by one.
     """
     from_status = job.status
     if to not in ALLOWED_TRANSITIONS.get(from_status, frozenset()):
         raise IllegalTransition(f"job {job.id} is {from_status}; cannot become {to}",
                                 param="status")
+    if (lease is not None) != (to == S.RUNNING):
+        raise ValueError("a lease is given exactly when a job becomes running")
     now = utcnow()
     values: dict[str, Any] = {"status": to, "updated_at": now, "stage": stage}
-    if to in S.TERMINAL:
+    if to in TERMINAL:
         values |= {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
     if to == S.QUEUED:
         values |= {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now}
         if refund_attempt:
             values["attempt"] = Job.attempt - 1
+    if lease is not None:
+        values |= {"lease_owner": lease[0], "started_at": now, "error": None,
+                   "lease_expires_at": now + timedelta(seconds=lease[1]),
+                   "attempt": Job.attempt + 1}
     if error is not None:
         values["error"] = error
     stmt = update(Job).where(Job.id == job.id, Job.status == from_status)
     if expect_owner is not None:
         stmt = stmt.where(Job.lease_owner == expect_owner)
-    if to == S.QUEUED:  # a flagged job back in the queue would never be claimed: see `requeue`
+    if to in (S.QUEUED, S.RUNNING):  # a flagged job is never claimed: see the module docstring
         stmt = stmt.where(Job.cancel_requested.is_(False))
     if session.execute(stmt.values(**values)).rowcount != 1:
         session.refresh(job)
@@ -112,61 +128,69 @@ def transition(
             param="status",
         )
     session.refresh(job)
-    _status_event(session, job, from_status, to, message=message, error=error)
+    if lease is not None:
+        message = message or f"queued -> running (attempt {job.attempt})"
+    _status_event(session, job, from_status, to, message=message, error=error,
+                  extra={"owner": lease[0]} if lease is not None else None)
     return job
 
 
 def _status_event(session: Session, job: Job, from_status: str, to: str, *, message: str = "",
-                  error: dict[str, Any] | None = None) -> None:
+                  error: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> None:
     level = "error" if to == S.FAILED else "info"
     add_event(session, job.id, "status", message or f"{from_status} -> {to}", level=level,
               data={"from": from_status, "to": to, "attempt": job.attempt,
-                    **({"error": error} if error else {})})
+                    **({"error": error} if error else {}), **(extra or {})})
 
 
-def requeue(session: Session, job: Job, *, owner: str | None, message: str,
-            refund_attempt: bool = False) -> str:
-    """running -> queued for another attempt, or -> cancelled if a cancel is pending (even one
-    that lands while we requeue). Returns the new status; raises IllegalTransition when the job
-    is no longer ours (finished, or under another lease). Does not commit.
+def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | None,
+                error: dict[str, Any] | None = None,
+                messages: dict[str, str] | None = None) -> JobStatus:
+    """Apply `policy.next_state(job, outcome)` under `owner`'s lease. Does not commit.
+
+    `error` is stored if the decision is failed; `messages` (status -> text) label the status
+    event of each possible decision. A transition refused because the row changed since it was
+    read (a cancel landed while we requeued) is decided again, once, on the row as it is now.
+    Returns the new status; raises IllegalTransition when the attempt is no longer ours.
     """
-    if not job.cancel_requested:
+    messages = messages or {}
+    for again in (False, True):
+        decision = next_state(job, outcome)
+        if decision is None:
+            raise IllegalTransition(f"job {job.id} is {job.status}; its attempt already ended",
+                                    param="status")
+        to = decision.status
+        default = f"{to} (the job changed while it was being settled)" if again else ""
         try:
-            transition(session, job, to=S.QUEUED, expect_owner=owner, message=message,
-                       refund_attempt=refund_attempt)
-            return S.QUEUED
-        except IllegalTransition:
-            # refreshed: only a cancel that raced us is ours to finish, anything else is not
-            if not (job.status == S.RUNNING and job.cancel_requested):
+            transition(session, job, to=to, expect_owner=owner,
+                       error=error if to == S.FAILED else None,
+                       message=messages.get(to, default), refund_attempt=decision.refund_attempt)
+            return to
+        except IllegalTransition:  # refreshed: decide again only if the attempt is still ours
+            if again or job.status != S.RUNNING or job.lease_owner != owner:
                 raise
-    transition(session, job, to=S.CANCELLED, expect_owner=owner,
-               message="cancelled (cancel requested while the job was being requeued)")
-    return S.CANCELLED
+    raise AssertionError("unreachable")
 
 
-def claim(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> Job | None:
+def claim(session: Session, job_id: str, *, owner: str, lease_seconds: float) -> Job | None:
     """Take a queued job with a lease, or return None if it is not claimable. Commits.
 
     Not claimable: running under someone's lease, finished, cancelled, or cancel requested.
-    This is what makes a duplicate task delivery a no-op.
+    This is what makes a duplicate task delivery a no-op. The queued -> running `transition`
+    is one conditional UPDATE, so of two workers racing for a job exactly one wins.
     """
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == S.QUEUED, Job.cancel_requested.is_(False))
-        .values(status=S.RUNNING, stage="preparing", lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempt=Job.attempt + 1, updated_at=now, started_at=now, error=None)
-    )
-    if result.rowcount != 1:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != S.QUEUED or job.cancel_requested:
         session.rollback()
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    add_event(session, job_id, "status", f"queued -> running (attempt {job.attempt})",
-              data={"from": S.QUEUED, "to": S.RUNNING, "attempt": job.attempt, "owner": owner})
+    try:
+        transition(session, job, to=S.RUNNING, stage="preparing", lease=(owner, lease_seconds))
+    except IllegalTransition:  # another worker (or a cancel) got there first
+        session.rollback()
+        return None
     session.execute(update(Tenant).where(Tenant.id == job.tenant_id)
-                    .values(last_claimed_at=now))
+                    .values(last_claimed_at=job.started_at))
     session.commit()
     return job
 
@@ -267,7 +291,8 @@ def request_cancel(session: Session, job: Job) -> Job:
 
 
 def reap_expired_leases(session: Session, *, now: datetime | None = None) -> list[str]:
-    """Requeue running jobs whose lease expired (their worker died); fail those out of attempts.
+    """Settle running jobs whose lease expired (their worker died) as `Outcome.WORKER_LOST`:
+    cancelled if a cancel was pending, requeued while attempts remain, else failed.
 
     Returns the ids that went back to queued (the caller sends them to the broker). Commits.
     """
@@ -279,20 +304,18 @@ def reap_expired_leases(session: Session, *, now: datetime | None = None) -> lis
     for job in expired:
         owner = job.lease_owner
         try:
-            if job.cancel_requested:
-                transition(session, job, to=S.CANCELLED, expect_owner=owner,
-                           message="cancelled (worker lost while stopping)")
-            elif job.attempt >= job.max_attempts:
-                transition(session, job, to=S.FAILED, expect_owner=owner, error={
-                    "code": "worker_lost", "user_fault": False, "param": None,
-                    "message": f"worker lost {job.attempt} times (max_attempts="
-                               f"{job.max_attempts}); giving up"})
-            elif requeue(session, job, owner=owner,
-                         message=f"lease expired (worker {owner} lost); requeued") == S.QUEUED:
-                requeued.append(job.id)
+            status = end_attempt(session, job, Outcome.WORKER_LOST, owner=owner, error={
+                "code": "worker_lost", "user_fault": False, "param": None,
+                "message": f"worker lost {job.attempt} times (max_attempts="
+                           f"{job.max_attempts}); giving up"}, messages={
+                S.QUEUED: f"lease expired (worker {owner} lost); requeued",
+                S.CANCELLED: "cancelled (worker lost while stopping)"})
             session.commit()
         except IllegalTransition:
             session.rollback()  # the worker finished or renewed in between: fine
+            continue
+        if status == S.QUEUED:
+            requeued.append(job.id)
     return requeued
 
 

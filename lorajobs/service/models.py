@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from enum import StrEnum, nonmember
 from typing import Any
 
 from sqlalchemy import (
@@ -76,14 +77,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """A job's status; `jobs.ALLOWED_TRANSITIONS` says which moves are legal. A member is a
+    `str` (`JobStatus.QUEUED == "queued"`), so columns, JSON and comparisons with what the
+    database returns hold plain strings."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+    # Helpers, not members: the finished statuses, and every status in lifecycle order.
+    TERMINAL = nonmember(frozenset({"succeeded", "failed", "cancelled"}))
+    ALL = nonmember(("queued", "running", "succeeded", "failed", "cancelled"))
 
 
 class Base(DeclarativeBase):

@@ -1,12 +1,15 @@
-"""Decide and record how a trainer attempt ended. Every status change goes via `jobs.transition`,
+"""Record how a trainer attempt ended. This module names the outcome (`policy.Outcome`) and
+the error; `policy.next_state` decides the job's next status and `jobs.end_attempt` applies it,
 guarded by our lease owner: if the reaper or a cancel won a race, we lose quietly ("lost").
 
-    finished completed            -> succeeded  (final adapter, manifest, logs registered first)
-    error event                   -> failed     (the child's {code, message, param, user_fault})
-    stopped / killed for a cancel -> cancelled  (checkpoints kept)
-    stopped at the runtime limit  -> failed     max_runtime_exceeded (checkpoints kept)
-    stopped for worker shutdown   -> queued     (and re-sent: another worker resumes it)
-    no verdict (crash, OOM kill)  -> queued while attempts remain, else failed trainer_crashed
+    finished completed            SUCCEEDED     (final adapter, manifest, logs registered first)
+    error event                   USER_ERROR / SYSTEM_ERROR (the child's {code, message, ...})
+    disk full, no named error     SYSTEM_ERROR  storage_error
+    stopped / killed for a cancel CANCEL_STOP   (checkpoints kept)
+    stopped at the runtime limit  MAX_RUNTIME   max_runtime_exceeded (checkpoints kept)
+    stopped for worker shutdown   SHUTDOWN      queued and re-sent: another worker resumes it
+    no verdict (crash, OOM kill)  CRASHED       queued while attempts remain, else failed
+                                                trainer_crashed
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lora_core.spec import RunSpec
 from lorajobs.service import jobs
 from lorajobs.service.errors import IllegalTransition
 from lorajobs.service.models import Dataset, Job, JobStatus, RegisteredModel
+from lorajobs.service.policy import Outcome
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import LocalArtifactStore
 from lorajobs.worker import repro
@@ -31,7 +35,7 @@ from lorajobs.worker.records import EventRecorder, register_dir, register_file
 from lorajobs.worker.runspec import RunPaths
 
 __all__ = ["SUCCEEDED", "FAILED", "CANCELLED", "REQUEUED", "LOST", "SettleContext",
-           "settle", "fail", "requeue"]
+           "settle", "end", "fail"]
 
 log = logging.getLogger(__name__)
 
@@ -62,55 +66,48 @@ def _exit_description(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _try_transition(session: Session, job: Job, *, owner: str, to: str, **kwargs: Any) -> bool:
-    try:
-        jobs.transition(session, job, to=to, expect_owner=owner, **kwargs)
-        session.commit()
-        return True
-    except IllegalTransition as exc:
-        session.rollback()
-        log.warning("job %s: could not become %s: %s", job.id, to, exc.message)
-        return False
-
-
 def _register_logs(session: Session, context: SettleContext, job_id: str) -> None:
     for path in context.paths.log_files():
         register_file(session, context.store, job_id=job_id, kind="log", step=None, path=path,
                       name=path.name)
 
 
-def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any],
-         context: SettleContext | None = None) -> str:
-    if context is not None:
-        _register_logs(session, context, job.id)
-    ok = _try_transition(session, job, owner=owner, to=JobStatus.FAILED, error=error,
-                         message=f"failed: {error.get('code')}: {error.get('message')}")
-    return FAILED if ok else LOST
+# What `end` reports for each status the policy chose.
+_RESULTS = {JobStatus.SUCCEEDED: SUCCEEDED, JobStatus.FAILED: FAILED,
+            JobStatus.CANCELLED: CANCELLED, JobStatus.QUEUED: REQUEUED}
 
 
-def requeue(session: Session, job: Job, *, owner: str, settings: Settings, message: str,
-            refund_attempt: bool = False) -> str:
-    """Back to queued and re-sent now; the next attempt resumes from the newest checkpoint.
-    A cancel requested meanwhile (even one racing this requeue) makes it cancelled instead."""
-    if job.cancel_requested:
-        ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
-                             message="cancelled")
-        return CANCELLED if ok else LOST
+def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: Settings,
+        error: dict[str, Any] | None = None, messages: dict[str, str] | None = None) -> str:
+    """Apply the policy's decision for `outcome` and commit; a requeued job is re-sent now (the
+    next attempt resumes from the newest checkpoint). Returns a settle.* constant."""
     try:
-        status = jobs.requeue(session, job, owner=owner, message=message,
-                              refund_attempt=refund_attempt)
+        status = jobs.end_attempt(session, job, outcome, owner=owner, error=error,
+                                  messages=messages)
         session.commit()
     except IllegalTransition as exc:
         session.rollback()
-        log.warning("job %s: could not be requeued: %s", job.id, exc.message)
+        log.warning("job %s: could not settle (%s): %s", job.id, outcome, exc.message)
         return LOST
-    if status == JobStatus.CANCELLED:
-        return CANCELLED
-    from lorajobs.service.queue import enqueue_job
+    if status == JobStatus.QUEUED:
+        from lorajobs.service.queue import enqueue_job
 
-    if not enqueue_job(job.id, settings):
-        log.warning("job %s requeued but not sent (broker down); the reaper will send it", job.id)
-    return REQUEUED
+        if not enqueue_job(job.id, settings):
+            log.warning("job %s requeued but not sent (broker down); the reaper will send it",
+                        job.id)
+    return _RESULTS[status]
+
+
+def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any], settings: Settings,
+         context: SettleContext | None = None, outcome: Outcome | None = None) -> str:
+    """A named error (the child's, the worker's): failed, whatever the cancel flag says."""
+    if context is not None:
+        _register_logs(session, context, job.id)
+    if outcome is None:
+        outcome = Outcome.USER_ERROR if error.get("user_fault") else Outcome.SYSTEM_ERROR
+    return end(session, job, outcome, owner=owner, settings=settings, error=error,
+               messages={JobStatus.FAILED: f"failed: {error.get('code')}: "
+                                           f"{error.get('message')}"})
 
 
 def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
@@ -133,9 +130,8 @@ def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     register_file(session, context.store, job_id=job.id, kind="manifest", step=None,
                   path=manifest, name=MANIFEST_FILE)
     _register_logs(session, context, job.id)
-    ok = _try_transition(session, job, owner=owner, to=JobStatus.SUCCEEDED,
-                         message="training completed")
-    return SUCCEEDED if ok else LOST
+    return end(session, job, Outcome.SUCCEEDED, owner=owner, settings=context.settings,
+               messages={JobStatus.SUCCEEDED: "training completed"})
 
 
 def _storage_full_error(context: SettleContext, recorder: EventRecorder,
@@ -185,37 +181,38 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     finished = recorder.finished or {}
     if finished.get("status") == "completed" and recorder.error is None:
         return _succeed(session, job, owner=owner, recorder=recorder, context=context)
+    settings = context.settings
     child_error = recorder.error or {}
     if stop_reason is None and not child_error.get("user_fault") \
             and child_error.get("code") != "storage_error":  # the child named it already
         full = _storage_full_error(context, recorder, returncode)
         if full is not None:
-            return fail(session, job, owner=owner, error=full, context=context)
+            return fail(session, job, owner=owner, error=full, settings=settings,
+                        context=context)
     if recorder.error is not None:
         error = {"code": recorder.error.get("code") or "training_error",
                  "message": recorder.error.get("message") or "the trainer reported an error",
                  "param": recorder.error.get("param"),
                  "user_fault": bool(recorder.error.get("user_fault"))}
-        return fail(session, job, owner=owner, error=error, context=context)
+        return fail(session, job, owner=owner, error=error, settings=settings, context=context)
     _register_logs(session, context, job.id)
     step = recorder.last_checkpoint_step
     resume_note = f"; resumes from step {step}" if step else ""
     if stop_reason == "cancel":
-        ok = _try_transition(session, job, owner=owner, to=JobStatus.CANCELLED,
-                             message=f"cancelled; last checkpoint step {step}")
-        return CANCELLED if ok else LOST
+        return end(session, job, Outcome.CANCEL_STOP, owner=owner, settings=settings,
+                   messages={JobStatus.CANCELLED: f"cancelled; last checkpoint step {step}"})
     if stop_reason == "timeout":
-        return fail(session, job, owner=owner, error=_runtime_exceeded(context.settings, step))
+        return fail(session, job, owner=owner, settings=settings, outcome=Outcome.MAX_RUNTIME,
+                    error=_runtime_exceeded(settings, step))
     if stop_reason == "shutdown":
-        return requeue(session, job, owner=owner, settings=context.settings,
-                       message=f"worker shutting down; requeued{resume_note}",
-                       refund_attempt=True)
+        return end(session, job, Outcome.SHUTDOWN, owner=owner, settings=settings, messages={
+            JobStatus.QUEUED: f"worker shutting down; requeued{resume_note}",
+            JobStatus.CANCELLED: "cancelled (cancel requested while the worker shut down)"})
     how = _exit_description(returncode)
-    if job.attempt < job.max_attempts:
-        return requeue(session, job, owner=owner, settings=context.settings,
-                       message=f"trainer {how} without a verdict (attempt {job.attempt} of "
-                               f"{job.max_attempts}); requeued{resume_note}")
-    return fail(session, job, owner=owner, error={
+    return end(session, job, Outcome.CRASHED, owner=owner, settings=settings, error={
         "code": "trainer_crashed", "param": None, "user_fault": False,
         "message": f"the trainer {how} without reporting a result, on all {job.max_attempts} "
-                   "attempts (out of memory?); see the trainer log artifact"})
+                   "attempts (out of memory?); see the trainer log artifact"}, messages={
+        JobStatus.QUEUED: f"trainer {how} without a verdict (attempt {job.attempt} of "
+                          f"{job.max_attempts}); requeued{resume_note}",
+        JobStatus.CANCELLED: f"cancelled; trainer {how}"})

@@ -89,7 +89,8 @@ class Supervisor:
                 run_spec, model, dataset = build_run_spec(session, job, self.settings,
                                                           self.store, paths)
             except PrepareError as exc:
-                return settle.fail(session, job, owner=self.owner, error=exc.error)
+                return settle.fail(session, job, owner=self.owner, error=exc.error,
+                                   settings=self.settings)
             write_spec(run_spec, paths)
             context = settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
                                            dataset=dataset, store=self.store,

@@ -17,6 +17,7 @@ from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.errors import IllegalTransition
 from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, new_id, utcnow
+from lorajobs.service.policy import Outcome
 from lorajobs.service.settings import Settings
 from tests.dbfixtures import db_settings  # noqa: F401
 
@@ -186,7 +187,8 @@ def test_cancel_racing_a_requeue_it_did_not_see(db_settings: Settings) -> None: 
 
 def test_requeue_racing_a_cancel_it_did_not_see(db_settings: Settings) -> None:  # noqa: F811
     """The reaper (or a stopping worker) read the job unflagged; the cancel lands; then the
-    requeue: running -> queued is refused on a flagged row and `requeue` cancels instead."""
+    requeue: running -> queued is refused on a flagged row and `end_attempt` decides again on
+    the row as it is now: cancelled."""
     sessions = get_sessionmaker(db_settings)
     for refund in (False, True):
         job_id = _claimed(db_settings)
@@ -195,11 +197,45 @@ def test_requeue_racing_a_cancel_it_did_not_see(db_settings: Settings) -> None: 
             assert seen is not None and not seen.cancel_requested
             flagged = jobs.request_cancel(api, api.get(Job, job_id))
             assert flagged.status == S.RUNNING and flagged.cancel_requested
-            with pytest.raises(IllegalTransition):
-                jobs.transition(worker, seen, to=S.QUEUED, expect_owner="w1")
-            assert jobs.requeue(worker, seen, owner="w1", message="requeue",
-                                refund_attempt=refund) == S.CANCELLED
+            # decided on the stale row: queued; refused (flag set), decided again: cancelled
+            outcome = Outcome.SHUTDOWN if refund else Outcome.CRASHED
+            assert jobs.end_attempt(worker, seen, outcome, owner="w1") == S.CANCELLED
             worker.commit()
+            history = worker.scalars(select(JobEvent.data).where(
+                JobEvent.job_id == job_id, JobEvent.type == "status").order_by(JobEvent.id))
+            assert [e["to"] for e in history] == [S.RUNNING, S.CANCELLED]
         job = load(db_settings, job_id)
-        assert job.status == S.CANCELLED and job.lease_owner is None
+        assert job.status == S.CANCELLED and job.lease_owner is None and job.attempt == 1
 
+
+
+def test_claim_goes_through_the_transition_table(db_settings: Settings,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ALLOWED_TRANSITIONS` is the single source: without queued -> running, no claim."""
+    job_id = make_job(db_settings)
+    monkeypatch.setitem(jobs.ALLOWED_TRANSITIONS, S.QUEUED, frozenset({S.CANCELLED, S.FAILED}))
+    with get_sessionmaker(db_settings)() as session:
+        assert jobs.claim(session, job_id, owner="w1", lease_seconds=60) is None
+    assert load(db_settings, job_id).status == S.QUEUED
+
+
+def test_end_attempt_applies_the_policy(db_settings: Settings) -> None:  # noqa: F811
+    """A crash on the last attempt fails with the given error; with a cancel pending it is
+    cancelled instead (the same rule as the reaper's); a job no longer ours raises."""
+    sessions = get_sessionmaker(db_settings)
+    spent, flagged = (make_job(db_settings, max_attempts=1) for _ in range(2))
+    error = {"code": "trainer_crashed", "message": "m", "param": None, "user_fault": False}
+    with sessions() as session:
+        for job_id in (spent, flagged):
+            assert jobs.claim(session, job_id, owner="w1", lease_seconds=60)
+        jobs.request_cancel(session, session.get(Job, flagged))
+        for job_id, expected in ((spent, S.FAILED), (flagged, S.CANCELLED)):
+            job = session.get(Job, job_id)
+            assert jobs.end_attempt(session, job, Outcome.CRASHED, owner="w1",
+                                    error=error) == expected
+            session.commit()
+            with pytest.raises(IllegalTransition):  # settled: the attempt is no longer running
+                jobs.end_attempt(session, job, Outcome.CRASHED, owner="w1", error=error)
+            session.rollback()
+    assert load(db_settings, spent).error == error
+    assert load(db_settings, flagged).error is None

@@ -15,6 +15,7 @@ from sqlalchemy import update
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Job
+from lorajobs.service.policy import Outcome
 from lorajobs.service.queue import enqueue_job, pending_messages
 from lorajobs.service.settings import Settings
 from lorajobs.worker import settle
@@ -87,8 +88,7 @@ def test_worker_requeue_racing_a_cancel_cancels(service: LiveService) -> None:
         seen = worker.get(Job, job_id)
         assert seen is not None and not seen.cancel_requested
         jobs.request_cancel(api, api.get(Job, job_id))
-        outcome = settle.requeue(worker, seen, owner="w1:1:x", settings=settings,
-                                 message="worker shutting down", refund_attempt=True)
+        outcome = settle.end(worker, seen, Outcome.SHUTDOWN, owner="w1:1:x", settings=settings)
     assert outcome == settle.CANCELLED
     assert get_job(settings, job_id).status == "cancelled"
     assert pending_messages(settings) == 0  # nothing sent for a cancelled job
