@@ -4,7 +4,8 @@
                ─▶ model registered? datasets the tenant's? targets exist, r <= dims?
                ─▶ estimate (examples, total steps; tokens once a trainer counted them)
                ─▶ compatibility report (vLLM ranks, modules_to_save)
-               ─▶ active-job quota ─▶ INSERT job + event + idempotency record ─▶ COMMIT
+               ─▶ tenant row lock + active-job count + replay (one statement), quota
+               ─▶ INSERT job + event + idempotency record ─▶ COMMIT
                ─▶ enqueue(job_id)   (after the commit: the worker re-reads the row)
 
 Concurrent duplicates: the idempotency record's primary key (tenant, key) is inserted in the
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,13 +41,15 @@ from lorajobs.service.models import (
     IdempotencyRecord,
     Job,
     JobStatus,
+    RegisteredModel,
     Tenant,
+    TokenCount,
     new_id,
 )
 from lorajobs.service.registry import get_model, inspect_registered
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
-from lorajobs.service.usage import check_storage_room
+from lorajobs.service.usage import StorageUsage, check_room, usage_queries
 
 __all__ = ["JobRequest", "Resolved", "request_hash", "resolve", "create_job", "default_enqueue"]
 
@@ -88,16 +91,20 @@ def default_enqueue(job_id: str, settings: Settings | None = None) -> None:
         log.exception("enqueue of job %s failed; the reaper will re-send it", job_id)
 
 
+def _check_replay_hash(recorded: str | None, digest: str) -> None:
+    if recorded != digest:
+        raise InvalidRequest(
+            "this Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key", code="idempotency_key_reused",
+        )
+
+
 def _replay(session: Session, *, tenant_id: str, key: str, digest: str) -> Job | None:
     """The job an earlier request with this key made, or None; 422 if its body differed."""
     record = session.get(IdempotencyRecord, (tenant_id, key))
     if record is None:
         return None
-    if record.request_hash != digest:
-        raise InvalidRequest(
-            "this Idempotency-Key was already used with a different request body",
-            param="Idempotency-Key", code="idempotency_key_reused",
-        )
+    _check_replay_hash(record.request_hash, digest)
     return session.get(Job, record.job_id)
 
 
@@ -143,14 +150,45 @@ def compatibility_report(lora: LoraSpec, truncated: int) -> dict[str, Any]:
             "vllm": {"supported_rank": r in VLLM_LORA_RANKS, "max_lora_rank": max_rank}}
 
 
+def _load_inputs(session: Session, tenant_id: str, request: JobRequest
+                 ) -> tuple[RegisteredModel, Dataset, TokenCount | None]:
+    """The model, the tenant's training dataset and its stored token count, in one query.
+
+    Never tokenise here (a file may hold 2M examples): the trainer counts once per (content,
+    model, max_seq_length) and every later submit reads that row (service/tokencounts.py).
+    The error paths ask again with the one-object lookups, for their exact messages.
+    """
+    max_len = request.training.max_seq_length
+    row = session.execute(
+        select(RegisteredModel, Dataset, TokenCount).select_from(RegisteredModel)
+        .outerjoin(Dataset, and_(Dataset.id == request.training_file,
+                                 Dataset.tenant_id == tenant_id))
+        .outerjoin(TokenCount, and_(TokenCount.dataset_sha256 == Dataset.sha256,
+                                    TokenCount.format == Dataset.format,
+                                    TokenCount.model_id == RegisteredModel.id,
+                                    TokenCount.max_seq_length == max_len))
+        .where(RegisteredModel.name == request.base_model)).first()
+    if row is None:
+        try:
+            get_model(session, name=request.base_model, param="base_model")
+        except NotFound as exc:
+            raise InvalidRequest(exc.message, param="base_model", code="model_not_found") \
+                from exc
+        raise AssertionError("the model exists but the join found no row")  # pragma: no cover
+    model, train, count = row
+    if train is None:
+        train = _tenant_dataset(session, tenant_id, request.training_file, "training_file")
+    return model, train, count
+
+
 def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: Settings,
             store: ArtifactStore) -> Resolved:
-    """Check the request against the registered model and the tenant's data; fill defaults."""
-    try:
-        model = get_model(session, name=request.base_model, param="base_model")
-    except NotFound as exc:
-        raise InvalidRequest(exc.message, param="base_model", code="model_not_found") from exc
-    train = _tenant_dataset(session, tenant_id, request.training_file, "training_file")
+    """Check the request against the registered model and the tenant's data; fill defaults.
+
+    Cheap by construction: one read (`_load_inputs`), the model's headers (cached by
+    lora_core.inspect) and arithmetic. Nothing here reads the dataset file.
+    """
+    model, train, count = _load_inputs(session, tenant_id, request)
     if request.validation_file is not None:
         _tenant_dataset(session, tenant_id, request.validation_file, "validation_file")
     info = inspect_registered(settings, model)
@@ -167,10 +205,6 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
                               merge=request.merge, num_examples=train.num_examples,
                               total_steps=steps, max_positions=info.max_positions),
                      settings, model_name=request.base_model)
-    # Never tokenise here (the file may hold 2M examples): the trainer counts once per
-    # (content, model, max_seq_length) and every later submit reads that row.
-    count = tokencounts.lookup(session, dataset=train, model=model,
-                               max_seq_length=request.training.max_seq_length)
     num_tokens, truncated = (count.num_tokens, count.num_truncated or 0) if count else (None, 0)
     spec = request.model_copy(deep=True)
     spec.lora.target_modules = targets
@@ -182,23 +216,39 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
     )
 
 
-def _lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialize this tenant's creates until our commit (see `_check_quota`)."""
-    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+def _lock_tenant(session: Session, tenant_id: str, idempotency_key: str | None
+                 ) -> tuple[int, str | None, str | None, StorageUsage]:
+    """Write-lock the tenant's row until our commit and read, in the same round trip, its
+    active jobs, the (job id, request hash) an earlier request with our key left, and its
+    stored bytes (service/usage.py).
 
-
-def _check_quota(session: Session, tenant_id: str, settings: Settings) -> None:
-    """Per-tenant cap on queued + running jobs, exact under concurrent submits.
-
-    A count-then-insert lets racing submits all see "limit - 1" and all insert (40 at once
-    against a limit of 5 made 14 jobs). So the caller write-locks the tenant's row first
-    (`_lock_tenant`, a no-op UPDATE held until our commit): PostgreSQL queues the tenant's
-    other submits on the row lock (READ COMMITTED: their count then sees our job); SQLite
-    begins its single write transaction there, before the count, instead of at the INSERT.
-    Other tenants are not serialized (on PostgreSQL; SQLite has one writer anyway).
+    Why the lock: a count-then-insert lets racing submits all see "limit - 1" and all insert
+    (40 at once against a limit of 5 made 14 jobs). The no-op UPDATE makes PostgreSQL queue the
+    tenant's other submits on the row lock (READ COMMITTED: their count then sees our job);
+    SQLite begins its single write transaction there, before the count, instead of at the
+    INSERT. Other tenants are not serialized (on PostgreSQL; SQLite has one writer anyway).
+    Every statement between here and the commit is time the tenant's other submits wait, so
+    the reads ride on the UPDATE (RETURNING subqueries) instead of following it.
     """
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+    active = select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    record = select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant_id,
+                                             IdempotencyRecord.key == (idempotency_key or ""))
+    datasets, artifacts = usage_queries(tenant_id)
+    row = session.execute(
+        update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+        .returning(active.scalar_subquery(),
+                   record.with_only_columns(IdempotencyRecord.job_id).scalar_subquery(),
+                   record.with_only_columns(IdempotencyRecord.request_hash).scalar_subquery(),
+                   datasets.scalar_subquery(), artifacts.scalar_subquery())
+        .execution_options(synchronize_session=False)).one()
+    used = StorageUsage(datasets_bytes=int(row[3]), artifacts_bytes=int(row[4]))
+    return int(row[0]), row[1], row[2], used
+
+
+def _check_quota(active: int, settings: Settings) -> None:
+    """Per-tenant cap on queued + running jobs, exact under concurrent submits: `active` was
+    counted under the tenant's row lock (`_lock_tenant`)."""
     if active >= settings.max_active_jobs_per_tenant:
         raise LimitExceeded(
             f"{active} active jobs: the limit is {settings.max_active_jobs_per_tenant}; wait for "
@@ -225,14 +275,15 @@ def create_job(
             return job, False
     resolved = resolve(session, tenant_id=tenant_id, request=request, settings=settings,
                        store=store)
-    _lock_tenant(session, tenant_id)
-    if idempotency_key is not None:
+    active, replay_id, replay_hash, used = _lock_tenant(session, tenant_id, idempotency_key)
+    if replay_id is not None:
         # Again under the lock: a racing request with our key may have committed meanwhile.
         # Its job counts against the quota, so without this we would answer 429, not replay.
-        if (job := _replay(session, tenant_id=tenant_id, key=idempotency_key, digest=digest)):
+        _check_replay_hash(replay_hash, digest)
+        if (job := session.get(Job, replay_id)) is not None:
             return job, False
-    _check_quota(session, tenant_id, settings)
-    check_storage_room(session, tenant_id=tenant_id, settings=settings)  # a job writes files
+    _check_quota(active, settings)
+    check_room(used, settings=settings)  # a job writes files: it needs room for one byte
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED,
         base_model=request.base_model, training_file=request.training_file,

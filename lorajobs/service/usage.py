@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from lorajobs.service import jobs
@@ -28,8 +28,8 @@ from lorajobs.service.models import Artifact, Checkpoint, Dataset, Job, JobStatu
 from lorajobs.service.settings import Settings
 from lorajobs.service.storage import ArtifactStore
 
-__all__ = ["StorageUsage", "storage_usage", "check_storage_room", "delete_job_artifacts",
-           "job_dir_key"]
+__all__ = ["StorageUsage", "storage_usage", "usage_queries", "check_storage_room", "check_room",
+           "delete_job_artifacts", "job_dir_key"]
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,23 @@ def job_dir_key(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
+def usage_queries(tenant_id: str) -> tuple[Select[Any], Select[Any]]:
+    """(datasets bytes, artifacts bytes) of a tenant: aggregates over indexed columns, which a
+    caller may also embed as scalar subqueries (submit reads them with its tenant lock)."""
+    datasets = (select(func.coalesce(func.sum(Dataset.size_bytes), 0))
+                .where(Dataset.tenant_id == tenant_id))
+    # IN, not a join: embedded in an UPDATE ... RETURNING, SQLite's columns lose their table
+    # names, and a join of artifacts and jobs then has two `id`s.
+    artifacts = (select(func.coalesce(func.sum(Artifact.size), 0))
+                 .where(Artifact.job_id.in_(select(Job.id).where(Job.tenant_id == tenant_id))))
+    return datasets, artifacts
+
+
 def storage_usage(session: Session, tenant_id: str) -> StorageUsage:
     """Two aggregate queries over indexed tenant/job columns."""
-    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0))
-                              .where(Dataset.tenant_id == tenant_id))
-    artifacts = session.scalar(select(func.coalesce(func.sum(Artifact.size), 0))
-                               .join(Job, Job.id == Artifact.job_id)
-                               .where(Job.tenant_id == tenant_id))
-    return StorageUsage(datasets_bytes=int(datasets), artifacts_bytes=int(artifacts))
+    datasets, artifacts = usage_queries(tenant_id)
+    return StorageUsage(datasets_bytes=int(session.scalar(datasets)),
+                        artifacts_bytes=int(session.scalar(artifacts)))
 
 
 def check_storage_room(session: Session, *, tenant_id: str, settings: Settings,
@@ -67,6 +76,13 @@ def check_storage_room(session: Session, *, tenant_id: str, settings: Settings,
     """
     session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
     used = storage_usage(session, tenant_id)
+    check_room(used, settings=settings, incoming=incoming, param=param)
+    return used
+
+
+def check_room(used: StorageUsage, *, settings: Settings, incoming: int = 0,
+               param: str | None = None) -> None:
+    """The quota check alone, for a caller that read `used` under the tenant's lock."""
     quota = settings.storage_quota_bytes_per_tenant
     if used.total_bytes + max(incoming, 1) > quota:
         adding = f" + {incoming} bytes of this upload" if incoming else ""
@@ -76,7 +92,6 @@ def check_storage_room(session: Session, *, tenant_id: str, settings: Settings,
             "/v1/jobs/{id}/artifacts (GET /v1/usage shows what is used)",
             param=param, code="storage_quota_exceeded",
             details={"used_bytes": used.total_bytes, "quota_bytes": quota})
-    return used
 
 
 def delete_job_artifacts(session: Session, store: ArtifactStore, job: Job) -> dict[str, Any]:
