@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 from fastapi import HTTPException
 from starlette.responses import JSONResponse
@@ -47,6 +47,10 @@ _TIMED_METHODS = _BODY_METHODS | {"DELETE"}
 # with short sessions of its own.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 UNLIMITED_SUFFIXES = ("/events/stream",)
+# JSON bodies held in memory at once (read, waiting for a slot, or being served): 64 bodies
+# of the 1 MiB max_request_bytes, thousands of ordinary ones. Past it, a request waits with
+# its body unread (TCP holds it back), so waiting requests cannot grow the API's memory.
+BUFFERED_BODIES_BYTES = 64 * 1024 * 1024
 
 
 class BodyLimitMiddleware:
@@ -104,21 +108,27 @@ class RequestSlots:
         """No slot free: the next request would wait."""
         return self.in_use >= self.limit
 
-    @asynccontextmanager
-    async def hold(self, *, upload: bool = False) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            self.waiting += 1
+    async def acquire(self, *, upload: bool = False) -> None:
+        """Wait for a slot (an upload: for an upload slot first), counted in `waiting`."""
+        self.waiting += 1
+        try:
+            if upload:
+                await self._uploads.acquire()
             try:
+                await self._slots.acquire()
+            except BaseException:
                 if upload:
-                    await stack.enter_async_context(self._uploads)
-                await stack.enter_async_context(self._slots)
-            finally:
-                self.waiting -= 1
-            self.in_use += 1
-            try:
-                yield
-            finally:
-                self.in_use -= 1
+                    self._uploads.release()
+                raise
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
+
+    def release(self, *, upload: bool = False) -> None:
+        self.in_use -= 1
+        self._slots.release()
+        if upload:
+            self._uploads.release()
 
 
 class ConcurrencyLimitMiddleware:
@@ -143,8 +153,12 @@ class ConcurrencyLimitMiddleware:
         if scope["type"] != "http" or _unlimited(scope["path"]):
             await self.app(scope, receive, send)
             return
-        async with self.slots.hold(upload=is_upload(scope)):
+        upload = is_upload(scope)
+        await self.slots.acquire(upload=upload)
+        try:
             await self.app(scope, receive, send)
+        finally:
+            self.slots.release(upload=upload)
 
 
 def _unlimited(path: str) -> bool:
@@ -173,12 +187,14 @@ class BodyTimeoutMiddleware:
     inside its slot through a receive that answers 408 after body_timeout_seconds without a
     byte, or when, after that grace, the average rate falls below
     upload_min_bytes_per_second (a deadline that grows with every byte: a declared 200 MiB
-    has about an hour at 64 KiB/s). Either 408 closes the connection.
+    has about an hour at 64 KiB/s). Either 408 closes the connection. JSON bodies held in
+    memory share BUFFERED_BODIES_BYTES: waiting requests cannot grow the API's memory.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self.budget = _ByteBudget(BUFFERED_BODIES_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] not in _TIMED_METHODS
@@ -188,29 +204,69 @@ class BodyTimeoutMiddleware:
         if is_upload(scope):
             await self.app(scope, _PacedReceive(receive, self.settings), send)
             return
-        try:
-            body = await _read_body(receive, self.settings.body_timeout_seconds)
-        except TimeoutError:
-            await _timed_out(self.settings.body_timeout_seconds)(scope, receive, send)
+        limit = self.settings.max_request_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() else limit
+        if size > limit:
+            await _too_large(limit)(scope, receive, send)
             return
-        except HTTPException as exc:  # BodyLimitMiddleware's streaming 413
-            await _error(exc.status_code, "payload_too_large", str(exc.detail))(
-                scope, receive, send)
+        # Held until the response: the body stays in memory while the request waits for its
+        # slot and is served. A request waits here, body unread, while the budget is spent.
+        async with self.budget.reserve(size):
+            await self._buffered(scope, receive, send, limit)
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        timeout = self.settings.body_timeout_seconds
+        try:
+            body = await _read_body(receive, timeout, limit)
+        except TimeoutError:
+            await _timed_out(timeout)(scope, receive, send)
+            return
+        except HTTPException:  # over the limit: BodyLimitMiddleware's or ours
+            await _too_large(limit)(scope, receive, send)
             return
         if body is None:  # the client went away
             return
         await self.app(scope, _replay(body, receive), send)
 
 
-async def _read_body(receive: Receive, timeout: float) -> bytes | None:
-    """The whole body within `timeout` seconds (TimeoutError), or None on a disconnect."""
+class _ByteBudget:
+    """At most `capacity` bytes reserved at once; `reserve(n)` waits for room (FIFO-ish)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._room = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, n: int) -> AsyncIterator[None]:
+        n = min(n, self.capacity)
+        async with self._room:
+            await self._room.wait_for(lambda: self.used + n <= self.capacity)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.used -= n
+                self._room.notify_all()
+
+
+async def _read_body(receive: Receive, timeout: float, limit: int) -> bytes | None:
+    """The whole body within `timeout` seconds (TimeoutError), at most `limit` bytes
+    (HTTPException 413), or None on a disconnect."""
     chunks: list[bytes] = []
+    size = 0
     async with asyncio.timeout(timeout):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 

@@ -10,6 +10,7 @@ says when the slots are all busy.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lorajobs.api.limits import _ByteBudget
 from tests.servicefixtures import LiveService, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -152,7 +154,7 @@ def test_stalled_uploads_are_capped_and_timed_out(server: LiveService) -> None:
                          and r, timeout=10, what="the uploads to take their slots")
         assert ready["requests"]["in_flight"] == UPLOADS and ready["status"] == "ok", ready
         status, seconds = _timed_get(http, "/v1/datasets")
-        assert status == 200 and seconds < ANSWER_WITHIN, seconds
+        assert status == 200 and seconds < ANSWER_WITHIN, (status, seconds)
 
         trickle = _stall(server, "/v1/datasets", key=server.admin_key, first=_upload_head(),
                          content_type=f"multipart/form-data; boundary={BOUNDARY}")
@@ -177,8 +179,8 @@ def test_stalled_uploads_are_capped_and_timed_out(server: LiveService) -> None:
         assert [_status(raw) for raw in answers] == [408] * (len(stalled) + 1), \
             [raw[:200] for raw in answers]
         assert b"stalled" in answers[-1]
-        ready = http.get("/readyz").json()
-        assert ready["requests"]["in_flight"] == 0 and ready["requests"]["waiting"] == 0
+        wait_for(lambda: http.get("/readyz").json()["requests"] == {
+            "in_flight": 0, "limit": LIMIT, "waiting": 0}, timeout=5, what="slots released")
 
 
 def test_readyz_degraded_while_saturated(tmp_path: Path) -> None:
@@ -212,3 +214,32 @@ def test_readyz_degraded_while_saturated(tmp_path: Path) -> None:
         locker.close()
     finally:
         svc.close()
+
+
+def test_buffered_bodies_share_a_byte_budget() -> None:
+    """JSON bodies waiting for a slot are held in memory: past the budget a request waits
+    with its body unread, and goes on when an earlier one is done."""
+
+    async def scenario() -> list[str]:
+        budget, order = _ByteBudget(100), []
+        release = asyncio.Event()
+
+        async def request(name: str, size: int, hold: bool) -> None:
+            async with budget.reserve(size):
+                order.append(f"{name} in")
+                if hold:
+                    await release.wait()
+            order.append(f"{name} out")
+
+        first = asyncio.create_task(request("a", 60, hold=True))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(request("b", 60, hold=False))
+        small = asyncio.create_task(request("c", 40, hold=False))
+        await asyncio.wait_for(small, 1)  # fits beside a
+        assert not second.done() and budget.used == 60
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 1)
+        assert budget.used == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["a in", "c in", "c out", "a out", "b in", "b out"]
