@@ -9,6 +9,7 @@ one line which extra to install, and torch (or any server package) is not import
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,14 @@ def _run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess[str]:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding only `pip install <the lorajobs wheel>`; its bin dir."""
     tmp = tmp_path_factory.mktemp("client-install")
+    src = tmp / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    for package in ("lora_core", "lorajobs", "migrations"):
+        shutil.copytree(REPO / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                 "-q", "-w", tmp / "dist", REPO)
+                 "-q", "-w", tmp / "dist", src)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp / "dist").glob("lorajobs-*.whl"))
     venv = tmp / "venv"
