@@ -75,9 +75,9 @@ def run_sigterm(n: int, backend: str) -> dict[str, Any]:
 def run_broker_down(n: int, backend: str) -> dict[str, Any]:
     """N jobs submitted while a private Redis is stopped; it comes back; the reaper sends."""
     from lorajobs.service.queue import enqueue_job
+    from tests.reliability.servers import PrivateRedis
     from tests.servicefixtures import free_port
     from tests.worker.jobfactory import get_job, make_job, trainer_starts
-    from tests.worker.test_broker_down import PrivateRedis
 
     tmp = Path(tempfile.mkdtemp(prefix="lorajobs-bench-"))
     redis = PrivateRedis(free_port(), tmp)

@@ -1,10 +1,17 @@
-"""Fixtures shared by the whole suite: a tiny model built once per session, service switches."""
+"""Fixtures shared by the whole suite: a tiny model built once per session, a private PostgreSQL
+server, and a migrated service with no processes yet."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.servicefixtures import LiveService
 
 REQUIRE_SERVICES = os.environ.get("LORAJOBS_REQUIRE_SERVICES") == "1"
 
@@ -29,3 +36,17 @@ def private_pg():
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveService]:
+    """Migrated, no processes yet: each test starts the ones it needs. SQLite + embedded broker
+    unless parametrized indirectly with "postgresql" (+ the shared Redis)."""
+    from tests.servicefixtures import LiveService
+
+    svc = LiveService(tmp_path, getattr(request, "param", "sqlite"))
+    try:
+        svc.migrate()
+        yield svc
+    finally:
+        svc.close()

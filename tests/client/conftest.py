@@ -1,21 +1,4 @@
-"""One live server (SQLite, fake trainer) for the SDK tests; a second one with the real trainer
-for the single test where the weights matter."""
+"""The SDK suite's servers: `live` (fake trainer) and `live_real` (real trainer), from
+tests/client/live.py."""
 
-from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
-from tests.client.live import Live, start_live
-
-
-@pytest.fixture(scope="package")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
-    yield from start_live(tmp_path_factory.mktemp("live"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def live_real(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
-    yield from start_live(tmp_path_factory.mktemp("live-real"), tiny_model_dir, trainer=None)
+from tests.client.live import live, live_real  # noqa: F401 - fixtures, used by name

@@ -8,6 +8,10 @@ The trainer is the fake one by default: it speaks the real events protocol at 0.
 so a job with `max_steps=N` takes about N/10 seconds and its progress visibly moves. Tests where
 the model matters (downloaded adapter weights, the `submit --wait` demo) use
 `trainer=None`, the real `python -m lora_core run` on the tiny model, with few steps.
+
+The fixtures `live` (fake trainer) and `live_real` (real trainer) are defined here once; a test
+package that wants them imports them into its conftest.py, which makes `live` one server per
+package (pytest scopes a package fixture to the package of the conftest that holds it).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.servicefixtures import FAKE_TRAINER, LiveService, wait_for
 
-__all__ = ["Live", "start_live", "alpaca_records", "write_jsonl", "MODEL", "TERMINAL",
-           "FAKE_STEP_SECONDS", "REAL_TRAINING"]
+__all__ = ["Live", "start_live", "live", "live_real", "alpaca_records", "write_jsonl", "MODEL",
+           "TERMINAL", "FAKE_STEP_SECONDS", "REAL_TRAINING"]
 
 MODEL = "tiny"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -69,9 +74,11 @@ class Live:
         return r.json()["id"]
 
     def submit(self, max_steps: int = 10, **spec: Any) -> str:
-        """Create a job over plain HTTP; its id."""
+        """Create a job over plain HTTP; its id. A checkpoint every 2 steps, fewer in long runs
+        (the server refuses a job that writes more than max_checkpoints_per_job, 100)."""
+        save_steps = max(2, max_steps // 50)
         body = {"base_model": MODEL, "training_file": spec.pop("training_file", None)
-                or self.upload(), "training": {"max_steps": max_steps, "save_steps": 2},
+                or self.upload(), "training": {"max_steps": max_steps, "save_steps": save_steps},
                 "merge": "final", **spec}
         r = self.http.post("/v1/jobs", json=body)
         assert r.status_code == 201, r.text
@@ -100,7 +107,6 @@ def start_live(tmp_dir: Path, tiny_model_dir: Path, *, backend: str = "sqlite",
         svc.start_worker()
         svc.start_reaper()
         url = svc.start_api()
-        assert url is not None, "lorajobs.api.app must exist for the client suites"
         assert svc.admin_key is not None
         shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / MODEL)
         with httpx.Client(base_url=url, timeout=30,
@@ -110,3 +116,15 @@ def start_live(tmp_dir: Path, tiny_model_dir: Path, *, backend: str = "sqlite",
             yield Live(svc=svc, url=url, key=svc.admin_key, http=http)
     finally:
         svc.close()
+
+
+@pytest.fixture(scope="package")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
+    """One server with the fake trainer, shared by the tests of a package."""
+    yield from start_live(tmp_path_factory.mktemp("live"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def live_real(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
+    """One server with the real trainer, for the few tests where the weights matter."""
+    yield from start_live(tmp_path_factory.mktemp("live-real"), tiny_model_dir, trainer=None)

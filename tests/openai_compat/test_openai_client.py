@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.client.live import MODEL, Live, alpaca_records, start_live
+from tests.client.live import MODEL, Live, alpaca_records
 from tests.servicefixtures import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,11 +23,6 @@ CHAT = [{"messages": [{"role": "system", "content": "You reverse words."},
                       {"role": "user", "content": r["input"]},
                       {"role": "assistant", "content": r["output"]}]}
         for r in alpaca_records(12)]
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
-    yield from start_live(tmp_path_factory.mktemp("live"), tiny_model_dir)
 
 
 @pytest.fixture

@@ -1,26 +1,14 @@
-"""Fixtures of the reliability suite: a migrated service with no processes yet."""
+"""Helpers of the reliability suite; the `service` fixture (a migrated service with no
+processes yet) is tests/conftest.py's."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.servicefixtures import LiveService
-
-
-@pytest.fixture
-def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveService]:
-    """SQLite + embedded broker unless parametrized indirectly with "postgresql"."""
-    svc = LiveService(tmp_path, getattr(request, "param", "sqlite"))
-    try:
-        svc.migrate()
-        yield svc
-    finally:
-        svc.close()
 
 
 def start_api_with_tiny_model(svc: LiveService, tiny_model_dir: Path) -> httpx.Client:
@@ -28,7 +16,7 @@ def start_api_with_tiny_model(svc: LiveService, tiny_model_dir: Path) -> httpx.C
     The caller closes the client and the service."""
     svc.migrate()
     svc.start_worker()
-    assert svc.start_api() is not None
+    svc.start_api()
     shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / "tiny")
     client = httpx.Client(base_url=svc.base_url or "", timeout=30,
                           headers={"Authorization": f"Bearer {svc.admin_key}"})

@@ -8,7 +8,6 @@ except `pollers_vs_training`, which measures the real trainer's tokens/s.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -25,7 +24,14 @@ from lorajobs.service.models import JobMetric
 from lorajobs.service.queue import enqueue_job
 from lorajobs.service.storage import get_store
 from tests.servicefixtures import LiveService, wait_for
-from tests.worker.jobfactory import events, get_job, make_job, trainer_starts
+from tests.worker.jobfactory import (
+    events,
+    get_job,
+    make_job,
+    trainer_pids,
+    trainer_starts,
+    trainer_steps,
+)
 
 __all__ = ["kill9", "duplicate_delivery", "graceful_sigterm", "pollers_vs_training",
            "metric_steps", "TERMINAL"]
@@ -48,21 +54,6 @@ def metric_steps(svc: LiveService, job_id: str) -> list[int]:
                                     .order_by(JobMetric.step)).all())
 
 
-def _progress_steps(svc: LiveService, job_id: str, attempt: int) -> list[int]:
-    """Steps the trainer reached in one attempt, from its own events file (not the DB, which
-    may lag a killed worker)."""
-    path = get_store(svc.settings).local_path(f"jobs/{job_id}/run/events-attempt{attempt}.jsonl")
-    if not path.exists():
-        return []
-    return [int(e["step"]) for e in map(json.loads, path.read_text().splitlines())
-            if e.get("type") == "progress"]
-
-
-def _trainer_pid(svc: LiveService, job_id: str) -> int:
-    log = get_store(svc.settings).local_path(f"jobs/{job_id}/run/fake_starts.log")
-    return int(log.read_text().splitlines()[-1].split()[0])
-
-
 def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
           save_steps: int = 5) -> dict[str, Any]:
     """N jobs, each SIGKILLed once mid-training: the trainer (the worker requeues it) or the
@@ -83,11 +74,12 @@ def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
                           control={"step_seconds": 0.05})
         enqueue_job(job_id, svc.settings)
         kill_after = rng.randint(save_steps + 1, total - 2)
-        wait_for(lambda j=job_id, k=kill_after: max(_progress_steps(svc, j, 1), default=0) >= k,
+        wait_for(lambda j=job_id, k=kill_after:
+                 max(trainer_steps(svc.settings, j, 1), default=0) >= k,
                  timeout=30, what="training to the kill step")
         target = rng.choice(["trainer", "worker"])
         if target == "trainer":
-            os.kill(_trainer_pid(svc, job_id), signal.SIGKILL)
+            os.kill(trainer_pids(svc.settings, job_id)[-1], signal.SIGKILL)
             figures["trainer_kills"] += 1
         else:
             os.kill(worker.pid, signal.SIGKILL)
@@ -98,7 +90,7 @@ def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
         outcome = _wait_end(svc, job_id)
         figures["completed"] += outcome == "succeeded"
         figures["lost"] += outcome != "succeeded"
-        killed_at = max(_progress_steps(svc, job_id, 1))
+        killed_at = max(trainer_steps(svc.settings, job_id, 1))
         ckpt_dir = get_store(svc.settings).local_path(f"jobs/{job_id}/run/checkpoints")
         sealed_before = (killed_at // save_steps) * save_steps
         starts = trainer_starts(svc.settings, job_id)
@@ -122,8 +114,10 @@ def duplicate_delivery(svc: LiveService, n_jobs: int, copies: int = 3) -> dict[s
         wait_for(lambda j=job_id: _status(svc, j) != "queued", timeout=60, what="pickup")
         enqueue_job(job_id, svc.settings)  # while it runs (or just after)
     outcomes = [_wait_end(svc, job_id) for job_id in ids]
-    time.sleep(1.0)  # the worker drains the duplicates (no-op claims)
-    return {"jobs": n_jobs, "deliveries": n_jobs * (copies + 1),
+    deliveries = n_jobs * (copies + 1)
+    wait_for(lambda: len(svc.task_outcomes()) >= deliveries, timeout=60,
+             what="the worker to handle every copy")  # the duplicates are no-op claims
+    return {"jobs": n_jobs, "deliveries": deliveries,
             "trainer_starts": sum(len(trainer_starts(svc.settings, j)) for j in ids),
             "started_events": sum(len(events(svc.settings, j, "started")) for j in ids),
             "completed": outcomes.count("succeeded"),

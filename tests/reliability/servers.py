@@ -1,5 +1,7 @@
 """Private server instances for fault tests that stop and start a server: never the shared ones.
 
+`PrivateRedis` runs `redis-server` on a free loopback port, in memory only (no RDB, no AOF).
+
 `PrivatePostgres` runs `initdb` + `pg_ctl` on a free loopback port with its socket in its own
 directory. PostgreSQL refuses to run as root, so under root every command runs as the
 `postgres` user (`runuser`), in a directory that user owns (pytest's tmp dirs are 0700 root).
@@ -18,7 +20,7 @@ from pathlib import Path
 from tests.dbfixtures import service_missing
 from tests.servicefixtures import free_port, wait_for
 
-__all__ = ["PrivatePostgres", "pg_bin"]
+__all__ = ["PrivatePostgres", "PrivateRedis", "pg_bin"]
 
 PG_START_TIMEOUT_SECONDS = 30
 
@@ -81,3 +83,36 @@ class PrivatePostgres:
         except subprocess.CalledProcessError:
             pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A throwaway redis-server: `start()` (again after `stop()`: same port), `stop()`."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port, self.workdir = port, workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_missing("redis-server", FileNotFoundError("redis-server"))
+        self.proc = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+
+        def _up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_for(_up, timeout=10, what="private redis-server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)

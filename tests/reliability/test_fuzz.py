@@ -52,7 +52,7 @@ def run_fuzz(svc: LiveService, *, max_examples: int = MAX_EXAMPLES,
 @pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_schemathesis_finds_nothing(service: LiveService) -> None:
     service.start_worker()
-    assert service.start_api() is not None
+    service.start_api()
     result = run_fuzz(service)
     tail = result.stdout[-6000:]
     assert result.returncode == 0, tail

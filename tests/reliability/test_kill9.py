@@ -9,7 +9,7 @@ worker killed with the reaper's timing, max_attempts); this is the repeated, mix
 from __future__ import annotations
 
 import json
-import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -17,8 +17,8 @@ from sqlalchemy import select
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Checkpoint
+from lorajobs.service.queue import enqueue_job
 from lorajobs.service.storage import get_store
-from lorajobs.worker.reaper import reap_once
 from lorajobs.worker.records import EventRecorder
 from tests.reliability.scenarios import kill9, metric_steps
 from tests.servicefixtures import LiveService, wait_for
@@ -49,7 +49,7 @@ def test_events_a_killed_worker_never_read_are_recovered(service: LiveService) -
     job_id = make_job(settings, max_steps=20, save_steps=SAVE_STEPS)
     owner = "dead-worker:1:x"
     with get_sessionmaker(settings)() as session:
-        assert jobs.claim(session, job_id, owner=owner, lease_seconds=1) is not None
+        assert jobs.claim(session, job_id, owner=owner, lease_seconds=60) is not None
     store = get_store(settings)
     run_dir = store.local_path(f"jobs/{job_id}/run")
     ckpt = run_dir / "checkpoints" / "checkpoint-10"
@@ -66,8 +66,10 @@ def test_events_a_killed_worker_never_read_are_recovered(service: LiveService) -
         "".join(json.dumps(e) + "\n" for e in written))
     EventRecorder(get_sessionmaker(settings), store, job_id=job_id, owner=owner) \
         .apply(written[:9])  # what the worker read before it died
-    time.sleep(1.1)
-    assert reap_once(settings)["requeued"] == [job_id]
+    expired = get_job(settings, job_id).lease_expires_at + timedelta(seconds=0.01)
+    with get_sessionmaker(settings)() as session:  # the reaper, one lease later
+        assert jobs.reap_expired_leases(session, now=expired) == [job_id]
+    assert enqueue_job(job_id, settings)
     service.start_worker()
     wait_for(lambda: get_job(settings, job_id).status == "succeeded", timeout=30,
              what="the retried job")

@@ -86,12 +86,33 @@ def events(settings: Settings, job_id: str, type_: str | None = None) -> list[Jo
         return list(session.scalars(stmt).all())
 
 
-def trainer_starts(settings: Settings, job_id: str) -> list[int]:
-    """The resume step of every fake-trainer start for this job (one entry per start)."""
+def fake_starts(settings: Settings, job_id: str) -> list[tuple[int, int]]:
+    """(pid, resume step) of every fake-trainer start for this job, in order."""
     path = get_store(settings).local_path(f"jobs/{job_id}/run/fake_starts.log")
     if not path.exists():
         return []
-    return [int(line.split()[1]) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(pid), int(step)) for pid, step in
+            (line.split()[:2] for line in path.read_text().splitlines() if line.strip())]
+
+
+def trainer_starts(settings: Settings, job_id: str) -> list[int]:
+    """The resume step of every fake-trainer start for this job (one entry per start)."""
+    return [step for _, step in fake_starts(settings, job_id)]
+
+
+def trainer_pids(settings: Settings, job_id: str) -> list[int]:
+    """The pid of every fake-trainer start for this job, in order."""
+    return [pid for pid, _ in fake_starts(settings, job_id)]
+
+
+def trainer_steps(settings: Settings, job_id: str, attempt: int) -> list[int]:
+    """Steps the trainer reached in one attempt, from its own events file (not the database,
+    which lags a killed worker or a database outage)."""
+    path = get_store(settings).local_path(f"jobs/{job_id}/run/events-attempt{attempt}.jsonl")
+    if not path.exists():
+        return []
+    return [int(e["step"]) for e in map(json.loads, path.read_text().splitlines())
+            if e.get("type") == "progress"]
 
 
 def status_history(settings: Settings, job_id: str) -> list[str]:

@@ -5,8 +5,6 @@ Uses a private redis-server on a free port (never the shared one), SQLite for th
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,41 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorajobs.service.queue import broker_ok, enqueue_job
+from lorajobs.service.queue import broker_ok
+from tests.reliability.servers import PrivateRedis
 from tests.servicefixtures import LiveService, free_port, wait_for
-from tests.worker.jobfactory import ensure_model_and_dataset, get_job, make_job, trainer_starts
+from tests.worker.jobfactory import ensure_model_and_dataset, get_job, trainer_starts
 
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(shutil.which("redis-server") is None,
-                                 reason="redis-server not installed")]
-
-
-class PrivateRedis:
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-
-        def _up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        wait_for(_up, timeout=10, what="private redis-server")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
@@ -73,20 +42,17 @@ def test_submit_with_broker_down_then_reaper_resends(tmp_path: Path, tiny_model_
         assert not broker_ok(settings)
 
         t0 = time.monotonic()
-        if base_url:  # through the API: 201 and queued although nothing could be sent
-            _, dataset_id = ensure_model_and_dataset(settings, tiny_model_dir)
-            headers = {"Authorization": f"Bearer {svc.admin_key}"}
-            ready = httpx.get(f"{base_url}/readyz", timeout=10)
-            assert ready.status_code == 503 and ready.json()["checks"]["broker"] == "unreachable"
-            resp = httpx.post(f"{base_url}/v1/jobs", headers=headers, timeout=30, json={
-                "base_model": "fake-tiny", "training_file": dataset_id,
-                "training": {"max_steps": 4, "save_steps": 2}})
-            assert resp.status_code == 201, resp.text
-            job_id = resp.json()["id"]
-            assert resp.json()["status"] == "queued"
-        else:
-            job_id = make_job(settings, max_steps=4)
-            assert enqueue_job(job_id, settings) is False
+        # through the API: 201 and queued although nothing could be sent
+        _, dataset_id = ensure_model_and_dataset(settings, tiny_model_dir)
+        headers = {"Authorization": f"Bearer {svc.admin_key}"}
+        ready = httpx.get(f"{base_url}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["checks"]["broker"] == "unreachable"
+        resp = httpx.post(f"{base_url}/v1/jobs", headers=headers, timeout=30, json={
+            "base_model": "fake-tiny", "training_file": dataset_id,
+            "training": {"max_steps": 4, "save_steps": 2}})
+        assert resp.status_code == 201, resp.text
+        job_id = resp.json()["id"]
+        assert resp.json()["status"] == "queued"
         assert time.monotonic() - t0 < 5, "a submit must not hang on a dead broker"
         assert get_job(settings, job_id).status == "queued"
 
