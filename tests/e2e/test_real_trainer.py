@@ -59,6 +59,21 @@ def _trainer_group(run_dir: Path) -> int | None:
     return None
 
 
+def _at_first_checkpoint(live: Live, *, total: int, save_steps: int) -> str:
+    """A real-trainer job of `total` steps (merge none), once its first checkpoint is recorded.
+    Tests freeze it there (below): a short run cannot end before what they do next."""
+    dataset_id = live.upload(alpaca_records(256))
+    r = live.http.post("/v1/jobs", json={"base_model": "tiny", "training_file": dataset_id,
+                                         "training": {**TRAINING, "max_steps": total,
+                                                      "save_steps": save_steps},
+                                         "merge": "none"})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: {"checkpoint", "error"} & set(_event_types(live, job_id)), timeout=180,
+             what="first checkpoint")
+    return job_id
+
+
 @contextmanager
 def _frozen_until_asked_to_stop(live: Live, job_id: str, total: int) -> Iterator[None]:
     """The trainer frozen (SIGSTOP) while the block makes the worker ask it to stop, and until
@@ -107,16 +122,8 @@ def test_real_trainer_end_to_end(live: Live) -> None:
 
 
 def test_real_trainer_cancel_keeps_checkpoint(live: Live) -> None:
-    total = 200
-    dataset_id = live.upload(alpaca_records(256))
-    r = live.http.post("/v1/jobs", json={"base_model": "tiny", "training_file": dataset_id,
-                                         "training": {**TRAINING, "max_steps": total,
-                                                      "save_steps": 3},
-                                         "merge": "none"})
-    assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
-    wait_for(lambda: {"checkpoint", "error"} & set(_event_types(live, job_id)), timeout=180,
-             what="first checkpoint")
+    total = 24
+    job_id = _at_first_checkpoint(live, total=total, save_steps=3)
     assert live.job(job_id)["status"] == "running"
     with _frozen_until_asked_to_stop(live, job_id, total):
         t0 = time.monotonic()
@@ -131,16 +138,8 @@ def test_real_trainer_cancel_keeps_checkpoint(live: Live) -> None:
 def test_real_trainer_resumes_after_worker_sigterm(live: Live) -> None:
     """Warm shutdown: the trainer checkpoints, the job is requeued, another worker resumes."""
     worker = live.svc.procs[0]
-    total = 24  # frozen at the first checkpoint: a short run cannot end before the shutdown
-    dataset_id = live.upload(alpaca_records(256))
-    r = live.http.post("/v1/jobs", json={"base_model": "tiny", "training_file": dataset_id,
-                                         "training": {**TRAINING, "max_steps": total,
-                                                      "save_steps": 4},
-                                         "merge": "none"})
-    assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
-    wait_for(lambda: {"checkpoint", "error"} & set(_event_types(live, job_id)), timeout=180,
-             what="first checkpoint")
+    total = 24
+    job_id = _at_first_checkpoint(live, total=total, save_steps=4)
     with _frozen_until_asked_to_stop(live, job_id, total):
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)

@@ -11,8 +11,6 @@ Mounting needs root (CAP_SYS_ADMIN); elsewhere this is `service_missing` (a fail
 
 from __future__ import annotations
 
-import json
-import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from lora_core.manifest import sha256_file
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Artifact
 from tests.dbfixtures import service_missing
-from tests.reliability.conftest import start_api_with_tiny_model
+from tests.reliability.conftest import api_with_tiny_model, submit_real_job
 from tests.servicefixtures import LiveService, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -34,7 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 KiB = 1024
 CHECKPOINT_FITS_ONCE = 300 * KiB  # one ~190 KB checkpoint + logs fit; a second does not
 MERGE_DOES_NOT_FIT = 720 * KiB  # 2 checkpoints + final adapter fit; the ~810 KB merge does not
-WORDS = ["red", "blue", "fish", "stone", "river", "wolf", "green", "book", "wind", "bird"]
 
 
 def _mount_tmpfs(path: Path, size: int) -> None:
@@ -53,31 +50,10 @@ def api(tmp_path: Path, tiny_model_dir: Path,
     jobs_dir = svc.settings.resolved_artifact_root / "jobs"
     _mount_tmpfs(jobs_dir, request.param)
     try:
-        client = start_api_with_tiny_model(svc, tiny_model_dir)
-        yield svc, client
-        client.close()
+        with api_with_tiny_model(svc, tiny_model_dir) as client:
+            yield svc, client
     finally:
-        svc.close()
         subprocess.run(["umount", "-l", str(jobs_dir)], check=False, timeout=10)
-
-
-def _submit(client: httpx.Client, *, max_steps: int, save_steps: int, merge: str) -> str:
-    rng = random.Random(0)
-    lines = []
-    for _ in range(32):
-        words = rng.sample(WORDS, 3)
-        lines.append(json.dumps({"instruction": "Reverse the words.", "input": " ".join(words),
-                                 "output": " ".join(reversed(words))}))
-    r = client.post("/v1/datasets", files={"file": ("t.jsonl", "\n".join(lines).encode())})
-    assert r.status_code == 201, r.text
-    r = client.post("/v1/jobs", json={
-        "base_model": "tiny", "training_file": r.json()["id"], "lora": {"r": 8, "alpha": 16},
-        "training": {"max_steps": max_steps, "save_steps": save_steps, "batch_size": 4,
-                     "gradient_accumulation_steps": 1, "max_seq_length": 128,
-                     "learning_rate": 1e-3, "seed": 3},
-        "merge": merge})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
 
 
 def _wait_end(client: httpx.Client, job_id: str) -> dict:
@@ -110,7 +86,7 @@ def _assert_storage_error(job: dict) -> None:
 @pytest.mark.parametrize("api", [CHECKPOINT_FITS_ONCE], indirect=True)
 def test_disk_full_while_writing_a_checkpoint(api: tuple[LiveService, httpx.Client]) -> None:
     svc, client = api
-    job_id = _submit(client, max_steps=8, save_steps=2, merge="none")
+    job_id = submit_real_job(client, max_steps=8, save_steps=2, examples=32)
     job = _wait_end(client, job_id)
     _assert_storage_error(job)
     ckpts = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
@@ -121,7 +97,8 @@ def test_disk_full_while_writing_a_checkpoint(api: tuple[LiveService, httpx.Clie
 @pytest.mark.parametrize("api", [MERGE_DOES_NOT_FIT], indirect=True)
 def test_disk_full_while_writing_the_merged_model(api: tuple[LiveService, httpx.Client]) -> None:
     svc, client = api
-    job_id = _submit(client, max_steps=4, save_steps=2, merge="final")
+    job_id = submit_real_job(client, max_steps=4, save_steps=2, merge="final",
+                             examples=32)
     job = _wait_end(client, job_id)
     _assert_storage_error(job)
     run_dir = svc.settings.resolved_artifact_root / f"jobs/{job_id}/run"

@@ -43,6 +43,18 @@ def _wait_checkpoint(svc: LiveService, job_id: str, timeout: float = 30) -> None
              what="a checkpoint")
 
 
+def _cancel_after_a_checkpoint(svc: LiveService, control: dict[str, object]
+                               ) -> tuple[str, float]:
+    """A worker runs a long job; cancel it once it has a checkpoint. (job id, cancel time)."""
+    svc.start_worker()
+    job_id = make_job(svc.settings, max_steps=200, control=control)
+    enqueue_job(job_id, svc.settings)
+    _wait_checkpoint(svc, job_id)
+    with get_sessionmaker(svc.settings)() as session:
+        jobs.request_cancel(session, session.get(Job, job_id))
+    return job_id, time.monotonic()
+
+
 def test_claim_under_live_lease_is_noop(service: LiveService) -> None:
     settings = service.settings
     job_id = make_job(settings)
@@ -58,13 +70,7 @@ def test_claim_under_live_lease_is_noop(service: LiveService) -> None:
 @pytest.mark.parametrize("service", ["sqlite", "postgresql"], indirect=True)
 def test_cancel_stops_trainer_fast_and_keeps_checkpoint(service: LiveService) -> None:
     settings = service.settings
-    service.start_worker()
-    job_id = make_job(settings, max_steps=200, control={"step_seconds": 0.1})
-    enqueue_job(job_id, settings)
-    _wait_checkpoint(service, job_id)
-    with get_sessionmaker(settings)() as session:
-        jobs.request_cancel(session, session.get(Job, job_id))
-    t0 = time.monotonic()
+    job_id, t0 = _cancel_after_a_checkpoint(service, control={"step_seconds": 0.1})
     _wait_status(service, job_id, "cancelled", timeout=10)
     print(f"cancel -> cancelled: {time.monotonic() - t0:.2f}s")
     # fast = on the stop file, within the grace period: the worker never had to escalate
@@ -78,13 +84,7 @@ def test_cancel_stops_trainer_fast_and_keeps_checkpoint(service: LiveService) ->
 
 def test_cancel_escalates_when_trainer_ignores_stop(service: LiveService) -> None:
     settings = service.settings
-    service.start_worker()
-    job_id = make_job(settings, max_steps=500, control={"ignore_stop": True})
-    enqueue_job(job_id, settings)
-    _wait_checkpoint(service, job_id)
-    with get_sessionmaker(settings)() as session:
-        jobs.request_cancel(session, session.get(Job, job_id))
-    t0 = time.monotonic()
+    job_id, t0 = _cancel_after_a_checkpoint(service, control={"ignore_stop": True})
     _wait_status(service, job_id, "cancelled", timeout=15)
     # stop file, SIGTERM after the 2 s grace (ignored), SIGKILL 2 s later: never sooner
     assert time.monotonic() - t0 > 2 * settings.cancel_grace_seconds - 0.5
