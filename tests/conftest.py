@@ -3,7 +3,6 @@ server, and a migrated service with no processes yet."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,9 +11,6 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.servicefixtures import LiveService
-
-REQUIRE_SERVICES = os.environ.get("LORAJOBS_REQUIRE_SERVICES") == "1"
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):

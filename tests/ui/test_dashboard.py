@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.live import Live, start_live
-from tests.conftest import REQUIRE_SERVICES
+from tests.client.live import Live
+from tests.dbfixtures import REQUIRE_SERVICES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,11 +29,6 @@ def _browser_missing(why: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"Chromium is required (LORAJOBS_REQUIRE_SERVICES=1): {why}")
     pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
-    yield from start_live(tmp_path_factory.mktemp("live"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
