@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import update
 
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job
+from lorajobs.service.models import Job, utcnow
 from lorajobs.service.policy import Outcome
 from lorajobs.service.queue import enqueue_job, pending_messages
 from lorajobs.service.settings import Settings
@@ -41,7 +42,10 @@ def test_stale_queued_job_resent_only_without_backlog(service: LiveService) -> N
                                    "unsent": []}
     assert pending_messages(settings) == 1
     assert get_job(settings, job_id).enqueued_at is not None
-    time.sleep(0.1)
+    with get_sessionmaker(settings)() as session:  # sent an hour ago, as the reaper sees it
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(enqueued_at=utcnow() - timedelta(hours=1)))
+        session.commit()
     # its message waits in the queue (no idle worker): another copy would be a pure duplicate
     assert reap_once(settings)["resent"] == []
     assert pending_messages(settings) == 1
@@ -52,9 +56,8 @@ def test_expired_lease_requeued_then_failed_when_out_of_attempts(service: LiveSe
     job_id = make_job(settings, max_attempts=2)
     sessions = get_sessionmaker(settings)
     for _ in range(2):
-        with sessions() as session:  # a worker that claims and dies at once (lease 0 s)
-            assert jobs.claim(session, job_id, owner="dead:1:x", lease_seconds=0)
-        time.sleep(0.01)
+        with sessions() as session:  # a worker that claimed and died (lease ended 1 s ago)
+            assert jobs.claim(session, job_id, owner="dead:1:x", lease_seconds=-1)
         result = reap_once(settings)
     job = get_job(settings, job_id)
     assert job.status == "failed" and job.error["code"] == "worker_lost"
