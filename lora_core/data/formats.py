@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 from lora_core.data.reader import MAX_RECORD_BYTES, RecordReader
 from lora_core.errors import DatasetError
@@ -250,7 +250,7 @@ def count_tokens(example: dict[str, Any], tokenizer: Any) -> int:
     return len(ids) + 1
 
 
-def _text(value: Any) -> bool:
+def _text(value: Any) -> TypeGuard[str]:
     """A non-blank string (`_check_str(nonempty=True)` finds nothing wrong)."""
     return type(value) is str and bool(value) and not value.isspace()
 
@@ -490,11 +490,12 @@ def load_examples(
     No bound on a record's size: files reaching here were validated when uploaded (under the
     server's bound) or are the caller's own.
     """
-    if hasattr(source, "read"):
-        source = source.read()  # type: ignore[union-attr] - read twice below
+    if not isinstance(source, str | os.PathLike | bytes | bytearray):
+        source = source.read()  # a stream is read twice below: take its bytes once
     report = validate_file(source, format, max_errors=MAX_ERRORS_DEFAULT, max_record_bytes=None)
     if not report.ok:
-        first = report.errors[0] if report.errors else {"line": None, "field": None, "message": ""}
+        first: dict[str, Any] = (report.errors[0] if report.errors
+                                 else {"line": None, "field": None, "message": ""})
         name = source if not isinstance(source, bytes | bytearray) else "data"
         raise DatasetError(
             f"{name}: {report.num_errors} invalid record(s); first: line {first['line']}: "

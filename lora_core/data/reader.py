@@ -27,7 +27,7 @@ import json
 import json.scanner
 import re
 import sys
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["MAX_RECORD_BYTES", "Record", "RecordReader"]
 
@@ -39,13 +39,19 @@ _WS_BYTES = b" \t\n\r"
 _WS = re.compile(r"[ \t\n\r]*")
 _SCALAR_END = re.compile(r"[ \t\n\r,\]]")
 _DECODER = json.JSONDecoder()
-_SCAN = json.scanner.make_scanner(_DECODER)  # the C scanner json.loads ends in: (value, end)
+# The C scanner json.loads ends in: (value, end). (typeshed types its argument oddly.)
+_SCAN: Any = cast(Any, json.scanner).make_scanner(_DECODER)
 # A decode error this close to the end of the buffer may be a record cut by the chunk boundary
 # ("tru|e", "\\u12|34", "1.|5"): wait for more bytes. Longer than any literal or escape.
 _TAIL_CHARS = 6
 # A list element cut by the chunk boundary is decoded again once the buffer has grown by this
 # factor (or the file ended): each byte is decoded O(log(record size)) times, not once a chunk.
 _RETRY_GROWTH = 2
+
+
+def _skip_ws(match: Any, text: str, pos: int) -> int:
+    """The position after the JSON whitespace at `pos` (`_WS` matches the empty string too)."""
+    return int(match(text, pos).end())
 
 
 def _parse_error(exc: BaseException) -> str:
@@ -171,7 +177,7 @@ class RecordReader:
 
     def _block_fast(self, block: bytes, out: list[Record]) -> None:
         """Complete lines (the block is shorter than a record's bound), decoded once and parsed
-        with the C scanner at each line's start: ~3x json.loads per line for short records.
+        with the C scanner at each line's start (no json.loads wrapper per line).
         Anything unusual (bad UTF-8, an error, a value not ending its line) takes the slow path,
         so results and messages are exactly json.loads' line by line."""
         try:
@@ -183,7 +189,7 @@ class RecordReader:
         pos, line = 0, self._line
         while (nl := find("\n", pos)) >= 0:
             line += 1
-            start = ws(text, pos).end() if text[pos] in " \t\r" else pos
+            start = _skip_ws(ws, text, pos) if text[pos] in " \t\r" else pos
             if start < nl:
                 try:
                     value, end = scan(text, start)
@@ -210,7 +216,7 @@ class RecordReader:
             return out
         text, pos = self._text, 0
         while not self.done:
-            pos = _WS.match(text, pos).end()
+            pos = _skip_ws(_WS.match, text, pos)
             if pos >= len(text):
                 break
             char = text[pos]

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from lora_core.events import StartedEvent
 from lorajobs.service import jobs
 from lorajobs.service.models import Dataset, Job, RegisteredModel, TokenCount
 
@@ -49,37 +50,37 @@ def _insert_ignoring_duplicates(session: Session, values: dict[str, Any]) -> Non
     """INSERT ... ON CONFLICT DO NOTHING: two workers may count the same key at once."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        session.execute(pg_insert(TokenCount).values(**values).on_conflict_do_nothing())
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(TokenCount).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - the service runs on these two
         session.execute(insert(TokenCount).values(**values))
-        return
-    session.execute(dialect_insert(TokenCount).values(**values).on_conflict_do_nothing())
 
 
-def record_started(session: Session, job_id: str, event: dict[str, Any]) -> None:
+def record_started(session: Session, job_id: str, event: StartedEvent) -> None:
     """Store the counts of a trainer's `started` event and complete the job's estimate.
 
     Runs inside the worker's event transaction (no commit here). Idempotent: a resumed attempt
-    reports the same counts again and changes nothing. Never raises for a missing row or a
-    malformed event: counting is informational, training goes on.
+    reports the same counts again and changes nothing. Never raises for a missing row or an
+    event without counts: counting is informational, training goes on.
     """
-    num_tokens = event.get("num_tokens")
+    num_tokens = event.num_tokens
     job = session.get(Job, job_id)
-    if not isinstance(num_tokens, int) or job is None:
+    if num_tokens is None or job is None:
         return
     dataset = session.get(Dataset, job.training_file)
     model = session.query(RegisteredModel).filter_by(name=job.base_model).one_or_none()
     max_len = (job.spec or {}).get("training", {}).get("max_seq_length")
-    truncated = event.get("num_truncated")
-    truncated = truncated if isinstance(truncated, int) else None
-    dropped = event.get("num_dropped")
+    truncated, dropped = event.num_truncated, event.num_dropped
     if dataset is not None and model is not None and isinstance(max_len, int):
         _insert_ignoring_duplicates(session, {
             "dataset_sha256": dataset.sha256, "format": dataset.format, "model_id": model.id,
             "max_seq_length": max_len, "num_tokens": num_tokens, "num_truncated": truncated,
-            "num_dropped": dropped if isinstance(dropped, int) else None})
+            "num_dropped": dropped})
     if (job.estimate or {}).get("num_tokens") is None:
         job.estimate = {**(job.estimate or {}), "num_tokens": num_tokens}
     if truncated:
