@@ -8,12 +8,15 @@
     ├── MergeError                a merge failed or failed verification   (system)
     └── StorageError              disk full / unwritable output           (system)
 
-`to_dict()` gives the `{code, message, param}` shape the service stores and returns.
+`job_error()` gives the `events.JobError` the service stores and returns; `to_dict()` the
+fields of the trainer's `error` event (a DatasetError adds its `errors`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from lora_core.events import JobError
 
 __all__ = [
     "LoraCoreError",
@@ -51,13 +54,12 @@ class LoraCoreError(Exception):
         self.message = message
         self.param = param
 
+    def job_error(self) -> JobError:
+        return JobError(code=self.code, message=self.message, param=self.param,
+                        user_fault=self.user_fault)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "message": self.message,
-            "param": self.param,
-            "user_fault": self.user_fault,
-        }
+        return self.job_error().model_dump()
 
 
 class SpecError(LoraCoreError):

@@ -1,4 +1,5 @@
-"""The whole job: validate -> train -> save -> merge -> verify, reported as stage events.
+"""The whole job: validate -> train -> save -> merge -> verify, reported as stage events
+(`events.Stage`; every event's fields: lora_core.events).
 
     stage preparing   model headers, LoRA spec, every data line (inside `train`, before output)
     stage training    train(); progress / eval / checkpoint events
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.errors import MergeError
+from lora_core.events import Stage
 from lora_core.spec import RunSpec
 
 __all__ = ["PipelineResult", "run", "MERGED_DIR"]
@@ -60,7 +62,7 @@ def run(
     from lora_core.train import train
 
     emit = on_event if on_event is not None and _is_main() else _noop
-    emit("stage", stage="preparing")
+    emit("stage", stage=Stage.PREPARING)
     stages = _StageEmitter(emit)
     result = train(spec, on_event=stages, should_stop=should_stop)
     _teardown_distributed()
@@ -68,7 +70,7 @@ def run(
                          result.metrics, [], result.global_step)
     if not _is_main():
         return out
-    emit("stage", stage="saving")
+    emit("stage", stage=Stage.SAVING)
     _write_manifests(out)
     if result.status == "completed" and spec.merge != "none":
         out.merged = _merge_all(spec, out, emit)
@@ -87,7 +89,7 @@ class _StageEmitter:
     def __call__(self, type_: str, **fields: Any) -> None:
         if type_ == "started" and not self.training:
             self.training = True
-            self.emit("stage", stage="training")
+            self.emit("stage", stage=Stage.TRAINING)
         self.emit(type_, **fields)
 
 
@@ -128,16 +130,16 @@ def _merge_all(spec: RunSpec, result: PipelineResult, emit: OnEvent) -> list[dic
         jobs += [(c["step"], Path(c["adapter_path"]), root / f"checkpoint-{c['step']}")
                  for c in result.checkpoints]
     jobs.append((result.global_step, result.adapter_path, root / "final"))
-    emit("stage", stage="merging")
+    emit("stage", stage=Stage.MERGING)
     merged = []
     for step, adapter, target in jobs:
         res = merge_adapter(spec.model_dir, adapter, target, max_shard_size=spec.merge_shard_size,
                             verify=True, overwrite=True)
         entry = {"step": step, "path": str(res.out_dir), "max_abs_diff": res.max_abs_diff,
                  "files": res.files}
-        emit("merged", **entry)
+        emit("merged", **entry, final=adapter == result.adapter_path)
         merged.append(entry)
-    emit("stage", stage="verifying")
+    emit("stage", stage=Stage.VERIFYING)
     for entry in merged:
         _verify_output(Path(entry["path"]))
     return merged

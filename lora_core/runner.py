@@ -86,7 +86,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def run_child(spec_path: str, events_file: str | None, stop_file: str | None = None) -> int:
     """The trainer child: pipeline.run with events to `events_file` (rank 0); exit code."""
-    from lora_core.events import EventWriter, NullEventWriter
+    from lora_core.events import ErrorEvent, EventWriter, NullEventWriter
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     writer = EventWriter(events_file) if events_file and is_main else NullEventWriter()
@@ -102,8 +102,7 @@ def run_child(spec_path: str, events_file: str | None, stop_file: str | None = N
     except Exception as exc:  # noqa: BLE001 - the child's last word must be an error event
         traceback.print_exc()
         code = "out_of_memory" if _is_oom(exc) else "internal_error"
-        writer.emit("error", code=code, message=f"{type(exc).__name__}: {exc}", param=None,
-                    user_fault=False)
+        writer.write(ErrorEvent(code=code, message=f"{type(exc).__name__}: {exc}"))
         return EXIT_SYSTEM
     finally:
         writer.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lora_core.events import JobError, Stage
 from lorajobs.service.models import (
     ApiKey,
     Artifact,
@@ -78,14 +79,14 @@ def fine_tuned_model_name(job: Job) -> str | None:
 class JobPublic(BaseModel):
     id: str
     object: str = "job"
-    status: str
-    stage: str | None
+    status: JobStatus
+    stage: Stage | None
     attempt: int
     max_attempts: int
     cancel_requested: bool
     progress: Progress
     metrics: JobMetricsSummary
-    error: dict[str, Any] | None
+    error: JobError | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -110,13 +111,15 @@ class JobPublic(BaseModel):
             fraction = 1.0 if job.status == JobStatus.SUCCEEDED else round(min(step / total, 1), 4)
         metrics = job.metrics or {}
         return cls(
-            id=job.id, status=job.status, stage=job.stage, attempt=job.attempt,
+            id=job.id, status=JobStatus(job.status), stage=Stage(job.stage) if job.stage else None,
+            attempt=job.attempt,
             max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
             progress=Progress(step=step, total_steps=total, epoch=raw.get("epoch"),
                               fraction=fraction, eta_seconds=raw.get("eta_seconds")),
             metrics=JobMetricsSummary(train_loss=metrics.get("train_loss"),
                                       eval_loss=metrics.get("eval_loss")),
-            error=job.error, created_at=job.created_at, started_at=job.started_at,
+            error=JobError.model_validate(job.error) if job.error else None,
+            created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at, base_model=job.base_model,
             training_file=job.training_file, validation_file=job.validation_file,
             suffix=job.suffix, metadata=job.metadata_ or {}, spec=job.spec,

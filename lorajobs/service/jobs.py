@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import case, func, literal, null, select, update
 from sqlalchemy.orm import Session
 
+from lora_core.events import JobError, Stage
 from lorajobs.service.errors import IllegalTransition
 from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, utcnow
 from lorajobs.service.policy import Outcome, next_state
@@ -82,9 +83,9 @@ def transition(
     *,
     to: str,
     expect_owner: str | None = None,
-    error: dict[str, Any] | None = None,
+    error: JobError | None = None,
     message: str = "",
-    stage: str | None = None,
+    stage: Stage | None = None,
     refund_attempt: bool = False,
     lease: tuple[str, float] | None = None,
 ) -> Job:
@@ -113,8 +114,9 @@ def transition(
         values |= {"lease_owner": lease[0], "started_at": now, "error": None,
                    "lease_expires_at": now + timedelta(seconds=lease[1]),
                    "attempt": Job.attempt + 1}
-    if error is not None:
-        values["error"] = error
+    error_row = error.model_dump() if error is not None else None
+    if error_row is not None:
+        values["error"] = error_row
     stmt = update(Job).where(Job.id == job.id, Job.status == from_status)
     if expect_owner is not None:
         stmt = stmt.where(Job.lease_owner == expect_owner)
@@ -130,7 +132,7 @@ def transition(
     session.refresh(job)
     if lease is not None:
         message = message or f"queued -> running (attempt {job.attempt})"
-    _status_event(session, job, from_status, to, message=message, error=error,
+    _status_event(session, job, from_status, to, message=message, error=error_row,
                   extra={"owner": lease[0]} if lease is not None else None)
     return job
 
@@ -145,7 +147,7 @@ def _status_event(session: Session, job: Job, from_status: str, to: str, *, mess
 
 
 def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | None,
-                error: dict[str, Any] | None = None,
+                error: JobError | None = None,
                 messages: dict[str, str] | None = None) -> JobStatus:
     """Apply `policy.next_state(job, outcome)` under `owner`'s lease. Does not commit.
 
@@ -185,7 +187,8 @@ def claim(session: Session, job_id: str, *, owner: str, lease_seconds: float) ->
         session.rollback()
         return None
     try:
-        transition(session, job, to=S.RUNNING, stage="preparing", lease=(owner, lease_seconds))
+        transition(session, job, to=S.RUNNING, stage=Stage.PREPARING,
+                   lease=(owner, lease_seconds))
     except IllegalTransition:  # another worker (or a cancel) got there first
         session.rollback()
         return None
@@ -304,10 +307,9 @@ def reap_expired_leases(session: Session, *, now: datetime | None = None) -> lis
     for job in expired:
         owner = job.lease_owner
         try:
-            status = end_attempt(session, job, Outcome.WORKER_LOST, owner=owner, error={
-                "code": "worker_lost", "user_fault": False, "param": None,
-                "message": f"worker lost {job.attempt} times (max_attempts="
-                           f"{job.max_attempts}); giving up"}, messages={
+            status = end_attempt(session, job, Outcome.WORKER_LOST, owner=owner, error=JobError(
+                code="worker_lost", message=f"worker lost {job.attempt} times (max_attempts="
+                                            f"{job.max_attempts}); giving up"), messages={
                 S.QUEUED: f"lease expired (worker {owner} lost); requeued",
                 S.CANCELLED: "cancelled (worker lost while stopping)"})
             session.commit()
@@ -361,7 +363,7 @@ def update_progress(
     owner: str,
     progress: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-    stage: str | None = None,
+    stage: Stage | None = None,
 ) -> bool:
     """Store the latest progress/metrics snapshot while we hold the lease. Does not commit."""
     values: dict[str, Any] = {"updated_at": utcnow()}

@@ -78,9 +78,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class JobStatus(StrEnum):
-    """A job's status; `jobs.ALLOWED_TRANSITIONS` says which moves are legal. A member is a
-    `str` (`JobStatus.QUEUED == "queued"`), so columns, JSON and comparisons with what the
-    database returns hold plain strings."""
+    """queued -> running -> succeeded | failed | cancelled; running -> queued for a retry;
+    queued -> cancelled | failed."""
+
+    # Legal moves: jobs.ALLOWED_TRANSITIONS. A member is a `str` (JobStatus.QUEUED ==
+    # "queued"): columns, JSON and what the database returns hold plain strings.
 
     QUEUED = "queued"
     RUNNING = "running"

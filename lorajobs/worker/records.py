@@ -1,4 +1,5 @@
-"""Trainer events -> database rows. The supervisor tails the events file and hands batches here.
+"""Trainer events -> database rows. The supervisor tails the events file, types each line
+(`lora_core.events.parse_event`) and hands batches here; this module dispatches on the model.
 
     started     -> JobEvent, job.resumed_from_step, progress.total_steps
     progress    -> JobMetric upsert by (job, step), job.progress / job.metrics snapshot
@@ -27,6 +28,20 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from lora_core.events import (
+    CheckpointEvent,
+    ErrorEvent,
+    EvalEvent,
+    FinishedEvent,
+    JobError,
+    MergedEvent,
+    ProgressEvent,
+    Stage,
+    StageEvent,
+    StartedEvent,
+    TrainerEvent,
+    WarningEvent,
+)
 from lora_core.manifest import MANIFEST_NAME, sha256_file
 from lorajobs.service import jobs, tokencounts
 from lorajobs.service.models import Artifact, Checkpoint, Job, JobMetric, JobStatus, new_id
@@ -37,10 +52,10 @@ __all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for",
 
 log = logging.getLogger(__name__)
 
-# Event types copied verbatim into the job's event log (progress is too chatty: it goes to
+# Events copied verbatim into the job's event log (progress is too chatty: it goes to
 # job_metrics; the API serves it as the loss curve).
-LOGGED_TYPES = frozenset({"started", "stage", "checkpoint", "warning", "eval", "merged", "error",
-                          "finished"})
+LOGGED = (StartedEvent, StageEvent, CheckpointEvent, WarningEvent, EvalEvent, MergedEvent,
+          ErrorEvent, FinishedEvent)
 
 
 def storage_key_for(store: LocalArtifactStore, path: str | Path) -> str:
@@ -128,11 +143,11 @@ def write_tensorboard(path: Path, rows: list[JobMetric]) -> None:
     tmp.replace(path)
 
 
-def _is_final_merge(event: dict[str, Any]) -> bool:
+def _is_final_merge(event: MergedEvent) -> bool:
     """A merge of the final adapter (step None in our rows) vs. of a checkpoint."""
-    if event.get("final") is not None:
-        return bool(event["final"])
-    return event.get("step") is None or Path(str(event.get("path", ""))).name == "final"
+    if event.final is not None:
+        return event.final
+    return event.step is None or Path(event.path).name == "final"
 
 
 class EventRecorder:
@@ -144,15 +159,15 @@ class EventRecorder:
         self.store = store
         self.job_id = job_id
         self.owner = owner
-        self.started: dict[str, Any] | None = None
-        self.finished: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None
+        self.started: StartedEvent | None = None
+        self.finished: FinishedEvent | None = None
+        self.error: JobError | None = None
         self.last_checkpoint_step: int | None = None
         self._total_steps: int | None = None
         self._metrics: dict[str, Any] = {"train_loss": None, "eval_loss": None}
         self.count = 0
 
-    def apply(self, events: list[dict[str, Any]]) -> None:
+    def apply(self, events: list[TrainerEvent]) -> None:
         """Write one batch in one transaction. Rows are lease-guarded by the owner filter."""
         if not events:
             return
@@ -161,29 +176,28 @@ class EventRecorder:
             if job is not None and job.metrics:
                 self._metrics = {**self._metrics, **job.metrics}
             progress: dict[str, Any] | None = None
-            stage: str | None = None
+            stage: Stage | None = None
             for event in events:
                 self.count += 1
-                kind = event.get("type")
-                if kind == "progress":
-                    progress = self._on_progress(session, event)
-                elif kind == "eval":
-                    self._on_eval(session, event)
-                elif kind == "stage":
-                    stage = str(event.get("stage") or "") or None
-                elif kind == "started":
-                    self._on_started(session, event)
-                elif kind == "checkpoint":
-                    self._on_checkpoint(session, event)
-                elif kind == "merged":
-                    self._on_merged(session, event)
-                elif kind == "finished":
-                    self.finished = event
-                    self._on_finished(session)
-                elif kind == "error":
-                    self.error = {k: event.get(k) for k in ("code", "message", "param",
-                                                            "user_fault")}
-                if kind in LOGGED_TYPES:
+                match event:
+                    case ProgressEvent():
+                        progress = self._on_progress(session, event)
+                    case EvalEvent():
+                        self._on_eval(session, event)
+                    case StageEvent():
+                        stage = event.stage
+                    case StartedEvent():
+                        self._on_started(session, event)
+                    case CheckpointEvent():
+                        self._on_checkpoint(session, event)
+                    case MergedEvent():
+                        self._on_merged(session, event)
+                    case FinishedEvent():
+                        self.finished = event
+                        self._on_finished(session)
+                    case ErrorEvent():
+                        self.error = event.job_error()
+                if isinstance(event, LOGGED):
                     self._log_event(session, event)
             jobs.update_progress(session, self.job_id, owner=self.owner, progress=progress,
                                  metrics=dict(self._metrics), stage=stage)
@@ -205,21 +219,20 @@ class EventRecorder:
         register_file(session, self.store, job_id=self.job_id, kind="tensorboard", step=None,
                       path=path, name=path.name)
 
-    def _log_event(self, session: Session, event: dict[str, Any]) -> None:
-        kind = str(event["type"])
-        data = {k: v for k, v in event.items() if k not in ("type", "time")}
-        level = {"warning": "warning", "error": "error"}.get(kind, "info")
-        message = str(event.get("message") or event.get("stage") or kind)
-        jobs.add_event(session, self.job_id, kind, message, level=level, data=data)
+    def _log_event(self, session: Session, event: TrainerEvent) -> None:
+        data = event.model_dump(mode="json", exclude={"type", "time"})
+        level = {"warning": "warning", "error": "error"}.get(event.type, "info")
+        message = str(data.get("message") or data.get("stage") or event.type)
+        jobs.add_event(session, self.job_id, event.type, message, level=level, data=data)
 
-    def _on_started(self, session: Session, event: dict[str, Any]) -> None:
+    def _on_started(self, session: Session, event: StartedEvent) -> None:
         self.started = event
-        self._total_steps = event.get("total_steps")
+        self._total_steps = event.total_steps
         tokencounts.record_started(session, self.job_id, event)  # counted once, kept for all
         session.execute(
             update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING,
                               Job.lease_owner == self.owner)
-            .values(resumed_from_step=event.get("resumed_from_step") or None))
+            .values(resumed_from_step=event.resumed_from_step or None))
 
     def _metric_row(self, session: Session, step: int) -> JobMetric:
         row = session.scalar(select(JobMetric).where(JobMetric.job_id == self.job_id,
@@ -229,50 +242,49 @@ class EventRecorder:
             session.add(row)
         return row
 
-    def _on_progress(self, session: Session, event: dict[str, Any]) -> dict[str, Any]:
-        step = int(event.get("step") or 0)
-        total = event.get("total_steps") or self._total_steps
+    def _on_progress(self, session: Session, event: ProgressEvent) -> dict[str, Any]:
+        step = event.step
+        total = event.total_steps or self._total_steps
         row = self._metric_row(session, step)
-        row.epoch = event.get("epoch")
-        row.train_loss = event.get("loss")
-        row.learning_rate = event.get("learning_rate")
-        row.grad_norm = event.get("grad_norm")
-        row.tokens_per_second = event.get("tokens_per_second")
-        if event.get("loss") is not None:
-            self._metrics["train_loss"] = event["loss"]
-        return {"step": step, "total_steps": total, "epoch": event.get("epoch"),
+        row.epoch = event.epoch
+        row.train_loss = event.loss
+        row.learning_rate = event.learning_rate
+        row.grad_norm = event.grad_norm
+        row.tokens_per_second = event.tokens_per_second
+        if event.loss is not None:
+            self._metrics["train_loss"] = event.loss
+        return {"step": step, "total_steps": total, "epoch": event.epoch,
                 "fraction": round(step / total, 4) if total else None,
-                "eta_seconds": event.get("eta_seconds")}
+                "eta_seconds": event.eta_seconds}
 
-    def _on_eval(self, session: Session, event: dict[str, Any]) -> None:
-        step = int(event.get("step") or 0)
-        self._metric_row(session, step).eval_loss = event.get("eval_loss")
-        self._metrics["eval_loss"] = event.get("eval_loss")
+    def _on_eval(self, session: Session, event: EvalEvent) -> None:
+        self._metric_row(session, event.step).eval_loss = event.eval_loss
+        self._metrics["eval_loss"] = event.eval_loss
 
-    def _on_checkpoint(self, session: Session, event: dict[str, Any]) -> None:
-        step = int(event["step"])
+    def _on_checkpoint(self, session: Session, event: CheckpointEvent) -> None:
+        step = event.step
         self.last_checkpoint_step = step
-        adapter = event.get("adapter_path")
+        adapter = event.adapter_path
         row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id,
                                                       Checkpoint.step == step))
         if row is None:
             row = Checkpoint(job_id=self.job_id, step=step)
             session.add(row)
-        row.resumable = bool(event.get("resumable", True))
-        row.path = storage_key_for(self.store, event["path"])
+        row.resumable = event.resumable
+        row.path = storage_key_for(self.store, event.path)
         row.adapter_key = storage_key_for(self.store, adapter) if adapter else None
         row.metrics = {k: v for k, v in self._metrics.items() if v is not None}
         if adapter:
             register_dir(session, self.store, job_id=self.job_id, kind="adapter", step=step,
                          directory=Path(adapter))
 
-    def _on_merged(self, session: Session, event: dict[str, Any]) -> None:
+    def _on_merged(self, session: Session, event: MergedEvent) -> None:
         final = _is_final_merge(event)
-        step = None if final else int(event["step"])
+        step = None if final else event.step
         register_dir(session, self.store, job_id=self.job_id, kind="merged", step=step,
-                     directory=Path(event["path"]))
-        if not final and event.get("step") is not None:
+                     directory=Path(event.path))
+        if step is not None:
             session.execute(
                 update(Checkpoint)
-                .where(Checkpoint.job_id == self.job_id, Checkpoint.step == int(event["step"]))
-                .values(merged_key=storage_key_for(self.store, event["path"])))
+                .where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
+                .values(merged_key=storage_key_for(self.store, event.path)))

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from lora_core.errors import validation_problems
+from lora_core.events import JobError
 from lora_core.spec import RunSpec
 from lorajobs.service.models import Dataset, Job, RegisteredModel
 from lorajobs.service.settings import Settings
@@ -44,12 +45,12 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 
 
 class PrepareError(Exception):
-    """The job cannot start: its error dict becomes the job's error (`failed`)."""
+    """The job cannot start: `error` becomes the job's error (`failed`)."""
 
     def __init__(self, code: str, message: str, *, param: str | None = None,
                  user_fault: bool = False) -> None:
         super().__init__(message)
-        self.error = {"code": code, "message": message, "param": param, "user_fault": user_fault}
+        self.error = JobError(code=code, message=message, param=param, user_fault=user_fault)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session
 
+from lora_core.events import JobError
 from lora_core.spec import RunSpec
 from lorajobs.service import jobs
 from lorajobs.service.errors import IllegalTransition
@@ -78,7 +78,7 @@ _RESULTS = {JobStatus.SUCCEEDED: SUCCEEDED, JobStatus.FAILED: FAILED,
 
 
 def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: Settings,
-        error: dict[str, Any] | None = None, messages: dict[str, str] | None = None) -> str:
+        error: JobError | None = None, messages: dict[str, str] | None = None) -> str:
     """Apply the policy's decision for `outcome` and commit; a requeued job is re-sent now (the
     next attempt resumes from the newest checkpoint). Returns a settle.* constant."""
     try:
@@ -98,25 +98,25 @@ def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: S
     return _RESULTS[status]
 
 
-def fail(session: Session, job: Job, *, owner: str, error: dict[str, Any], settings: Settings,
+def fail(session: Session, job: Job, *, owner: str, error: JobError, settings: Settings,
          context: SettleContext | None = None, outcome: Outcome | None = None) -> str:
     """A named error (the child's, the worker's): failed, whatever the cancel flag says."""
     if context is not None:
         _register_logs(session, context, job.id)
     if outcome is None:
-        outcome = Outcome.USER_ERROR if error.get("user_fault") else Outcome.SYSTEM_ERROR
+        outcome = Outcome.USER_ERROR if error.user_fault else Outcome.SYSTEM_ERROR
     return end(session, job, outcome, owner=owner, settings=settings, error=error,
-               messages={JobStatus.FAILED: f"failed: {error.get('code')}: "
-                                           f"{error.get('message')}"})
+               messages={JobStatus.FAILED: f"failed: {error.code}: {error.message}"})
 
 
 def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
              context: SettleContext) -> str:
-    finished = recorder.finished or {}
-    adapter = Path(finished.get("adapter_path") or context.paths.run_dir / "adapter")
+    finished = recorder.finished
+    adapter = Path(finished.adapter_path if finished and finished.adapter_path
+                   else context.paths.run_dir / "adapter")
     register_dir(session, context.store, job_id=job.id, kind="adapter", step=None,
                  directory=adapter)
-    started = recorder.started or {}
+    started = recorder.started
     manifest = repro.write_manifest(
         context.paths.job_dir / MANIFEST_FILE, job_id=job.id, spec=job.spec,
         run_spec=context.run_spec.model_dump(mode="json"),
@@ -125,8 +125,8 @@ def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
                                                             context.model.weights_sha256)},
         dataset={"id": context.dataset.id, "sha256": context.dataset.sha256,
                  "num_examples": context.dataset.num_examples, "format": context.dataset.format},
-        world_size=started.get("world_size"), attempt=job.attempt,
-        resumed_from_step=started.get("resumed_from_step"))
+        world_size=started.world_size if started else None, attempt=job.attempt,
+        resumed_from_step=started.resumed_from_step if started else None)
     register_file(session, context.store, job_id=job.id, kind="manifest", step=None,
                   path=manifest, name=MANIFEST_FILE)
     _register_logs(session, context, job.id)
@@ -135,7 +135,7 @@ def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
 
 
 def _storage_full_error(context: SettleContext, recorder: EventRecorder,
-                        returncode: int) -> dict[str, Any] | None:
+                        returncode: int) -> JobError | None:
     """The trainer failed and its output filesystem is full: a clear storage error.
 
     Torch reports a full disk during a checkpoint save as an opaque RuntimeError
@@ -152,22 +152,22 @@ def _storage_full_error(context: SettleContext, recorder: EventRecorder,
     step = recorder.last_checkpoint_step
     kept = (f"the newest sealed checkpoint (step {step}) is intact and resumable"
             if step else "no checkpoint had been sealed yet")
-    child = (recorder.error or {}).get("message") or _exit_description(returncode)
-    return {"code": "storage_error", "param": None, "user_fault": False,
-            "message": f"No space left on device: {free} bytes free in the artifact store "
-                       f"while the trainer was writing; {kept}. Free space and resubmit "
-                       f"(trainer: {child})"}
+    child = recorder.error.message if recorder.error else _exit_description(returncode)
+    return JobError(code="storage_error",
+                    message=f"No space left on device: {free} bytes free in the artifact store "
+                            f"while the trainer was writing; {kept}. Free space and resubmit "
+                            f"(trainer: {child})")
 
 
-def _runtime_exceeded(settings: Settings, step: int | None) -> dict[str, Any]:
+def _runtime_exceeded(settings: Settings, step: int | None) -> JobError:
     """The job ran past `max_job_runtime_seconds`: failed, not retried (it would run as long
     again), with what it saved on the way out still listed and downloadable."""
     kept = (f"its last checkpoint (step {step}) is kept: download it with ?step={step}"
             if step else "it had saved no checkpoint")
-    return {"code": "max_runtime_exceeded", "param": None, "user_fault": True,
-            "message": f"the job ran longer than the limit of "
-                       f"{settings.max_job_runtime_seconds:g} s and was stopped; {kept}. "
-                       "Resubmit with fewer steps or a smaller dataset"}
+    return JobError(code="max_runtime_exceeded", user_fault=True,
+                    message=f"the job ran longer than the limit of "
+                            f"{settings.max_job_runtime_seconds:g} s and was stopped; {kept}. "
+                            "Resubmit with fewer steps or a smaller dataset")
 
 
 def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
@@ -178,23 +178,20 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
         _register_logs(session, context, job.id)
         session.commit()
         return LOST
-    finished = recorder.finished or {}
-    if finished.get("status") == "completed" and recorder.error is None:
+    finished = recorder.finished
+    if finished is not None and finished.status == "completed" and recorder.error is None:
         return _succeed(session, job, owner=owner, recorder=recorder, context=context)
     settings = context.settings
-    child_error = recorder.error or {}
-    if stop_reason is None and not child_error.get("user_fault") \
-            and child_error.get("code") != "storage_error":  # the child named it already
+    child_error = recorder.error
+    if stop_reason is None and not (child_error and child_error.user_fault) \
+            and not (child_error and child_error.code == "storage_error"):  # named already
         full = _storage_full_error(context, recorder, returncode)
         if full is not None:
             return fail(session, job, owner=owner, error=full, settings=settings,
                         context=context)
-    if recorder.error is not None:
-        error = {"code": recorder.error.get("code") or "training_error",
-                 "message": recorder.error.get("message") or "the trainer reported an error",
-                 "param": recorder.error.get("param"),
-                 "user_fault": bool(recorder.error.get("user_fault"))}
-        return fail(session, job, owner=owner, error=error, settings=settings, context=context)
+    if child_error is not None:
+        return fail(session, job, owner=owner, error=child_error, settings=settings,
+                    context=context)
     _register_logs(session, context, job.id)
     step = recorder.last_checkpoint_step
     resume_note = f"; resumes from step {step}" if step else ""
@@ -209,10 +206,10 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
             JobStatus.QUEUED: f"worker shutting down; requeued{resume_note}",
             JobStatus.CANCELLED: "cancelled (cancel requested while the worker shut down)"})
     how = _exit_description(returncode)
-    return end(session, job, Outcome.CRASHED, owner=owner, settings=settings, error={
-        "code": "trainer_crashed", "param": None, "user_fault": False,
-        "message": f"the trainer {how} without reporting a result, on all {job.max_attempts} "
-                   "attempts (out of memory?); see the trainer log artifact"}, messages={
+    return end(session, job, Outcome.CRASHED, owner=owner, settings=settings, error=JobError(
+        code="trainer_crashed",
+        message=f"the trainer {how} without reporting a result, on all {job.max_attempts} "
+                "attempts (out of memory?); see the trainer log artifact"), messages={
         JobStatus.QUEUED: f"trainer {how} without a verdict (attempt {job.attempt} of "
                           f"{job.max_attempts}); requeued{resume_note}",
         JobStatus.CANCELLED: f"cancelled; trainer {how}"})

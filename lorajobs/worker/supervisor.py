@@ -7,16 +7,19 @@ resumes from. A single-process trainer is forked from the pre-warmed zygote when
 (prewarm.py: same guarantees, no cold imports), else spawned as `python -m lora_core run`.
 Every `worker_poll_seconds` the loop:
 
-    tails the events file       -> records.EventRecorder (rows, progress, checkpoints)
+    tails the events file       -> typed by lora_core.events.parse_event (a line that is not
+                                   a valid event is logged and skipped), then
+                                   records.EventRecorder (rows, progress, checkpoints)
     renews the lease            -> lost it? SIGKILL the group: someone else owns the job now
     reads cancel_requested      -> stop file, SIGTERM after cancel_grace_seconds, then SIGKILL
     checks the shutdown flag    -> the same stop sequence; the job is requeued, not failed
     checks the runtime limit    -> the same stop sequence past max_job_runtime_seconds of this
                                    attempt; the job fails `max_runtime_exceeded`, checkpoint kept
 
-Outcomes (`settle`): finished completed -> succeeded; finished stopped -> cancelled (cancel) or
-queued (shutdown); an error event -> failed with the child's {code, message, param, user_fault};
-no verdict (crash, OOM kill) -> queued again while attempts remain, else failed trainer_crashed.
+Outcomes (`settle`, deciding with `service.policy.next_state`): finished completed ->
+succeeded; finished stopped -> cancelled (cancel) or queued (shutdown); an error event -> failed
+with the child's `JobError`; no verdict (crash, OOM kill) -> cancelled if a cancel is pending,
+else queued again while attempts remain, else failed trainer_crashed.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from lora_core.events import read_events
+from lora_core.events import (
+    CheckpointEvent,
+    EvalEvent,
+    ProgressEvent,
+    TrainerEvent,
+    parse_event,
+    read_events,
+)
 from lora_core.spec import RunSpec
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
@@ -50,12 +61,27 @@ from lorajobs.worker.runspec import (
     write_spec,
 )
 
-__all__ = ["Supervisor", "supervise"]
+__all__ = ["Supervisor", "supervise", "typed_events"]
 
 log = logging.getLogger(__name__)
 
 # What the loop needs of a trainer: pid (= its process group), poll(), wait(), returncode.
 TrainerProcess = subprocess.Popen[bytes] | prewarm.ZygoteChild
+
+
+def typed_events(job_id: str, objects: list[dict[str, Any]]) -> list[TrainerEvent]:
+    """The protocol's events among the child's JSON lines; any other line is logged and
+    skipped (a garbled or foreign line must not stop the job's bookkeeping)."""
+    events = []
+    for obj in objects:
+        try:
+            events.append(parse_event(obj))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors()[:3])
+            log.warning("job %s: skipped a trainer event outside the protocol (%s): %.300s",
+                        job_id, problems, obj)
+    return events
 
 
 class Supervisor:
@@ -77,7 +103,7 @@ class Supervisor:
         self._term_sent_at: float | None = None
         self._killed = False
         self._offset = 0
-        self._pending: list[dict[str, Any]] = []  # read but not yet recorded (DB outage)
+        self._pending: list[TrainerEvent] = []  # read but not yet recorded (DB outage)
 
     def run(self) -> str:
         """Spawn, watch, settle. Returns the outcome (a settle.* constant)."""
@@ -152,15 +178,12 @@ class Supervisor:
                                           .where(JobMetric.job_id == self.job_id)) or 0
                 have = set(session.scalars(select(Checkpoint.step)
                                            .where(Checkpoint.job_id == self.job_id)))
-            lost = []
+            lost: list[TrainerEvent] = []
             for earlier in range(1, attempt):
                 path = RunPaths.for_attempt(self.store, self.job_id, earlier).events_file
-                for event in read_events(path, 0)[0]:
-                    kind, step = event.get("type"), event.get("step")
-                    if not isinstance(step, int):
-                        continue
-                    if (kind in ("progress", "eval") and step > recorded) or \
-                            (kind == "checkpoint" and step not in have):
+                for event in typed_events(self.job_id, read_events(path, 0)[0]):
+                    if (isinstance(event, ProgressEvent | EvalEvent) and event.step > recorded) \
+                            or (isinstance(event, CheckpointEvent) and event.step not in have):
                         lost.append(event)
             if lost:
                 recorder.apply(lost)
@@ -196,7 +219,7 @@ class Supervisor:
         is safe: the batch's transaction was rolled back and every row write is an upsert.
         """
         events, self._offset = read_events(paths.events_file, self._offset)
-        self._pending.extend(events)
+        self._pending.extend(typed_events(self.job_id, events))
         if not self._pending:
             return True
         try:

@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from lora_core.events import parse_event
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Checkpoint
@@ -65,7 +66,7 @@ def test_events_a_killed_worker_never_read_are_recovered(service: LiveService) -
     (run_dir / "events-attempt1.jsonl").write_text(
         "".join(json.dumps(e) + "\n" for e in written))
     EventRecorder(get_sessionmaker(settings), store, job_id=job_id, owner=owner) \
-        .apply(written[:9])  # what the worker read before it died
+        .apply([parse_event(e) for e in written[:9]])  # what the worker read before it died
     expired = get_job(settings, job_id).lease_expires_at + timedelta(seconds=0.01)
     with get_sessionmaker(settings)() as session:  # the reaper, one lease later
         assert jobs.reap_expired_leases(session, now=expired) == [job_id]

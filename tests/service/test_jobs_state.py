@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
+from lora_core.events import JobError
 from lorajobs.service import jobs
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.errors import IllegalTransition
@@ -224,7 +225,7 @@ def test_end_attempt_applies_the_policy(db_settings: Settings) -> None:  # noqa:
     cancelled instead (the same rule as the reaper's); a job no longer ours raises."""
     sessions = get_sessionmaker(db_settings)
     spent, flagged = (make_job(db_settings, max_attempts=1) for _ in range(2))
-    error = {"code": "trainer_crashed", "message": "m", "param": None, "user_fault": False}
+    error = JobError(code="trainer_crashed", message="the trainer died")
     with sessions() as session:
         for job_id in (spent, flagged):
             assert jobs.claim(session, job_id, owner="w1", lease_seconds=60)
@@ -237,5 +238,6 @@ def test_end_attempt_applies_the_policy(db_settings: Settings) -> None:  # noqa:
             with pytest.raises(IllegalTransition):  # settled: the attempt is no longer running
                 jobs.end_attempt(session, job, Outcome.CRASHED, owner="w1", error=error)
             session.rollback()
-    assert load(db_settings, spent).error == error
+    assert load(db_settings, spent).error == {"code": "trainer_crashed", "param": None,
+                                              "message": "the trainer died", "user_fault": False}
     assert load(db_settings, flagged).error is None

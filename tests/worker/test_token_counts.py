@@ -9,6 +9,7 @@ import shutil
 import pytest
 from sqlalchemy import func, select
 
+from lora_core.events import StartedEvent
 from lorajobs.service import datasets, jobs, keys, registry, submit
 from lorajobs.service.db import get_sessionmaker
 from lorajobs.service.models import Dataset, Job, JobEvent, TokenCount
@@ -62,8 +63,8 @@ def test_trainer_count_is_recorded_once_and_reused(env) -> None:  # type: ignore
     owner = "worker-1:1:x"
     assert jobs.claim(session, first.id, owner=owner, lease_seconds=60) is not None
     session.commit()
-    started = {"type": "started", "total_steps": 2, "world_size": 1, "resumed_from_step": 0,
-               "num_examples": 10, "num_tokens": 150, "num_truncated": 3, "num_dropped": 0}
+    started = StartedEvent(total_steps=2, world_size=1, resumed_from_step=0, num_examples=10,
+                           num_tokens=150, num_truncated=3, num_dropped=0)
     recorder = EventRecorder(get_sessionmaker(settings), get_store(settings), job_id=first.id,
                              owner=owner)
     recorder.apply([started])
