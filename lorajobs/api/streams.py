@@ -131,19 +131,21 @@ class StreamHub:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        """Forget a stream (idempotent); its job's poller stops with its last stream."""
-        sub.ended = True
-        for index, name in ((self.by_job, sub.job_id), (self.by_key, sub.key_id)):
-            subs = index.get(name)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del index[name]
+        """Forget a stream whose response is over (idempotent): its slot is free again, and
+        its job's poller stops with its last stream."""
+        self._stop_feeding(sub)
+        _discard(self.by_key, sub.key_id, sub)
 
     def _end(self, sub: Subscription, reason: str) -> None:
+        """Queue the stream's End and stop feeding it. It keeps its slot (by_key) until its
+        response is over: a client that does not read holds a connection, and counts."""
         if not sub.ended:
             sub.queue.put_nowait(End(reason))
-        self.unsubscribe(sub)
+        self._stop_feeding(sub)
+
+    def _stop_feeding(self, sub: Subscription) -> None:
+        sub.ended = True
+        _discard(self.by_job, sub.job_id, sub)
 
     # -- one poller per job -------------------------------------------------------------------
 
@@ -237,6 +239,14 @@ class StreamHub:
 
         async with self.db_calls:
             await run_in_threadpool(read)
+
+
+def _discard(index: dict[str, set[Subscription]], name: str, sub: Subscription) -> None:
+    subs = index.get(name)
+    if subs is not None:
+        subs.discard(sub)
+        if not subs:
+            del index[name]
 
 
 def hub_for(app_state: Any) -> StreamHub:

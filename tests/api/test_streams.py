@@ -26,6 +26,7 @@ from lorajobs.api import queries
 from lorajobs.client import Client, RateLimitError
 from lorajobs.service import jobs, keys
 from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.errors import LimitExceeded
 from lorajobs.service.models import Job, JobStatus, new_id
 from tests.client.transports import Recording
 from tests.servicefixtures import LiveService, wait_for
@@ -356,3 +357,34 @@ def test_sdk_raises_when_too_many_streams(server: Server) -> None:
         with Client(server.url, server.keys["bob"], max_retries=1) as client:
             with pytest.raises(RateLimitError, match="STREAM_MAX_PER_KEY"):
                 next(client.jobs.stream_events(job))
+
+
+def test_a_stream_that_stops_reading_is_ended_but_keeps_its_slot() -> None:
+    """The hub alone (no database read happens): a stream MAX_PENDING_BATCHES behind is ended
+    as "slow" and no longer fed, but counts against the caps until its response is over."""
+    from lorajobs.api.schemas import EventPublic
+    from lorajobs.api.streams import MAX_PENDING_BATCHES, End, StreamHub
+    from lorajobs.service.settings import Settings
+
+    def batch(first: int) -> list[EventPublic]:
+        return [EventPublic(id=i, type="log", level="info", message="", data={},
+                            created_at="2026-12-01T00:00:00Z") for i in range(first, first + 2)]
+
+    async def scenario() -> None:
+        hub = StreamHub(lambda: None, Settings(stream_max_per_key=1))  # type: ignore[arg-type,return-value]
+        sub = hub.subscribe(job_id="job_x", key_id="key_x", cursor=0)
+        for n in range(MAX_PENDING_BATCHES + 1):
+            hub._fan_out("job_x", "running", batch(1 + 2 * n))
+        assert sub.queue.qsize() == MAX_PENDING_BATCHES + 1
+        items = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+        assert items[-1] == End("slow") and "job_x" not in hub.by_job
+        assert [e.id for b in items[:-1] for e in b] == list(range(1, 2 * MAX_PENDING_BATCHES + 1))
+        with pytest.raises(LimitExceeded):  # still holds the key's one slot
+            hub.subscribe(job_id="job_x", key_id="key_x", cursor=0)
+        hub.unsubscribe(sub)
+        hub.unsubscribe(hub.subscribe(job_id="job_x", key_id="key_x", cursor=0))
+        for task in (*hub.pollers.values(), hub.key_task):
+            if task is not None:
+                task.cancel()
+
+    asyncio.run(scenario())

@@ -18,6 +18,9 @@ from lorajobs.api.schemas import MAX_EVENT_ID, EventPublic, EventsPublic
 from lorajobs.api.streams import End, Subscription, hub_for
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
+# A client that stops reading fills its socket; a send blocked this long ends the stream and
+# frees its slot (it resumes with Last-Event-ID when it reads again).
+SEND_TIMEOUT_SECONDS = 30.0
 
 
 @router.get("/{job_id}/events", response_model=EventsPublic)
@@ -89,7 +92,7 @@ class _Stream(EventSourceResponse):
 
     def __init__(self, content: AsyncIterator[dict[str, str]],
                  release: Callable[[], None]) -> None:
-        super().__init__(content)
+        super().__init__(content, send_timeout=SEND_TIMEOUT_SECONDS)
         self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
