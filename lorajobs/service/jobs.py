@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from lora_core.events import JobError, Stage
 from lorajobs.service.errors import IllegalTransition
 from lorajobs.service.models import Job, JobEvent, JobStatus, Tenant, utcnow
-from lorajobs.service.policy import Outcome, next_state
+from lorajobs.service.policy import RETRYABLE, Outcome, next_state
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -88,6 +88,7 @@ def transition(
     stage: Stage | None = None,
     refund_attempt: bool = False,
     lease: tuple[str, float] | None = None,
+    unflagged: bool = False,
 ) -> Job:
     """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit.
 
@@ -95,6 +96,8 @@ def transition(
     shutdown), so it does not count against `max_attempts`.
     `lease` (`(owner, seconds)`, exactly when queued -> running, see `claim`): the new
     attempt's lease; the attempt count goes up by one.
+    `unflagged`: the caller decided on a row without a cancel request; refuse if one landed
+    since (-> queued and -> running always are: a flagged job is never claimed).
     """
     from_status = job.status
     if to not in ALLOWED_TRANSITIONS.get(from_status, frozenset()):
@@ -120,7 +123,7 @@ def transition(
     stmt = update(Job).where(Job.id == job.id, Job.status == from_status)
     if expect_owner is not None:
         stmt = stmt.where(Job.lease_owner == expect_owner)
-    if to in (S.QUEUED, S.RUNNING):  # a flagged job is never claimed: see the module docstring
+    if unflagged or to in (S.QUEUED, S.RUNNING):  # see the module docstring
         stmt = stmt.where(Job.cancel_requested.is_(False))
     if session.execute(stmt.values(**values)).rowcount != 1:
         session.refresh(job)
@@ -153,7 +156,8 @@ def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | No
 
     `error` is stored if the decision is failed; `messages` (status -> text) label the status
     event of each possible decision. A transition refused because the row changed since it was
-    read (a cancel landed while we requeued) is decided again, once, on the row as it is now.
+    read (a cancel landed while we requeued, or failed a job out of attempts) is decided
+    again, once, on the row as it is now.
     Returns the new status; raises IllegalTransition when the attempt is no longer ours.
     """
     messages = messages or {}
@@ -167,7 +171,8 @@ def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | No
         try:
             transition(session, job, to=to, expect_owner=owner,
                        error=error if to == S.FAILED else None,
-                       message=messages.get(to, default), refund_attempt=decision.refund_attempt)
+                       message=messages.get(to, default), refund_attempt=decision.refund_attempt,
+                       unflagged=outcome in RETRYABLE and not job.cancel_requested)
             return to
         except IllegalTransition:  # refreshed: decide again only if the attempt is still ours
             if again or job.status != S.RUNNING or job.lease_owner != owner:

@@ -186,6 +186,23 @@ def test_cancel_racing_a_requeue_it_did_not_see(db_settings: Settings) -> None: 
     assert [e["to"] for e in history] == [S.RUNNING, S.QUEUED, S.CANCELLED]
 
 
+def test_giving_up_racing_a_cancel_it_did_not_see(db_settings: Settings) -> None:  # noqa: F811
+    """The reaper read a job on its last attempt, unflagged (-> failed); the cancel lands first:
+    the policy's row "cancel requested -> cancelled" holds, not the stale decision."""
+    job_id = make_job(db_settings, max_attempts=1)
+    sessions = get_sessionmaker(db_settings)
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w1", lease_seconds=60)
+    with sessions() as api, sessions() as reaper:
+        seen = reaper.get(Job, job_id)
+        assert seen is not None and not seen.cancel_requested
+        jobs.request_cancel(api, api.get(Job, job_id))
+        assert jobs.end_attempt(reaper, seen, Outcome.WORKER_LOST, owner="w1") == S.CANCELLED
+        reaper.commit()
+    job = load(db_settings, job_id)
+    assert job.status == S.CANCELLED and job.error is None
+
+
 def test_requeue_racing_a_cancel_it_did_not_see(db_settings: Settings) -> None:  # noqa: F811
     """The reaper (or a stopping worker) read the job unflagged; the cancel lands; then the
     requeue: running -> queued is refused on a flagged row and `end_attempt` decides again on
