@@ -23,7 +23,8 @@ from lora_core.spec import DistributedSpec, TrainingSpec
 from lorajobs.service.errors import InvalidRequest
 from lorajobs.service.settings import Settings
 
-__all__ = ["JobShape", "check_job_bounds", "checkpoints_written", "merges_written"]
+__all__ = ["JobShape", "check_job_bounds", "checkpoints_written", "merges_written",
+           "spread_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,14 @@ def checkpoints_written(shape: JobShape) -> int:
     per_step = t.batch_size * t.gradient_accumulation_steps * shape.distributed.num_processes
     steps_per_epoch = max(1, math.ceil(shape.num_examples / per_step))
     return math.ceil(shape.total_steps / steps_per_epoch)
+
+
+def spread_checkpoints(shape: JobShape, settings: Settings) -> int | None:
+    """`save_steps` for a spec that left it unset: None (once per epoch) while that stays
+    within max_checkpoints_per_job, else the interval that writes at most that many."""
+    if checkpoints_written(shape) <= settings.max_checkpoints_per_job:
+        return None
+    return math.ceil(shape.total_steps / settings.max_checkpoints_per_job)
 
 
 def merges_written(shape: JobShape) -> int:

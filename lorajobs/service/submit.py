@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import and_, func, select, update
@@ -33,7 +33,7 @@ from lora_core.inspect import validate_lora_spec
 from lora_core.spec import VLLM_LORA_RANKS, LoraSpec
 from lorajobs.jobspec import JobRequest
 from lorajobs.service import jobs, tokencounts
-from lorajobs.service.bounds import JobShape, check_job_bounds
+from lorajobs.service.bounds import JobShape, check_job_bounds, spread_checkpoints
 from lorajobs.service.datasets import get_dataset
 from lorajobs.service.errors import InvalidRequest, LimitExceeded, NotFound
 from lorajobs.service.models import (
@@ -201,10 +201,17 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
         param = "training.max_steps" if request.training.max_steps else "training.epochs"
         raise InvalidRequest(f"{steps} total steps exceed the limit of "
                              f"{settings.max_total_steps}", param=param, code="too_many_steps")
-    check_job_bounds(JobShape(training=request.training, distributed=request.distributed,
-                              merge=request.merge, num_examples=train.num_examples,
-                              total_steps=steps, max_positions=info.max_positions),
-                     settings, model_name=request.base_model)
+    shape = JobShape(training=request.training, distributed=request.distributed,
+                     merge=request.merge, num_examples=train.num_examples, total_steps=steps,
+                     max_positions=info.max_positions)
+    if request.training.save_steps is None:
+        # "Once per epoch" is our default, not the client's choice: a 200-epoch run on a small
+        # file (OpenAI clients cannot set save_steps) saves every few epochs instead of being
+        # refused. A save_steps the client set stays theirs and is bounded as given.
+        request = request.model_copy(deep=True)
+        request.training.save_steps = spread_checkpoints(shape, settings)
+        shape = replace(shape, training=request.training)
+    check_job_bounds(shape, settings, model_name=request.base_model)
     num_tokens, truncated = (count.num_tokens, count.num_truncated or 0) if count else (None, 0)
     spec = request.model_copy(deep=True)
     spec.lora.target_modules = targets

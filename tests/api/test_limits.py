@@ -50,3 +50,14 @@ def test_bounds_leave_room_for_reasonable_specs(api: Api) -> None:
         "max_steps": 1000, "save_steps": 1, "batch_size": 4096, "max_seq_length": 16}})
     assert {e["field"] for e in many.json()["errors"]} == {"training.save_steps",
                                                           "training.batch_size"}
+
+
+def test_unset_save_steps_is_spread_under_the_checkpoint_bound(api: Api) -> None:
+    """Once per epoch is our default, not the client's: 500 one-step epochs save every 5 steps
+    (100 checkpoints, the bound) instead of being refused; a short run keeps once per epoch."""
+    ds = api.dataset("alice")
+    limit = api.settings.max_checkpoints_per_job
+    job = api.job("alice", ds, training={"epochs": 5 * limit, "batch_size": 64})
+    assert job["spec"]["training"]["save_steps"] == 5
+    short = api.job("alice", ds, training={"epochs": 2, "batch_size": 64})
+    assert short["spec"]["training"]["save_steps"] is None
