@@ -158,21 +158,33 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(url: str, seconds: int, connections: int, key: str | None = None,
-        script: Path | None = None) -> dict[str, float]:
+        script: Path | None = None, server: int | None = None) -> dict[str, float]:
+    """wrk's req/s, p50, p99, non-2xx; with `server` (a pid) also its CPU ms per request: on a
+    shared box req/s moves with the neighbours' load, the server's CPU per request much less."""
     args = ["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s",
             "--latency", url]
     if key:
         args += ["-H", f"Authorization: Bearer {key}"]
     if script:
         args += ["-s", str(script)]
+    cpu0 = cpu_seconds(server) if server else 0.0
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(server) - cpu0 if server else float("nan")
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {p: _ms(v, u) for p, v, u in re.findall(r"\s(50|99)%\s+([\d.]+)(us|ms|s)", out)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50_ms": lat.get("50", float("nan")),
             "p99_ms": lat.get("99", float("nan")),
-            "non_2xx": float(errors.group(1)) if errors else 0.0}
+            "non_2xx": float(errors.group(1)) if errors else 0.0,
+            "cpu_ms": 1e3 * cpu / max(requests, 1)}
 
 
 def latencies(url: str, key: str, ds: str, env: dict[str, str], cwd: Path) -> dict[str, float]:
@@ -266,9 +278,11 @@ def main() -> None:
         lua.write_text(POST_LUA.replace("KEY", key).replace("BODY", repr(body)))
         s, c = args.seconds, args.connections
         results = {
-            "bare": wrk(f"http://127.0.0.1:{bare_port}/bare", s, c),
-            "get_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs/{job}", s, c, key),
-            "create_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs", s, c, script=lua),
+            "bare": wrk(f"http://127.0.0.1:{bare_port}/bare", s, c, server=procs[0].pid),
+            "get_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs/{job}", s, c, key,
+                           server=procs[1].pid),
+            "create_job": wrk(f"http://127.0.0.1:{api_port}/v1/jobs", s, c, script=lua,
+                              server=procs[1].pid),
         }
         stop_server(procs.pop())  # the latency arm runs its own API: no leftover load
         if broker:
@@ -305,7 +319,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
     for name, r in results.items():
         print(f"{name:12} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
               f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']:.0f}  "
-              f"ratio vs bare {r['rps'] / bare:5.2f}")
+              f"ratio vs bare {r['rps'] / bare:5.2f}  server CPU {r['cpu_ms']:5.2f} ms/req")
     create = results["create_job"]["rps"]
     print(f"target create_job >= {CREATE_TARGET_RPS} req/s ({args.create_examples} records in "
           f"its dataset): {create:.0f}: {'met' if create >= CREATE_TARGET_RPS else 'NOT met'}")

@@ -18,7 +18,6 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 from fastapi import FastAPI
 
@@ -52,9 +51,9 @@ from lorajobs.api.routes import (
     usage,
 )
 from lorajobs.service.db import get_sessionmaker
+from lorajobs.service.queue import JobSender
 from lorajobs.service.settings import Settings, get_settings
 from lorajobs.service.storage import get_store
-from lorajobs.service.submit import default_enqueue
 
 __all__ = ["create_app"]
 
@@ -72,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # PostgreSQL: the hot GET /v1/jobs/{id} awaits asyncpg (opened on first use); SQLite: None.
     app.state.pg_reader = make_pg_reader(settings.resolved_database_url)
     app.state.store = get_store(settings)
-    app.state.enqueue = partial(default_enqueue, settings=settings)
+    # Committed job ids go to the broker from a thread of its own, in batches (queue.JobSender).
+    app.state.job_sender = JobSender(settings)
+    app.state.enqueue = app.state.job_sender
     app.state.request_slots = RequestSlots(settings.api_max_concurrent_requests,
                                            settings.max_concurrent_uploads)
     # Key lookups and probe queries outside the slots (auth.LOOKUPS_IN_FLIGHT).
@@ -99,7 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Startup: freeze what is alive (see below). Shutdown: unfreeze, close the asyncpg pool.
+    """Startup: freeze what is alive (see below). Shutdown: unfreeze, send the job ids still
+    queued in memory, close the asyncpg pool.
 
     The objects alive once the app is built (modules, routes, schemas, the ORM: ~120,000 in
     a server) are never garbage, yet every full collection walked them: under load one took
@@ -113,5 +115,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         gc.unfreeze()
+        await asyncio.to_thread(app.state.job_sender.close)  # sends what it still holds
         if app.state.pg_reader is not None:
             await app.state.pg_reader.close()

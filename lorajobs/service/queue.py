@@ -18,7 +18,11 @@ Celery settings for hours-long jobs, and why:
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
+from queue import Empty, SimpleQueue
 
 from celery import Celery
 from kombu import Connection
@@ -31,6 +35,8 @@ __all__ = [
     "QUEUE_NAME",
     "get_celery_app",
     "enqueue_job",
+    "send_jobs",
+    "JobSender",
     "broker_ok",
     "pending_messages",
 ]
@@ -49,6 +55,10 @@ PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 
                         "interval_max": 0.2}
 BROKER_CHECK_TIMEOUT_SECONDS = 1.0
 SQLITE_BROKER_PREFIX = "sqla+sqlite:///"  # the embedded broker's URL: a SQLite file
+# Ids per broker round trip (one Redis pipeline) and per `enqueued_at` UPDATE in JobSender.
+SEND_BATCH_MAX = 64
+# At shutdown JobSender sends what it holds for at most this long; the reaper sends the rest.
+SENDER_CLOSE_SECONDS = 5.0
 
 _apps: dict[str, Celery] = {}
 
@@ -112,23 +122,100 @@ def enqueue_job(job_id: str, settings: Settings | None = None) -> bool:
     On success the job's `enqueued_at` is stamped, so the reaper waits `requeue_after_seconds`
     before sending it again.
     """
+    return send_jobs([job_id], settings)
+
+
+def send_jobs(job_ids: Sequence[str], settings: Settings | None = None) -> bool:
+    """Send job ids in one broker round trip and stamp their `enqueued_at` in one UPDATE.
+
+    Never raises: False means nothing may have been sent (the reaper sends them later). One
+    Celery message per id, as `enqueue_job` always sent; on Redis kombu buffers the batch in
+    one pipeline (`Producer.batch`, kombu >= 5.6; older kombu publishes them one by one).
+    """
     settings = settings or get_settings()
+    if not job_ids:
+        return True
     try:
         app = get_celery_app(settings)
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE_NAME, retry=True,
-                      retry_policy=PUBLISH_RETRY_POLICY)
+        with app.producer_or_acquire() as producer:
+            batch = getattr(producer, "batch", None)
+            with batch() if batch is not None and len(job_ids) > 1 else nullcontext():
+                for job_id in job_ids:
+                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE_NAME,
+                                  producer=producer, retry=True,
+                                  retry_policy=PUBLISH_RETRY_POLICY)
     except Exception as exc:  # noqa: BLE001 - any broker failure means "send later"
-        log.warning("enqueue of %s failed (broker down?): %s", job_id, exc)
+        log.warning("enqueue of %s failed (broker down?): %s", ", ".join(job_ids), exc)
         return False
     try:
         from lorajobs.service import jobs
         from lorajobs.service.db import get_sessionmaker
 
         with get_sessionmaker(settings)() as session:
-            jobs.mark_enqueued(session, [job_id])
+            jobs.mark_enqueued(session, list(job_ids))
     except Exception as exc:  # noqa: BLE001 - sent is sent; a missing stamp costs a re-send
-        log.warning("could not stamp enqueued_at for %s: %s", job_id, exc)
+        log.warning("could not stamp enqueued_at for %s: %s", ", ".join(job_ids), exc)
     return True
+
+
+class JobSender:
+    """Sends committed job ids to the broker from a thread of its own, in batches.
+
+    `sender(job_id)` only queues the id in memory: the request that committed the job answers
+    without waiting on the broker, and ids committed while a batch is being sent go out
+    together in the next one (one Redis pipeline, one `enqueued_at` UPDATE: ~0.5 ms of CPU per
+    id instead of ~1.5 ms sent one by one). Nothing is weakened: an id is queued here only
+    after its row is committed, and an id lost here (process killed, broker down) keeps
+    `enqueued_at` NULL, which the reaper's stale-queue pass re-sends (DESIGN.md: the broker is
+    only a wake-up call). The thread starts with the first id and ends at `close()`.
+    """
+
+    def __init__(self, settings: Settings,
+                 send: Callable[[Sequence[str], Settings], bool] = send_jobs) -> None:
+        self._settings = settings
+        self._send = send
+        self._ids: SimpleQueue[str | None] = SimpleQueue()  # None: stop
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def __call__(self, job_id: str) -> None:
+        self._ids.put(job_id)
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="lorajobs-sender",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def close(self, timeout: float = SENDER_CLOSE_SECONDS) -> None:
+        """Send what was queued (for up to `timeout` s), then stop the thread."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._ids.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[str] = []
+            first = self._ids.get()
+            if first is None:
+                return
+            batch.append(first)
+            while len(batch) < SEND_BATCH_MAX:
+                try:
+                    job_id = self._ids.get_nowait()
+                except Empty:
+                    break
+                if job_id is None:
+                    stop = True
+                    break
+                batch.append(job_id)
+            try:
+                self._send(batch, self._settings)
+            except Exception:  # noqa: BLE001 - never let the thread die; the reaper re-sends
+                log.exception("sending jobs %s failed; the reaper will re-send them", batch)
 
 
 def broker_ok(settings: Settings | None = None) -> bool:
