@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import BindParameter, Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from lorajobs.service import jobs
@@ -47,9 +47,10 @@ def job_dir_key(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
-def usage_queries(tenant_id: str) -> tuple[Select[Any], Select[Any]]:
+def usage_queries(tenant_id: str | BindParameter[str]) -> tuple[Select[Any], Select[Any]]:
     """(datasets bytes, artifacts bytes) of a tenant: aggregates over indexed columns, which a
-    caller may also embed as scalar subqueries (submit reads them with its tenant lock)."""
+    caller may also embed as scalar subqueries (submit reads them with its tenant lock, built
+    once with a `bindparam` for the tenant)."""
     datasets = (select(func.coalesce(func.sum(Dataset.size_bytes), 0))
                 .where(Dataset.tenant_id == tenant_id))
     # IN, not a join: embedded in an UPDATE ... RETURNING, SQLite's columns lose their table

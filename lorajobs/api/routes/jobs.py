@@ -29,13 +29,14 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
     """Create a job: 201; a replay of the same Idempotency-Key and body: the same job, 200."""
-    job, created = submit.create_job(
+    job, created, position = submit.submit_job(
         session, tenant_id=principal.tenant_id, request=body, settings=settings, store=store,
         idempotency_key=idempotency_key, enqueue=enqueue,
     )
     if not created:
         response.status_code = 200
-    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+        position = queries.queue_position(session, job)
+    return JobPublic.from_row(job, queue_position=position)
 
 
 @router.get("", response_model=JobsPublic)
