@@ -52,11 +52,18 @@ app = FastAPI()
 def bare():
     return {"id": "job_x", "object": "job", "status": "queued"}
 '''
+# Keys unique per wrk thread: each thread has its own Lua state with the same random seed, so
+# keys from math.random repeated across threads and half the POSTs were idempotent replays.
 POST_LUA = '''
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
 counter = 0
 request = function()
   counter = counter + 1
-  local key = string.format("bench-%d-%d", math.random(1, 1e9), counter)
+  local key = string.format("bench-%d-%d", tid, counter)
   return wrk.format("POST", "/v1/jobs",
     {["Authorization"] = "Bearer KEY", ["Content-Type"] = "application/json",
      ["Idempotency-Key"] = key}, BODY)
