@@ -361,6 +361,15 @@ def mark_enqueued(session: Session, job_ids: list[str]) -> None:
         session.commit()
 
 
+def mark_unsent(session: Session, job_ids: list[str]) -> None:
+    """Clear `enqueued_at` of jobs whose send failed: the reaper's next sweep sends them
+    (instead of `requeue_after_seconds` after a stamp set when the row was inserted)."""
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == S.QUEUED)
+                        .values(enqueued_at=None))
+        session.commit()
+
+
 def update_progress(
     session: Session,
     job_id: str,

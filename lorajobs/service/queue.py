@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from queue import Empty, SimpleQueue
 
@@ -125,12 +126,15 @@ def enqueue_job(job_id: str, settings: Settings | None = None) -> bool:
     return send_jobs([job_id], settings)
 
 
-def send_jobs(job_ids: Sequence[str], settings: Settings | None = None) -> bool:
-    """Send job ids in one broker round trip and stamp their `enqueued_at` in one UPDATE.
+def send_jobs(job_ids: Sequence[str], settings: Settings | None = None, *,
+              stamp: bool = True) -> bool:
+    """Send job ids in one broker round trip; stamp their `enqueued_at` in one UPDATE
+    (`stamp=False`: the rows were stamped when inserted, see submit.submit_job).
 
-    Never raises: False means nothing may have been sent (the reaper sends them later). One
-    Celery message per id, as `enqueue_job` always sent; on Redis kombu buffers the batch in
-    one pipeline (`Producer.batch`, kombu >= 5.6; older kombu publishes them one by one).
+    Never raises: False means nothing may have been sent; their `enqueued_at` is then cleared,
+    so the reaper's next sweep sends them. One Celery message per id, as `enqueue_job` always
+    sent; on Redis kombu buffers the batch in one pipeline (`Producer.batch`, kombu >= 5.6;
+    older kombu publishes them one by one).
     """
     settings = settings or get_settings()
     if not job_ids:
@@ -146,16 +150,23 @@ def send_jobs(job_ids: Sequence[str], settings: Settings | None = None) -> bool:
                                   retry_policy=PUBLISH_RETRY_POLICY)
     except Exception as exc:  # noqa: BLE001 - any broker failure means "send later"
         log.warning("enqueue of %s failed (broker down?): %s", ", ".join(job_ids), exc)
+        _stamp(settings, job_ids, sent=False)
         return False
+    if stamp:
+        _stamp(settings, job_ids, sent=True)
+    return True
+
+
+def _stamp(settings: Settings, job_ids: Sequence[str], *, sent: bool) -> None:
     try:
         from lorajobs.service import jobs
         from lorajobs.service.db import get_sessionmaker
 
         with get_sessionmaker(settings)() as session:
-            jobs.mark_enqueued(session, list(job_ids))
-    except Exception as exc:  # noqa: BLE001 - sent is sent; a missing stamp costs a re-send
-        log.warning("could not stamp enqueued_at for %s: %s", ", ".join(job_ids), exc)
-    return True
+            (jobs.mark_enqueued if sent else jobs.mark_unsent)(session, list(job_ids))
+    except Exception as exc:  # noqa: BLE001 - a wrong stamp costs a re-send, or a late one
+        log.warning("could not %s enqueued_at for %s: %s", "stamp" if sent else "clear",
+                    ", ".join(job_ids), exc)
 
 
 class JobSender:
@@ -163,17 +174,18 @@ class JobSender:
 
     `sender(job_id)` only queues the id in memory: the request that committed the job answers
     without waiting on the broker, and ids committed while a batch is being sent go out
-    together in the next one (one Redis pipeline, one `enqueued_at` UPDATE: ~0.5 ms of CPU per
-    id instead of ~1.5 ms sent one by one). Nothing is weakened: an id is queued here only
-    after its row is committed, and an id lost here (process killed, broker down) keeps
-    `enqueued_at` NULL, which the reaper's stale-queue pass re-sends (DESIGN.md: the broker is
-    only a wake-up call). The thread starts with the first id and ends at `close()`.
+    together in the next one (one Redis pipeline). Its row already carries `enqueued_at` (set
+    at INSERT by submit_job), so a send costs no transaction of its own. Nothing is weakened:
+    an id is queued here only after its row is committed; a failed send clears the stamp and
+    the reaper's next sweep sends it; an id lost with the process is re-sent by the reaper's
+    stale-queue pass `requeue_after_seconds` after its INSERT (DESIGN.md: the broker is only a
+    wake-up call). The thread starts with the first id and ends at `close()`.
     """
 
     def __init__(self, settings: Settings,
-                 send: Callable[[Sequence[str], Settings], bool] = send_jobs) -> None:
+                 send: Callable[[Sequence[str], Settings], bool] | None = None) -> None:
         self._settings = settings
-        self._send = send
+        self._send = send or partial(send_jobs, stamp=False)
         self._ids: SimpleQueue[str | None] = SimpleQueue()  # None: stop
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()

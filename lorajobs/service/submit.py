@@ -45,6 +45,7 @@ from lorajobs.service.models import (
     Tenant,
     TokenCount,
     new_id,
+    utcnow,
 )
 from lorajobs.service.registry import get_model, inspect_registered
 from lorajobs.service.settings import Settings
@@ -386,6 +387,10 @@ def submit_job(
         validation_file=request.validation_file, spec=resolved.spec, suffix=request.suffix,
         metadata_=dict(request.metadata), max_attempts=settings.max_attempts,
         estimate=resolved.estimate, compatibility=resolved.compatibility,
+        # "Sent" from the INSERT on: `enqueue` runs right after the commit, and stamping here
+        # spares it a transaction. If its send fails it clears the stamp (queue.send_jobs);
+        # if the process dies first, the reaper re-sends after `requeue_after_seconds`.
+        enqueued_at=utcnow(),
     )
     session.add(job)
     session.flush()  # no relationship() orders the INSERTs: the job's row goes first
