@@ -100,12 +100,12 @@ def seed(env: dict[str, str], work: Path, create_examples: int) -> tuple[str, st
     arm, `create_examples` for create_job) and one job. -> (key, ds, big ds, job)"""
     os.environ.update(env)
     from lora_core.data.synthetic import bundled_demo_files
-    from lora_core.tiny import make_tiny_model
-    from lorajobs.service import datasets, keys, registry, submit
-    from lorajobs.service.db import session_scope
-    from lorajobs.service.migrate import upgrade
-    from lorajobs.service.settings import Settings
-    from lorajobs.service.storage import get_store
+    from lora_core.model_files.tiny import make_tiny_model
+    from lorajobs.core import datasets, keys, registry, submit
+    from lorajobs.core.db import session_scope
+    from lorajobs.core.migrate import upgrade
+    from lorajobs.core.settings import Settings
+    from lorajobs.core.storage import get_store
 
     settings = Settings()
     upgrade(settings)

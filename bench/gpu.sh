@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training throughput on a lent H200: tuned HF peer (b) vs lora_core.train (c), bf16, ~0.5B
+# Training throughput on a lent H200: tuned HF peer (b) vs lora_core.training.trainer (c), bf16, ~0.5B
 # Llama-style model built from a config (random init, local tokenizer: no hub), fixed steps.
 # Prints useful tokens/s per arm, the ratio, and MFU against the H200's dense bf16 peak
 # (989 TFLOP/s). Budget: < 8 minutes (model build ~1 min, 2 arms x 40 steps, eval).

@@ -62,7 +62,7 @@ def make_base(out: Path, c: dict[str, int]) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from lora_core.tiny import train_tokenizer
+    from lora_core.model_files.tiny import train_tokenizer
 
     out.mkdir(parents=True)
     tok = train_tokenizer(vocab_size=1024)
@@ -101,7 +101,7 @@ def make_adapter(out: Path, c: dict[str, int]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from lora_core.layer import adapter_config_dict
+    from lora_core.training.lora_layer import adapter_config_dict
 
     g = torch.Generator().manual_seed(1)
     state = {}
@@ -124,7 +124,7 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    from lora_core.merge import merge_adapter, merge_with_peft
+    from lora_core.merging.merge import merge_adapter, merge_with_peft
 
     start = time.perf_counter()
     if arm == "peft":

@@ -74,7 +74,7 @@ def run_sigterm(n: int, backend: str) -> dict[str, Any]:
 
 def run_broker_down(n: int, backend: str) -> dict[str, Any]:
     """N jobs submitted while a private Redis is stopped; it comes back; the reaper sends."""
-    from lorajobs.service.queue import enqueue_job
+    from lorajobs.core.queue import enqueue_job
     from tests.reliability.servers import PrivateRedis
     from tests.servicefixtures import free_port
     from tests.worker.jobfactory import get_job, make_job, trainer_starts
@@ -109,7 +109,7 @@ def run_idempotency(n_keys: int, backend: str) -> dict[str, Any]:
     from tests.worker.jobfactory import ensure_model_and_dataset
 
     tiny = Path(tempfile.mkdtemp(prefix="lorajobs-tiny-"))
-    from lora_core.tiny import make_tiny_model
+    from lora_core.model_files.tiny import make_tiny_model
 
     model = make_tiny_model(tiny, seed=0)
     svc = _service(backend, max_active_jobs_per_tenant=max(16, n_keys))

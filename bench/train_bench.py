@@ -1,11 +1,12 @@
-"""Training benchmark: useful tokens/s of the book's recipe, a tuned HF peer, and lora_core.train.
+"""Training benchmark: useful tokens/s of the book's recipe, a tuned HF peer, and
+lora_core.training.trainer.
 
 Same data, same hyper-parameters, same number of optimizer steps in every arm:
 
     book    PEFT + HF Trainer, every example padded to model_max_length (1024), random order
     peer    PEFT + HF Trainer, dynamic padding + train_sampling_strategy="group_by_length",
             at its best precision (fp32 and bf16 both run; the faster one is "the peer")
-    ours    lora_core.train.train(spec), exactly as the service runs it (spec defaults)
+    ours    lora_core.training.trainer.train(spec), exactly as the service runs it (spec defaults)
 
 Each arm runs in its own subprocess (peak RSS is that child's ru_maxrss), arms interleaved per
 repeat, medians reported. "Useful" tokens are loss-bearing ones (labels != -100); the timed
@@ -94,7 +95,7 @@ def hf_precision(precision: str) -> str:
         return precision
     import torch
 
-    from lora_core.train import cpu_has_native_bf16
+    from lora_core.training.trainer import cpu_has_native_bf16
 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -135,7 +136,7 @@ def build_workdir(workdir: Path, model: str, steps: int) -> tuple[Path, Path, Pa
     from transformers import AutoTokenizer
 
     from lora_core.data.formats import ALPACA_PROMPT_NO_INPUT
-    from lora_core.tiny import make_tiny_model
+    from lora_core.model_files.tiny import make_tiny_model
 
     rng = random.Random(SEED)
     lexicon = _lexicon(rng, LEXICON_SIZE if model != "quick" else 6000)
@@ -261,10 +262,10 @@ def child_hf(arm: str, precision: str, model_dir: Path, train: Path, evals: Path
 
 def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps: int,
                out: Path, overrides: str = "") -> dict[str, Any]:
-    """Arm ours: lora_core.train.train() with spec defaults, the shared hyper-parameters.
+    """Arm ours: lora_core.training.trainer.train() with spec defaults, the shared hyper-parameters.
 
-    `overrides` "NAME=VALUE;..." sets lora_core.train constants, "module.NAME=VALUE" those of
-    another lora_core module (ablations, e.g. "LABELLED_ONLY_LOSS=False",
+    `overrides` "NAME=VALUE;..." sets lora_core.training.trainer constants, "module.NAME=VALUE"
+    those of another lora_core.training module (ablations, e.g. "LABELLED_ONLY_LOSS=False",
     "attention.CPU_ATTENTION_FP32=False"); empty = as the service runs.
     """
     import ast
@@ -274,14 +275,15 @@ def child_ours(precision: str, model_dir: Path, train: Path, evals: Path, steps:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import lora_core.train as lc
+    import lora_core.training.trainer as lc
     from lora_core.spec import RunSpec
-    from lora_core.train import train as lc_train
+    from lora_core.training.trainer import train as lc_train
 
     for item in filter(None, overrides.split(";")):
         name, value = item.split("=", 1)
         module_name, _, name = name.rpartition(".")  # "attention.CPU_ATTENTION_FP32" or a train.*
-        module = importlib.import_module(f"lora_core.{module_name}") if module_name else lc
+        module = (importlib.import_module(f"lora_core.training.{module_name}") if module_name
+                  else lc)
         assert hasattr(module, name), name
         setattr(module, name, ast.literal_eval(value))
 
@@ -456,8 +458,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per arm (default 30 small, 12 100m)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--arms", help="comma list of " + ", ".join(ARMS) + " (default: all; --quick: "
-                   'book,peer-bf16,ours); "ours[NAME=VALUE;...]" runs ours with lora_core.train '
-                   "constants set")
+                   'book,peer-bf16,ours); "ours[NAME=VALUE;...]" runs ours with '
+                   "lora_core.training.trainer constants set")
     p.add_argument("--quick", action="store_true",
                    help="7M model (8k vocab), 128-token sequences, 3 steps, 1 repeat, 3 arms: "
                    "a CI smoke test of every arm (seconds, not a measurement)")

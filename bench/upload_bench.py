@@ -175,10 +175,10 @@ def measure(pid: int, url: str, path: Path, key: str | None) -> dict[str, float]
 def seed(env: dict[str, str]) -> str:
     """Migrate and create a tenant with a key; returns the key."""
     os.environ.update(env)
-    from lorajobs.service import keys
-    from lorajobs.service.db import session_scope
-    from lorajobs.service.migrate import upgrade
-    from lorajobs.service.settings import Settings
+    from lorajobs.core import keys
+    from lorajobs.core.db import session_scope
+    from lorajobs.core.migrate import upgrade
+    from lorajobs.core.settings import Settings
 
     settings = Settings()
     upgrade(settings)

@@ -1,8 +1,8 @@
-"""`python -m lora_core ...`: see lora_core.runner."""
+"""`python -m lora_core ...`: see lora_core.child_process."""
 
 import sys
 
-from lora_core.runner import main
+from lora_core.child_process import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -66,7 +66,7 @@ __all__ = [
 
 
 class Stage(StrEnum):
-    """Where a running job is, in order (lora_core.pipeline emits them; the job row shows it)."""
+    """Where a running job is, in order (lora_core.workflow emits them; the job row shows it)."""
 
     PREPARING = "preparing"  # model headers, LoRA spec, every data line
     TRAINING = "training"

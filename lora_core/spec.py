@@ -66,7 +66,8 @@ class TrainingSpec(_Strict):
     """Optimisation settings. `save_steps=None` saves once per epoch (the book's choice).
 
     `packing` "auto"/true: each micro-batch of `batch_size` examples is one padding-free row with
-    per-example causal attention (lora_core.attention), examples drawn in random order; false:
+    per-example causal attention (lora_core.training.attention), examples drawn in random order;
+    false:
     length-grouped batches padded to their longest example. Same examples per step either way.
     """
 

@@ -63,7 +63,7 @@ def start_service(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen
 
 
 def build_model(model_root: Path, train_file: Path) -> Path:
-    from lora_core.tiny import make_tiny_model
+    from lora_core.model_files.tiny import make_tiny_model
 
     lines = [json.loads(x) for x in train_file.read_text().splitlines()[:200]]
     extra = [r["prompt"] + r["completion"] for r in lines]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from lorajobs.service.models import Base
-from lorajobs.service.settings import get_settings
+from lorajobs.core.settings import get_settings
+from lorajobs.core.tables import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url

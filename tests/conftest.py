@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A 2-layer, 64-wide Llama-style model with its tokenizer (fp32, safetensors)."""
-    from lora_core.tiny import make_tiny_model
+    from lora_core.model_files.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 

@@ -66,8 +66,8 @@ def check_redis() -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_settings(request: pytest.FixtureRequest, tmp_path) -> Iterator[object]:
     """Settings pointing at a freshly migrated database of each backend."""
-    from lorajobs.service.migrate import upgrade
-    from lorajobs.service.settings import Settings
+    from lorajobs.core.migrate import upgrade
+    from lorajobs.core.settings import Settings
 
     url = None
     if request.param == "postgresql":
@@ -76,7 +76,7 @@ def db_settings(request: pytest.FixtureRequest, tmp_path) -> Iterator[object]:
     upgrade(settings)
     yield settings
     if url:
-        from lorajobs.service.db import get_engine
+        from lorajobs.core.db import get_engine
 
         get_engine(settings).dispose()
         drop_pg_database(url)

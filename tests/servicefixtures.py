@@ -87,7 +87,7 @@ class LiveService:
 
     def __init__(self, tmp_path: Path, backend: str = "sqlite", *, broker_url: str | None = None,
                  trainer: Path | None = FAKE_TRAINER, **overrides: Any) -> None:
-        from lorajobs.service.settings import Settings
+        from lorajobs.core.settings import Settings
 
         self.tmp_path = tmp_path
         self.backend = backend
@@ -124,9 +124,9 @@ class LiveService:
                 "PYTHONUNBUFFERED": "1"}
 
     def migrate(self) -> None:
-        from lorajobs.service.db import get_sessionmaker
-        from lorajobs.service.keys import ensure_admin_key
-        from lorajobs.service.migrate import upgrade
+        from lorajobs.core.db import get_sessionmaker
+        from lorajobs.core.keys import ensure_admin_key
+        from lorajobs.core.migrate import upgrade
 
         upgrade(self.settings)
         with get_sessionmaker(self.settings)() as session:
@@ -180,7 +180,7 @@ class LiveService:
         task's return value ("succeeded", "noop", ...), else the first word of Celery's failure
         line ("raised", "retry", ...). Counting them tells that every message sent so far was
         handled, without sleeping."""
-        from lorajobs.service.queue import RUN_JOB_TASK
+        from lorajobs.core.queue import RUN_JOB_TASK
 
         ended = re.compile(re.escape(f"Task {RUN_JOB_TASK}[") +
                            r"[^\]]+\] (?!received)(?:succeeded in \S+: '?(\w+)'?|(\S+))")
@@ -201,7 +201,7 @@ class LiveService:
     def close(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc, signal.SIGTERM, timeout=15)
-        from lorajobs.service.db import get_engine
+        from lorajobs.core.db import get_engine
 
         get_engine(self.settings).dispose()
         if self._pg_url:

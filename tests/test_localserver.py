@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorajobs.localserver import ServerStartError, free_port, http_ok, start_server, stop_server
-from lorajobs.worker.procs import pid_alive
+from lorajobs.worker.process_control import pid_alive
 from tests.servicefixtures import wait_for
 
 pytestmark = pytest.mark.timeout(60)

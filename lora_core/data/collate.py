@@ -2,7 +2,7 @@
 
 FlatteningCollator: the micro-batch's examples back to back in one row, `position_ids`
 restarting at 0 per example and `cu_seq_lens_q` marking the boundaries; the attention
-(lora_core.attention) runs per example, so an example sees exactly what it would see alone
+(lora_core.training.attention) runs per example, so an example sees exactly what it would see alone
 and no padding token reaches a matmul. Needs `remove_unused_columns=False`.
 
 PaddingCollator: pad each batch to its longest example (not to max_seq_length: FACTS.md measured
@@ -56,7 +56,8 @@ class FlatteningCollator:
     cu_seq_lens_q/k (n+1,) int32 example boundaries, max_length_q/k (int).
 
     The batch format of transformers' padding-free training (flash-attention varlen), consumed
-    on every device by lora_core.attention. The first label of every example is dropped: alone
+    on every device by lora_core.training.attention. The first label of every example is dropped:
+    alone
     it is never predicted (labels shift by one), flattened it would be predicted from the
     previous example's last token.
     """

@@ -36,7 +36,7 @@ from lorajobs.api.observability import (
     install_access_log_redaction,
     make_registry,
 )
-from lorajobs.api.pgread import make_pg_reader
+from lorajobs.api.pg_job_reader import make_pg_reader
 from lorajobs.api.routes import (
     artifacts,
     checkpoints,
@@ -50,10 +50,10 @@ from lorajobs.api.routes import (
     ui,
     usage,
 )
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.queue import JobSender
-from lorajobs.service.settings import Settings, get_settings
-from lorajobs.service.storage import get_store
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import JobSender
+from lorajobs.core.settings import Settings, get_settings
+from lorajobs.core.storage import get_store
 
 __all__ = ["create_app"]
 

@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lorajobs.api.errors import error_response
 from lorajobs.api.limits import has_body
-from lorajobs.service import keys
-from lorajobs.service.errors import Forbidden
-from lorajobs.service.models import ApiKey
+from lorajobs.core import keys
+from lorajobs.core.errors import Forbidden
+from lorajobs.core.tables import ApiKey
 
 __all__ = ["bearer", "authenticate", "authenticate_presented", "bearer_token", "require_admin",
            "AuthMiddleware", "AUTH_PREFIXES", "LOOKUPS_IN_FLIGHT", "PRINCIPAL_STATE"]
@@ -37,8 +37,8 @@ bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: B
 # Every route under these needs a key.
 AUTH_PREFIXES = ("/v1/", "/openai/v1/")
 # GET /v1/jobs/{id} (the polled hot read) checks the key in the same query as the job
-# (routes/jobs.py, api/pgread.py): checking it here too would double its cost. It has no
-# body to wait for, and its one query is bounded (pgread.COMMAND_TIMEOUT_S).
+# (routes/jobs.py, api/pg_job_reader.py): checking it here too would double its cost. It has no
+# body to wait for, and its one query is bounded (pg_job_reader.COMMAND_TIMEOUT_S).
 _SELF_AUTHENTICATED = re.compile(r"/v1/jobs/[^/]+/?")
 # Key lookups and probes running outside the request slots at once (app.state.lookups): each
 # holds one pooled connection inside one thread call, so with the slots' two connections a

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api.auth import PRINCIPAL_STATE, authenticate_presented, bearer, require_admin
-from lorajobs.service.models import ApiKey
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import ArtifactStore
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import ArtifactStore
+from lorajobs.core.tables import ApiKey
 
 __all__ = [
     "SessionDep",

@@ -1,6 +1,6 @@
 """The one place exceptions become HTTP: `{"error": {"code", "message", "param"}}` + a status.
 
-    ServiceError (lorajobs.service.errors)   -> its status (404, 409, 413, 422, 429, 401, 403)
+    ServiceError (lorajobs.core.errors)   -> its status (404, 409, 413, 422, 429, 401, 403)
     LoraCoreError reaching the edge          -> 422 if the user's fault, else 500
     RequestValidationError                   -> 422, `errors: [{field, message, type}]` for
                                                 every bad field, `param` = the first one
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from lora_core.errors import LoraCoreError
-from lorajobs.service.errors import (
+from lorajobs.core.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorajobs.api.errors import error_body
-from lorajobs.service.settings import Settings
+from lorajobs.core.settings import Settings
 
 __all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "ConcurrencyLimitMiddleware",
            "NulByteMiddleware", "RequestSlots", "UPLOAD_PATHS", "MULTIPART_OVERHEAD",

@@ -33,8 +33,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorajobs.service.models import Job, JobMetric, JobStatus
-from lorajobs.service.settings import Settings
+from lorajobs.core.settings import Settings
+from lorajobs.core.tables import Job, JobMetric, JobStatus
 
 __all__ = ["make_registry", "MetricsMiddleware", "JobsCollector", "RedactSecrets", "redact",
            "install_access_log_redaction"]

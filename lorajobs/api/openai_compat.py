@@ -38,9 +38,9 @@ from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP, fine_tuned_model_name
 from lorajobs.api.uploads import receive_upload
-from lorajobs.service import datasets, jobs, submit
-from lorajobs.service.errors import InvalidRequest
-from lorajobs.service.models import Dataset, Job, JobEvent
+from lorajobs.core import datasets, jobs, submit
+from lorajobs.core.errors import InvalidRequest
+from lorajobs.core.tables import Dataset, Job, JobEvent
 
 
 class OpenAIRoute(APIRoute):

@@ -24,9 +24,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from lorajobs.service.errors import InvalidRequest, NotFound
-from lorajobs.service.keys import check_key, check_presented, hash_key
-from lorajobs.service.models import (
+from lorajobs.core.errors import InvalidRequest, NotFound
+from lorajobs.core.keys import check_key, check_presented, hash_key
+from lorajobs.core.tables import (
     ApiKey,
     Artifact,
     Checkpoint,
@@ -86,7 +86,7 @@ JOB_AS_KEY = (
     .outerjoin(Job, and_(Job.id == bindparam("job_id"), Job.tenant_id == ApiKey.tenant_id))
     .where(ApiKey.key_hash == bindparam("digest"))
 )
-# The same read for many requests at once (PostgreSQL only: api/pgread.py coalesces the
+# The same read for many requests at once (PostgreSQL only: api/pg_job_reader.py coalesces the
 # requests that arrive together into one round trip). Binds: `digests` and `job_ids`, equal
 # length arrays; each result row carries `n`, the 1-based position of its request; a request
 # whose key matches no row has no result row.

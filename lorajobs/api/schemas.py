@@ -12,7 +12,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_core.events import JobError, Stage
-from lorajobs.service.models import (
+from lorajobs.core.registry import MODEL_NAME_PATTERN
+from lorajobs.core.submit import JobRequest
+from lorajobs.core.tables import (
     ApiKey,
     Artifact,
     Dataset,
@@ -22,8 +24,6 @@ from lorajobs.service.models import (
     JobStatus,
     RegisteredModel,
 )
-from lorajobs.service.registry import MODEL_NAME_PATTERN
-from lorajobs.service.submit import JobRequest
 
 # Largest values the columns behind integer query parameters hold; a bigger cursor or step
 # is a 422 here, not an overflow in the driver (SQLite: OverflowError; PostgreSQL: out of range).

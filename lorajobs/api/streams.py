@@ -37,9 +37,9 @@ from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api import queries
 from lorajobs.api.schemas import EventPublic
-from lorajobs.service.errors import LimitExceeded
-from lorajobs.service.models import ApiKey, Job, JobStatus
-from lorajobs.service.settings import Settings
+from lorajobs.core.errors import LimitExceeded
+from lorajobs.core.settings import Settings
+from lorajobs.core.tables import ApiKey, Job, JobStatus
 
 __all__ = ["StreamHub", "Subscription", "End", "hub_for", "STREAM_BATCH"]
 

@@ -25,8 +25,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from lorajobs.service.datasets import Upload
-from lorajobs.service.errors import InvalidRequest
+from lorajobs.core.datasets import Upload
+from lorajobs.core.errors import InvalidRequest
 
 __all__ = ["FLUSH_BYTES", "ReceivedForm", "receive_upload"]
 

@@ -20,7 +20,7 @@ def make_tiny_model(
     seed: int = typer.Option(0),
 ) -> None:
     """Build a random-init Llama-style model + BPE tokenizer locally (no hub)."""
-    from lora_core.tiny import make_tiny_model as build
+    from lora_core.model_files.tiny import make_tiny_model as build
 
     path = build(out_dir, hidden_size=hidden, num_layers=layers, num_heads=heads,
                  num_kv_heads=kv_heads, vocab_size=vocab, dtype=dtype, seed=seed)
@@ -50,7 +50,7 @@ def validate_data(
 def train(spec: Path = typer.Argument(..., exists=True, dir_okay=False,
                                       help="RunSpec as YAML or JSON")) -> None:
     """Run the whole workflow locally: validate, train, merge, verify."""
-    from lora_core.runner import train_from_file
+    from lora_core.child_process import train_from_file
 
     result = train_from_file(spec, lambda line: console.print(line, markup=False))
     console.print(f"{result.status} at step {result.global_step}: "
@@ -71,7 +71,7 @@ def merge(
     verify: bool = typer.Option(True, "--verify/--no-verify"),
 ) -> None:
     """Merge a PEFT adapter into its base model (out of core), verify logits, write manifest."""
-    from lora_core.merge import merge_adapter
+    from lora_core.merging.merge import merge_adapter
 
     result = merge_adapter(base, adapter, out, max_shard_size=shard_size, verify=verify)
     console.print(f"merged into [bold]{result.out_dir}[/] in {result.seconds:.1f}s; "

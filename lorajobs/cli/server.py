@@ -14,8 +14,8 @@ def serve(
     port: int = typer.Option(None, help="port (default: settings.api_port)"),
 ) -> None:
     """API + worker + reaper in one command: SQLite, embedded broker, local artifacts."""
-    from lorajobs.service.settings import get_settings
-    from lorajobs.service.storage import private_dir, use_private_umask
+    from lorajobs.core.settings import get_settings
+    from lorajobs.core.storage import private_dir, use_private_umask
     from lorajobs.worker.embedded import serve as run
 
     settings = get_settings()
@@ -37,8 +37,8 @@ def api(host: str = typer.Option(None), port: int = typer.Option(None),
     """The HTTP API alone (production: behind a load balancer, several replicas)."""
     import uvicorn
 
-    from lorajobs.service.settings import get_settings
-    from lorajobs.service.storage import use_private_umask
+    from lorajobs.core.settings import get_settings
+    from lorajobs.core.storage import use_private_umask
 
     settings = get_settings()
     use_private_umask()  # uploads and anything else it writes: the service user's alone
@@ -49,7 +49,7 @@ def api(host: str = typer.Option(None), port: int = typer.Option(None),
 
 def worker() -> None:
     """One Celery worker: one job at a time (one per GPU node)."""
-    from lorajobs.service.settings import get_settings
+    from lorajobs.core.settings import get_settings
     from lorajobs.worker.main import run_worker
 
     run_worker(get_settings())
@@ -58,7 +58,7 @@ def worker() -> None:
 def beat() -> None:
     """The maintenance process for production: the reaper sweeps in this process, so it never
     waits for a busy GPU worker."""
-    from lorajobs.service.settings import get_settings
+    from lorajobs.core.settings import get_settings
     from lorajobs.worker.main import run_beat
 
     run_beat(get_settings())
@@ -66,7 +66,7 @@ def beat() -> None:
 
 def reaper() -> None:
     """The reaper loop alone (an alternative to beat: requeue lost jobs, re-send stale ones)."""
-    from lorajobs.service.settings import get_settings
+    from lorajobs.core.settings import get_settings
     from lorajobs.worker.main import run_reaper
 
     run_reaper(get_settings())
@@ -75,8 +75,8 @@ def reaper() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
-    from lorajobs.service.migrate import current_revision, upgrade
-    from lorajobs.service.settings import get_settings
+    from lorajobs.core.migrate import current_revision, upgrade
+    from lorajobs.core.settings import get_settings
 
     settings = get_settings()
     upgrade(settings, revision)

@@ -24,8 +24,8 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from lorajobs.service.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
-from lorajobs.service.settings import Settings, get_settings
+from lorajobs.core.queue import QUEUE_NAME, RUN_JOB_TASK, get_celery_app
+from lorajobs.core.settings import Settings, get_settings
 from lorajobs.worker import prewarm, shutdown, tasks
 
 __all__ = ["build_app", "WORKER_QUEUES"]

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import threading
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.keys import ensure_admin_key
-from lorajobs.service.migrate import upgrade
-from lorajobs.service.settings import Settings, get_settings
-from lorajobs.service.storage import private_dir, use_private_umask
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.keys import ensure_admin_key
+from lorajobs.core.migrate import upgrade
+from lorajobs.core.settings import Settings, get_settings
+from lorajobs.core.storage import private_dir, use_private_umask
 from lorajobs.worker.main import settings_env
 from lorajobs.worker.reaper import run_reaper_loop
 

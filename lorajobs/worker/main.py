@@ -21,8 +21,8 @@ import socket
 import threading
 from types import FrameType
 
-from lorajobs.service.settings import Settings, get_settings
-from lorajobs.service.storage import use_private_umask
+from lorajobs.core.settings import Settings, get_settings
+from lorajobs.core.storage import use_private_umask
 
 __all__ = ["run_worker", "run_beat", "run_reaper", "settings_env"]
 

@@ -36,8 +36,8 @@ import time
 from typing import Any
 
 from lora_core.spec import RunSpec
-from lorajobs.service.settings import Settings
-from lorajobs.worker.procs import die_with_parent, killpg, pid_alive
+from lorajobs.core.settings import Settings
+from lorajobs.worker.process_control import die_with_parent, killpg, pid_alive
 from lorajobs.worker.runspec import RunPaths, trainer_args, trainer_env
 
 __all__ = ["Zygote", "ZygoteChild", "start", "stop", "spawn", "current"]

@@ -22,10 +22,10 @@ import logging
 import threading
 from typing import Any
 
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.queue import enqueue_job, pending_messages
-from lorajobs.service.settings import Settings
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job, pending_messages
+from lorajobs.core.settings import Settings
 
 __all__ = ["reap_once", "run_reaper_loop"]
 

@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 from lora_core.errors import validation_problems
 from lora_core.events import JobError
 from lora_core.spec import RunSpec
-from lorajobs.service.models import Dataset, Job, RegisteredModel
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import LocalArtifactStore
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import LocalArtifactStore
+from lorajobs.core.tables import Dataset, Job, RegisteredModel
 
 __all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_args", "trainer_command",
            "trainer_env", "visible_gpus", "worker_capacity"]

@@ -24,14 +24,14 @@ from sqlalchemy.orm import Session
 
 from lora_core.events import JobError
 from lora_core.spec import RunSpec
-from lorajobs.service import jobs
-from lorajobs.service.errors import IllegalTransition
-from lorajobs.service.models import Dataset, Job, JobStatus, RegisteredModel
-from lorajobs.service.policy import Outcome
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import LocalArtifactStore
-from lorajobs.worker import repro
-from lorajobs.worker.records import EventRecorder, register_dir, register_file
+from lorajobs.core import jobs
+from lorajobs.core.errors import IllegalTransition
+from lorajobs.core.policy import Outcome
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import LocalArtifactStore
+from lorajobs.core.tables import Dataset, Job, JobStatus, RegisteredModel
+from lorajobs.worker import reproducibility
+from lorajobs.worker.event_recorder import EventRecorder, register_dir, register_file
 from lorajobs.worker.runspec import RunPaths
 
 __all__ = ["SUCCEEDED", "FAILED", "CANCELLED", "REQUEUED", "LOST", "SettleContext",
@@ -90,7 +90,7 @@ def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: S
         log.warning("job %s: could not settle (%s): %s", job.id, outcome, exc.message)
         return LOST
     if status == JobStatus.QUEUED:
-        from lorajobs.service.queue import enqueue_job
+        from lorajobs.core.queue import enqueue_job
 
         if not enqueue_job(job.id, settings):
             log.warning("job %s requeued but not sent (broker down); the reaper will send it",
@@ -117,11 +117,11 @@ def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     register_dir(session, context.store, job_id=job.id, kind="adapter", step=None,
                  directory=adapter)
     started = recorder.started
-    manifest = repro.write_manifest(
+    manifest = reproducibility.write_manifest(
         context.paths.job_dir / MANIFEST_FILE, job_id=job.id, spec=job.spec,
         run_spec=context.run_spec.model_dump(mode="json"),
         base_model={"name": context.model.name, "architecture": context.model.architecture,
-                    "weights_sha256": repro.weights_digests(context.run_spec.model_dir,
+                    "weights_sha256": reproducibility.weights_digests(context.run_spec.model_dir,
                                                             context.model.weights_sha256)},
         dataset={"id": context.dataset.id, "sha256": context.dataset.sha256,
                  "num_examples": context.dataset.num_examples, "format": context.dataset.format},

@@ -14,7 +14,7 @@ import socket
 import threading
 from pathlib import Path
 
-from lorajobs.service.settings import Settings
+from lorajobs.core.settings import Settings
 
 __all__ = ["SHUTDOWN", "announce", "clear", "requested"]
 

@@ -44,14 +44,14 @@ from lora_core.events import (
     read_events,
 )
 from lora_core.spec import RunSpec
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Checkpoint, Job, JobMetric
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import get_store
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Checkpoint, Job, JobMetric
 from lorajobs.worker import prewarm, settle, shutdown
-from lorajobs.worker.procs import die_with_parent, killpg
-from lorajobs.worker.records import EventRecorder
+from lorajobs.worker.event_recorder import EventRecorder
+from lorajobs.worker.process_control import die_with_parent, killpg
 from lorajobs.worker.runspec import (
     PrepareError,
     RunPaths,

@@ -18,9 +18,9 @@ import uuid
 
 from celery.exceptions import Reject
 
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.settings import Settings, get_settings
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.settings import Settings, get_settings
 
 __all__ = ["worker_owner", "run_job", "bind_settings"]
 

@@ -24,7 +24,7 @@ zygote and trainer with it), stdin from /dev/null, stdout and stderr appended to
 cwd = the run dir, the environment runspec.trainer_env gives (the worker starts the zygote with
 it and replaces the zygote when it changes; what the preloaded libraries added to it while
 importing stays, as it would in a cold child). The child then leaves the serving loop, runs
-`lora_core.runner.main(args)` at the top of this module and exits through the normal
+`lora_core.child_process.main(args)` at the top of this module and exits through the normal
 interpreter shutdown, like `python -m lora_core` does.
 The zygote reaps it (pidfd) and reports its exit code.
 
@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lorajobs.worker.procs import die_with_parent
+from lorajobs.worker.process_control import die_with_parent
 
 __all__ = ["PRELOAD_MODULES", "fork_hazard", "main"]
 
@@ -55,10 +55,11 @@ __all__ = ["PRELOAD_MODULES", "fork_hazard", "main"]
 PRELOAD_MODULES = (
     "torch", "transformers", "transformers.trainer", "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto", "peft", "accelerate",
-    "lora_core.runner", "lora_core.pipeline", "lora_core.train", "lora_core.callbacks",
-    "lora_core.peft_setup", "lora_core.inspect", "lora_core.data.formats",
+    "lora_core.child_process", "lora_core.workflow", "lora_core.training.trainer",
+    "lora_core.training.callbacks",
+    "lora_core.training.peft_setup", "lora_core.model_files", "lora_core.data.formats",
     "lora_core.data.tokenize", "lora_core.data.cache", "lora_core.data.collate",
-    "lora_core.merge", "lora_core.manifest",
+    "lora_core.merging.merge", "lora_core.model_files.manifest",
 )
 # torch.cuda.is_available() asks NVML instead of initialising the driver while this is set.
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -201,11 +202,11 @@ def serve(sock: socket.socket) -> _Job | None:
 
 def _run_trainer(job: _Job) -> int:
     """In a forked child, on a clean stack: what `python -m lora_core <args>` does."""
-    from lora_core import runner
+    from lora_core import child_process
 
-    sys.argv = [os.path.join(os.path.dirname(runner.__file__), "__main__.py"), *job.args]
+    sys.argv = [os.path.join(os.path.dirname(child_process.__file__), "__main__.py"), *job.args]
     print(f"lorajobs: trainer forked from the pre-warmed zygote {os.getppid()}", flush=True)
-    return runner.main(job.args)
+    return child_process.main(job.args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Create Date: 2026-11-28 14:34:39.775128
 """
 from alembic import op
 import sqlalchemy as sa
-import lorajobs.service.models
+import lorajobs.core.tables
 
 
 revision = '0001'
@@ -26,14 +26,14 @@ def upgrade() -> None:
     sa.Column('linear_modules', sa.JSON(), nullable=False),
     sa.Column('path', sa.String(length=500), nullable=False),
     sa.Column('weights_sha256', sa.JSON(), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
     )
     op.create_table('tenants',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
     )
@@ -44,8 +44,8 @@ def upgrade() -> None:
     sa.Column('prefix', sa.String(length=16), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('is_admin', sa.Boolean(), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('revoked_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('key_hash')
@@ -65,7 +65,7 @@ def upgrade() -> None:
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('stats', sa.JSON(), nullable=False),
     sa.Column('storage_key', sa.String(length=500), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -86,7 +86,7 @@ def upgrade() -> None:
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('max_attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=200), nullable=True),
-    sa.Column('lease_expires_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('progress', sa.JSON(), nullable=False),
     sa.Column('metrics', sa.JSON(), nullable=False),
@@ -94,11 +94,11 @@ def upgrade() -> None:
     sa.Column('estimate', sa.JSON(), nullable=False),
     sa.Column('compatibility', sa.JSON(), nullable=False),
     sa.Column('resumed_from_step', sa.Integer(), nullable=True),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('enqueued_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('started_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('enqueued_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('started_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -116,7 +116,7 @@ def upgrade() -> None:
     sa.Column('storage_key', sa.String(length=500), nullable=False),
     sa.Column('size', sa.BigInteger(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -133,7 +133,7 @@ def upgrade() -> None:
     sa.Column('adapter_key', sa.String(length=500), nullable=True),
     sa.Column('merged_key', sa.String(length=500), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('job_id', 'step', name='uq_checkpoints_step')
@@ -146,7 +146,7 @@ def upgrade() -> None:
     sa.Column('key', sa.String(length=255), nullable=False),
     sa.Column('request_hash', sa.String(length=64), nullable=False),
     sa.Column('job_id', sa.String(length=40), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ),
     sa.PrimaryKeyConstraint('tenant_id', 'key')
@@ -158,7 +158,7 @@ def upgrade() -> None:
     sa.Column('level', sa.String(length=10), nullable=False),
     sa.Column('message', sa.Text(), nullable=False),
     sa.Column('data', sa.JSON(), nullable=False),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -175,7 +175,7 @@ def upgrade() -> None:
     sa.Column('learning_rate', sa.Float(), nullable=True),
     sa.Column('grad_norm', sa.Float(), nullable=True),
     sa.Column('tokens_per_second', sa.Float(), nullable=True),
-    sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('job_id', 'step', name='uq_job_metrics_step')

@@ -7,7 +7,7 @@ Create Date: 2026-12-01 23:30:00
 import sqlalchemy as sa
 from alembic import op
 
-import lorajobs.service.models
+import lorajobs.core.tables
 
 revision = '0002'
 down_revision = '0001'
@@ -18,7 +18,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('tenants', schema=None) as batch_op:
         batch_op.add_column(sa.Column(
-            'last_claimed_at', lorajobs.service.models.UTCDateTime(timezone=True),
+            'last_claimed_at', lorajobs.core.tables.UTCDateTime(timezone=True),
             nullable=True))
 
 

@@ -4,13 +4,13 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-02 00:10:00
 
-Filled by the worker from the trainer's `started` event (lorajobs/service/tokencounts.py), read
+Filled by the worker from the trainer's `started` event (lorajobs/core/tokencounts.py), read
 by POST /v1/jobs for the estimate: the API no longer tokenises a dataset on every submit.
 """
 import sqlalchemy as sa
 from alembic import op
 
-import lorajobs.service.models
+import lorajobs.core.tables
 
 revision = '0004'
 down_revision = '0003'
@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column('num_tokens', sa.BigInteger(), nullable=False),
         sa.Column('num_truncated', sa.Integer(), nullable=True),
         sa.Column('num_dropped', sa.Integer(), nullable=True),
-        sa.Column('created_at', lorajobs.service.models.UTCDateTime(timezone=True),
+        sa.Column('created_at', lorajobs.core.tables.UTCDateTime(timezone=True),
                   nullable=False),
         sa.PrimaryKeyConstraint('dataset_sha256', 'format', 'model_id', 'max_seq_length'),
     )

@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lorajobs.api.app import create_app
-from lorajobs.service import keys, registry
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.settings import Settings
+from lorajobs.core import keys, registry
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.settings import Settings
 from tests.dbfixtures import db_settings  # noqa: F401 - the parametrized fixture
 
 MODEL_NAME = "tiny-llama"

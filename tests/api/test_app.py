@@ -71,10 +71,10 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from fastapi.testclient import TestClient
     from lorajobs.api.app import create_app
-    from lorajobs.service import keys
-    from lorajobs.service.db import get_sessionmaker
-    from lorajobs.service.migrate import upgrade
-    from lorajobs.service.settings import Settings
+    from lorajobs.core import keys
+    from lorajobs.core.db import get_sessionmaker
+    from lorajobs.core.migrate import upgrade
+    from lorajobs.core.settings import Settings
 
     data_dir, model_dir = Path(sys.argv[1]), Path(sys.argv[2])
     settings = Settings(data_dir=data_dir)

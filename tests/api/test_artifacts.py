@@ -7,9 +7,9 @@ import hashlib
 import io
 import tarfile
 
-from lorajobs.service import jobs
-from lorajobs.service.models import Artifact, Checkpoint, JobMetric, new_id
-from lorajobs.service.storage import get_store
+from lorajobs.core import jobs
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Artifact, Checkpoint, JobMetric, new_id
 from tests.api.conftest import Api
 
 FILES = {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": bytes(range(256)) * 9}

@@ -6,7 +6,7 @@ import json
 
 from sqlalchemy import func, select
 
-from lorajobs.service.models import Dataset
+from lorajobs.core.tables import Dataset
 from tests.api.conftest import Api, alpaca_lines, jsonl
 
 

@@ -1,5 +1,5 @@
 """`GET /v1/jobs/{id}`, the polled route: on PostgreSQL it reads through asyncpg and coalesces
-concurrent requests (lorajobs/api/pgread.py); it must answer exactly as the sync path does.
+concurrent requests (lorajobs/api/pg_job_reader.py); it must answer exactly as the sync path does.
 
 Error order everywhere: 401 (missing, unknown, revoked key) before 404 (missing job, or
 another tenant's). A revoked key is refused on its very next request (no key cache).
@@ -21,13 +21,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from lorajobs.api import pgread, queries
+from lorajobs.api import pg_job_reader, queries
 from lorajobs.api.app import create_app
 from lorajobs.api.schemas import JobPublic
-from lorajobs.service import keys
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job, utcnow
-from lorajobs.service.settings import Settings
+from lorajobs.core import keys
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.settings import Settings
+from lorajobs.core.tables import Job, utcnow
 from tests.api.conftest import Api
 
 PG_ONLY = pytest.mark.parametrize("db_settings", ["postgresql"], indirect=True)
@@ -137,7 +137,7 @@ def test_concurrent_requests_each_get_their_own_answer(api: Api) -> None:
 def test_a_request_postgresql_refuses_fails_alone(api: Api) -> None:
     """A batch PostgreSQL refuses is read again one request at a time."""
     job_id = api.job("alice", api.dataset("alice"))["id"]
-    reader = pgread.make_pg_reader(api.settings.resolved_database_url)
+    reader = pg_job_reader.make_pg_reader(api.settings.resolved_database_url)
     assert reader is not None
     digest = keys.hash_key(api.keys["alice"])
     batches: list[int] = []
@@ -190,8 +190,8 @@ class _Pool:
         yield _Connection(self)
 
 
-def _reader_on(pool: Any) -> pgread.PgReader:
-    reader = pgread.PgReader("postgresql://unused")
+def _reader_on(pool: Any) -> pg_job_reader.PgReader:
+    reader = pg_job_reader.PgReader("postgresql://unused")
 
     async def fake_pool() -> Any:
         return pool
@@ -248,7 +248,7 @@ def test_lost_connection_is_retried_once_on_a_new_one() -> None:
             yield conn
 
     async def read(failures: int) -> tuple[Any, list[bool]]:
-        reader = pgread.PgReader("postgresql://unused")
+        reader = pg_job_reader.PgReader("postgresql://unused")
         pool = Pool(failures)
 
         async def fake_pool() -> Pool:
@@ -295,7 +295,7 @@ def _terminate_backends(database_url: str) -> None:
 def test_postgresql_restart_costs_no_failed_request(tmp_path: Path, private_pg: Any,
                                                     mode: str) -> None:
     """The asyncpg pool's connections die with the server; the next request gets a new one."""
-    from lorajobs.service.migrate import upgrade
+    from lorajobs.core.migrate import upgrade
     from tests.worker.jobfactory import make_job
 
     settings = Settings(data_dir=tmp_path / "data", database_url=private_pg.url)
@@ -323,10 +323,10 @@ def test_asyncpg_dsn_keeps_only_the_options_asyncpg_reads() -> None:
     url = ("postgresql+psycopg://u:p%40ss@db.example:6432/lj?connect_timeout=3&keepalives=1"
            "&keepalives_idle=30&gssencmode=disable&channel_binding=prefer&sslmode=disable"
            "&client_encoding=utf8&application_name=api&target_session_attrs=read-write")
-    dsn = pgread.asyncpg_dsn(url)
+    dsn = pg_job_reader.asyncpg_dsn(url)
     assert dsn == ("postgresql://u:p%40ss@db.example:6432/lj?application_name=api"
                    "&sslmode=disable&target_session_attrs=read-write")
-    assert pgread.connect_timeout(url) == 3.0
+    assert pg_job_reader.connect_timeout(url) == 3.0
     # What asyncpg itself makes of it: only real server settings go to the server.
     _, params = _parse_connect_dsn_and_args(
         dsn=dsn, host=None, port=None, user=None, password=None, passfile=None,
@@ -336,12 +336,13 @@ def test_asyncpg_dsn_keeps_only_the_options_asyncpg_reads() -> None:
     assert (params.user, params.password, params.database) == ("u", "p@ss", "lj")
 
     plain = "postgresql+psycopg://u@h/lj"
-    assert pgread.asyncpg_dsn(plain) == "postgresql://u@h/lj"
-    assert pgread.connect_timeout(plain) == pgread.CONNECT_TIMEOUT_S
-    assert pgread.connect_timeout(plain + "?connect_timeout=0") == pgread.CONNECT_TIMEOUT_S
-    assert pgread.connect_timeout(plain + "?connect_timeout=1") == 2.0  # libpq's minimum
-    assert pgread.asyncpg_dsn("sqlite:////tmp/lj.db") is None
-    reader = pgread.make_pg_reader(url)
+    assert pg_job_reader.asyncpg_dsn(plain) == "postgresql://u@h/lj"
+    assert pg_job_reader.connect_timeout(plain) == pg_job_reader.CONNECT_TIMEOUT_S
+    timeout_default = pg_job_reader.CONNECT_TIMEOUT_S
+    assert pg_job_reader.connect_timeout(plain + "?connect_timeout=0") == timeout_default
+    assert pg_job_reader.connect_timeout(plain + "?connect_timeout=1") == 2.0  # libpq's minimum
+    assert pg_job_reader.asyncpg_dsn("sqlite:////tmp/lj.db") is None
+    reader = pg_job_reader.make_pg_reader(url)
     assert reader is not None and reader.connect_timeout == 3.0
 
 
@@ -357,18 +358,18 @@ def test_a_server_that_refuses_plan_cache_mode_still_serves(
             raise asyncpg.UndefinedObjectError(
                 'unrecognized configuration parameter "plan_cache_mode"')
 
-    pgread._plan_cache_refused = False
+    pg_job_reader._plan_cache_refused = False
     try:
         for _ in range(2):
-            asyncio.run(pgread._init_connection(Conn()))
+            asyncio.run(pg_job_reader._init_connection(Conn()))
     finally:
-        pgread._plan_cache_refused = False
+        pg_job_reader._plan_cache_refused = False
     assert sum("plan_cache_mode" in r.getMessage() for r in caplog.records) == 1
 
 
 @PG_ONLY
 def test_generic_plan_is_set_per_connection_not_at_startup(api: Api) -> None:
-    reader = pgread.make_pg_reader(api.settings.resolved_database_url)
+    reader = pg_job_reader.make_pg_reader(api.settings.resolved_database_url)
     assert reader is not None
 
     async def run() -> tuple[str, Any]:
@@ -392,8 +393,8 @@ def test_a_query_that_hangs_fails_after_the_command_timeout(api: Api) -> None:
     ever; the connection serves the next read once the lock is gone."""
     job_id = api.job("alice", api.dataset("alice"))["id"]
     digest = keys.hash_key(api.keys["alice"])
-    reader = pgread.PgReader(pgread.asyncpg_dsn(api.settings.resolved_database_url) or "",
-                             command_timeout=0.5)
+    dsn = pg_job_reader.asyncpg_dsn(api.settings.resolved_database_url) or ""
+    reader = pg_job_reader.PgReader(dsn, command_timeout=0.5)
     engine = create_engine(api.settings.resolved_database_url)
 
     async def run() -> tuple[Any, float, Any]:
@@ -423,7 +424,7 @@ def test_a_query_that_hangs_fails_after_the_command_timeout(api: Api) -> None:
 
 def test_close_fails_waiting_requests_and_opens_no_pool() -> None:
     """Shutdown while a batch waits for its pool and another request waits for a batch."""
-    reader = pgread.PgReader("postgresql://unused")
+    reader = pg_job_reader.PgReader("postgresql://unused")
     opened: list[Any] = []
     gate = asyncio.Event()
 

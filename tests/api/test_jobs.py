@@ -6,8 +6,8 @@ import threading
 
 from sqlalchemy import func, select
 
-from lorajobs.service import jobs
-from lorajobs.service.models import Job, JobStatus
+from lorajobs.core import jobs
+from lorajobs.core.tables import Job, JobStatus
 from tests.api.conftest import MODEL_NAME, Api
 
 

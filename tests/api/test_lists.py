@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import event
 
-from lorajobs.service.db import get_engine
-from lorajobs.service.models import Artifact, Checkpoint, JobMetric, new_id
+from lorajobs.core.db import get_engine
+from lorajobs.core.tables import Artifact, Checkpoint, JobMetric, new_id
 from tests.api.conftest import Api
 
 STEPS = [0, 2, 4, 6, 8, 10, 12]

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
-from lorajobs.service import keys
-from lorajobs.service.db import get_engine
-from lorajobs.service.models import Job, JobMetric, JobStatus, new_id
+from lorajobs.core import keys
+from lorajobs.core.db import get_engine
+from lorajobs.core.tables import Job, JobMetric, JobStatus, new_id
 from tests.api.conftest import MODEL_NAME, Api
 
 TOKEN = "metrics-token-0123456789"

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from lorajobs.service import jobs
-from lorajobs.service.models import Job
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import get_store
-from lorajobs.worker.records import register_dir
+from lorajobs.core import jobs
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Job
+from lorajobs.worker.event_recorder import register_dir
 from tests.api.conftest import MODEL_NAME, Api, alpaca_lines, jsonl
 
 DATASET = jsonl(alpaca_lines(12))

@@ -24,10 +24,10 @@ from sqlalchemy import update
 
 from lorajobs.api import queries
 from lorajobs.client import Client, RateLimitError
-from lorajobs.service import jobs, keys
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.errors import LimitExceeded
-from lorajobs.service.models import Job, JobStatus, new_id
+from lorajobs.core import jobs, keys
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.errors import LimitExceeded
+from lorajobs.core.tables import Job, JobStatus, new_id
 from tests.client.transports import Recording
 from tests.servicefixtures import LiveService, wait_for
 
@@ -364,7 +364,7 @@ def test_a_stream_that_stops_reading_is_ended_but_keeps_its_slot() -> None:
     as "slow" and no longer fed, but counts against the caps until its response is over."""
     from lorajobs.api.schemas import EventPublic
     from lorajobs.api.streams import MAX_PENDING_BATCHES, End, StreamHub
-    from lorajobs.service.settings import Settings
+    from lorajobs.core.settings import Settings
 
     def batch(first: int) -> list[EventPublic]:
         return [EventPublic(id=i, type="log", level="info", message="", data={},

@@ -30,7 +30,7 @@ def test_compose_has_the_production_services() -> None:
 def test_maintenance_runs_apart_from_the_gpu_workers() -> None:
     """The reaper must not wait for a GPU worker: beat sweeps in its own process (no GPU), and
     workers consume job messages only (tests/worker/test_reaper.py proves it with processes)."""
-    from lorajobs.service.queue import QUEUE_NAME
+    from lorajobs.core.queue import QUEUE_NAME
     from lorajobs.worker.celery_app import WORKER_QUEUES
 
     beat = _compose()["services"]["beat"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.service.storage import get_store
+from lorajobs.core.storage import get_store
 from lorajobs.worker.runspec import RunPaths
 from tests.client.live import Live, alpaca_records, start_live
 from tests.servicefixtures import wait_for

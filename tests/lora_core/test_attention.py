@@ -26,8 +26,8 @@ def _features(tokenizer, n=6):
 
 
 def _lora_model(model_dir):
-    from lora_core.peft_setup import apply_lora, load_base_model
     from lora_core.spec import LoraSpec
+    from lora_core.training.peft_setup import apply_lora, load_base_model
 
     torch.manual_seed(0)
     model = load_base_model(model_dir, dtype="float32")
@@ -62,8 +62,8 @@ def _alone(model, feats):
 def test_flattened_batch_equals_examples_alone_loss_and_gradients(tiny_model_dir, tokenizer):
     """Per-example loss and LoRA gradients of one flattened row == each example alone (fp32),
     with GQA (the tiny model has 4 query and 2 key/value heads)."""
-    from lora_core.attention import VARLEN_ATTENTION, use_varlen_attention
     from lora_core.data.collate import FlatteningCollator
+    from lora_core.training.attention import VARLEN_ATTENTION, use_varlen_attention
 
     feats = _features(tokenizer)
     model = _lora_model(tiny_model_dir)
@@ -89,8 +89,8 @@ def test_flattened_batch_equals_examples_alone_loss_and_gradients(tiny_model_dir
 def test_without_boundaries_examples_would_see_each_other(tiny_model_dir, tokenizer):
     """The boundaries matter: the same row as one sequence gives other losses (so the test
     above can fail), while the first example, which sees nothing before it, is unchanged."""
-    from lora_core.attention import use_varlen_attention
     from lora_core.data.collate import FlatteningCollator
+    from lora_core.training.attention import use_varlen_attention
 
     feats = _features(tokenizer)
     model = _lora_model(tiny_model_dir).eval()
@@ -128,7 +128,7 @@ def test_frozen_bf16_weights_are_bit_identical_under_autocast(tiny_model_dir, to
     """Storing frozen Linear weights in bf16 changes nothing under bf16 autocast (the same cast,
     done once) and leaves LoRA weights, norms and embeddings in fp32."""
     from lora_core.data.collate import PaddingCollator
-    from lora_core.train import freeze_linear_weights_in_bf16
+    from lora_core.training.trainer import freeze_linear_weights_in_bf16
 
     batch = PaddingCollator(0)(_features(tokenizer))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -147,7 +147,7 @@ def test_frozen_bf16_weights_are_bit_identical_under_autocast(tiny_model_dir, to
 def test_tied_head_stays_fp32(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_core.train import freeze_linear_weights_in_bf16
+    from lora_core.training.trainer import freeze_linear_weights_in_bf16
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2,

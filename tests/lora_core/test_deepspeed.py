@@ -30,7 +30,7 @@ def _spec_dict(model_dir, train_file, out, stage: int, nproc: int) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_config_per_stage(stage, tmp_path):
-    from lora_core.deepspeed_config import build_deepspeed_config
+    from lora_core.training.deepspeed_config import build_deepspeed_config
 
     spec = RunSpec.model_validate(_spec_dict("m", "t", tmp_path, stage, 2))
     cfg = build_deepspeed_config(spec, "bf16")
@@ -48,7 +48,7 @@ def test_two_process_zero3_saves_whole_adapters_that_merge(tiny_model_dir, tmp_p
     from safetensors.torch import load_file
 
     from lora_core.data.synthetic import make_examples
-    from lora_core.inspect import inspect_model_dir
+    from lora_core.model_files import inspect_model_dir
 
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in make_examples(16, seed=5)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_core.dropout import BitsDropout, use_bits_dropout
+from lora_core.training.dropout import BitsDropout, use_bits_dropout
 
 
 def test_drop_rate_scale_and_expectation():
@@ -53,8 +53,8 @@ def test_eval_and_p0_are_identity():
 
 
 def test_swaps_only_lora_branch_dropouts(tiny_model_dir):
-    from lora_core.peft_setup import apply_lora, load_base_model
     from lora_core.spec import LoraSpec
+    from lora_core.training.peft_setup import apply_lora, load_base_model
 
     model = apply_lora(load_base_model(tiny_model_dir, dtype="float32"),
                        LoraSpec(r=4, dropout=0.1, target_modules=["q_proj", "v_proj"]),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lora_core.layer import (
+from lora_core.training.lora_layer import (
     GAUSSIAN_INIT_STD,
     LoRALinear,
     inject_lora,

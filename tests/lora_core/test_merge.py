@@ -1,4 +1,5 @@
-"""lora_core.merge: out-of-core merge vs PEFT, rounding once, shards, refusals, atomic output."""
+"""lora_core.merging.merge: out-of-core merge vs PEFT, rounding once, shards, refusals, atomic
+output."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_core.errors import MergeError, StorageError
-from lora_core.manifest import sha256_file, verify_manifest
-from lora_core.merge import merge_adapter, merge_with_peft
+from lora_core.merging.merge import merge_adapter, merge_with_peft
+from lora_core.model_files.manifest import sha256_file, verify_manifest
 
 R, ALPHA = 4, 8.0
 IDS = torch.tensor([[1, 17, 42, 300, 5, 9, 77, 2]])
@@ -86,7 +87,7 @@ def test_verification_recorded_and_manifest_correct(merged):
 
 
 def test_bf16_base_rounds_once(tmp_path):
-    from lora_core.tiny import make_tiny_model
+    from lora_core.model_files.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path / "bf16", dtype="bfloat16", seed=1)
     adapter = _make_adapter(base, tmp_path / "adapter")
@@ -168,7 +169,7 @@ def test_verification_over_tolerance_removes_output(tiny_model_dir, adapter_dir,
 
 
 def test_disk_full_is_storage_error(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
-    import lora_core.merge as merge_mod
+    import lora_core.merging.merge as merge_mod
 
     def full(fh, t):
         raise OSError(errno.ENOSPC, "No space left on device")

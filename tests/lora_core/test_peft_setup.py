@@ -1,4 +1,4 @@
-"""lora_core.peft_setup: validation before loading, safetensors-only, documented init."""
+"""lora_core.training.peft_setup: validation before loading, safetensors-only, documented init."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_core.errors import ModelError, SpecError
-from lora_core.peft_setup import apply_lora, build_lora_config, load_base_model
 from lora_core.spec import LoraSpec
+from lora_core.training.peft_setup import apply_lora, build_lora_config, load_base_model
 
 
 def test_default_targets_are_q_and_v(tiny_model_dir):

@@ -35,7 +35,7 @@ def test_cached_features_equal_fresh_tokenisation(cache_env, tokenizer, tiny_mod
                                                   tmp_path):
     from lora_core.data.formats import load_examples
     from lora_core.data.tokenize import tokenize_examples
-    from lora_core.train import load_features
+    from lora_core.training.trainer import load_features
 
     data = _write(tmp_path / "train.jsonl", 30, seed=4)
     fresh = tokenize_examples(load_examples(data)[1], tokenizer, 256)
@@ -69,7 +69,7 @@ def test_bad_data_is_not_cached_and_off_disables(cache_env, tokenizer, tiny_mode
                                                  tmp_path, monkeypatch):
     from lora_core.data.cache import CACHE_ENV
     from lora_core.errors import DatasetError
-    from lora_core.train import load_features
+    from lora_core.training.trainer import load_features
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a"}\n')

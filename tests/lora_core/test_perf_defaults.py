@@ -11,7 +11,7 @@ import pytest
 def test_auto_precision_follows_native_bf16(monkeypatch):
     import torch
 
-    from lora_core import train as lc
+    from lora_core.training import trainer as lc
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: True)
@@ -43,7 +43,7 @@ def _bf16_spec(model_dir, tmp_path, monkeypatch, n: int, *, seed: int, max_steps
 def test_packing_with_bf16_on_cpu_trains(tiny_model_dir, tmp_path, monkeypatch):
     """Padding-free batches + per-example attention train under bf16 autocast on CPU, with the
     frozen weights stored in bf16 (the speed defaults together)."""
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     result = train(_bf16_spec(tiny_model_dir, tmp_path, monkeypatch, 16, seed=3, max_steps=2,
                               packing=True))
@@ -56,8 +56,8 @@ def test_labelled_only_loss_runs_under_trainer_autocast(tiny_model_dir, tmp_path
     autocast itself, or bf16 runs silently train in fp32 (3-4x slower on this CPU)."""
     import torch
 
-    from lora_core import loss as loss_mod
-    from lora_core.train import train
+    from lora_core.training import loss as loss_mod
+    from lora_core.training.trainer import train
 
     seen: list[bool] = []
     real = loss_mod.labelled_only_loss

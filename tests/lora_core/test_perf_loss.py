@@ -43,7 +43,7 @@ def _loss_and_grads(model, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("num_items", [None, 50])
 def test_labelled_only_loss_equals_full_loss_fp32(peft_model, num_items):
-    from lora_core.loss import labelled_only_loss, supports_labelled_only
+    from lora_core.training.loss import labelled_only_loss, supports_labelled_only
 
     assert supports_labelled_only(peft_model)
     batch = _batch(peft_model.config.vocab_size)
@@ -57,7 +57,7 @@ def test_labelled_only_loss_equals_full_loss_fp32(peft_model, num_items):
 
 
 def test_fused_head_matches_plain_cross_entropy_across_chunks(monkeypatch):
-    from lora_core import loss as loss_mod
+    from lora_core.training import loss as loss_mod
 
     monkeypatch.setattr(loss_mod, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
     g = torch.Generator().manual_seed(2)
@@ -74,7 +74,7 @@ def test_fused_head_matches_plain_cross_entropy_across_chunks(monkeypatch):
 
 
 def test_bf16_autocast_close_to_model_loss(peft_model):
-    from lora_core.loss import labelled_only_loss
+    from lora_core.training.loss import labelled_only_loss
 
     batch = _batch(peft_model.config.vocab_size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -84,7 +84,7 @@ def test_bf16_autocast_close_to_model_loss(peft_model):
 
 
 def test_unsupported_architecture_is_refused():
-    from lora_core.loss import supports_labelled_only
+    from lora_core.training.loss import supports_labelled_only
 
     class Config:
         model_type = "gemma2"
@@ -101,7 +101,7 @@ def test_trainable_head_equals_the_models_own_loss_and_gradients(tiny_model_dir)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_core.loss import labelled_only_loss, supports_labelled_only
+    from lora_core.training.loss import labelled_only_loss, supports_labelled_only
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -130,10 +130,10 @@ def test_trainable_head_trains_like_the_models_own_forward(tiny_model_dir, tmp_p
     import json
     from pathlib import Path
 
-    from lora_core import train as lc
     from lora_core.data.cache import CACHE_ENV
     from lora_core.data.synthetic import make_examples
     from lora_core.spec import RunSpec
+    from lora_core.training import trainer as lc
 
     monkeypatch.setenv(CACHE_ENV, "off")
     data = tmp_path / "train.jsonl"

@@ -50,7 +50,7 @@ def _stop_after(n: int):
 
 
 def test_stop_then_resume_matches_straight_run(tiny_model_dir, train_file, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     straight = train(_spec(tiny_model_dir, train_file, tmp_path / "a"))
     assert straight.status == "completed" and straight.global_step == STEPS

@@ -33,7 +33,7 @@ def _spec(model_dir, train_file, out, **training):
 
 
 def test_events_checkpoints_and_save_total_limit(tiny_model_dir, train_file, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     events: list[tuple[str, dict]] = []
     spec = _spec(tiny_model_dir, train_file, tmp_path / "out", save_steps=1, save_total_limit=2,
@@ -62,7 +62,7 @@ def test_events_checkpoints_and_save_total_limit(tiny_model_dir, train_file, tmp
 
 
 def test_cooperative_stop_saves_a_checkpoint(tiny_model_dir, train_file, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     result = train(_spec(tiny_model_dir, train_file, tmp_path / "out", max_steps=50),
                    should_stop=lambda: True)
@@ -71,7 +71,7 @@ def test_cooperative_stop_saves_a_checkpoint(tiny_model_dir, train_file, tmp_pat
 
 
 def test_bf16_on_cpu_runs(tiny_model_dir, train_file, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     result = train(_spec(tiny_model_dir, train_file, tmp_path / "out", max_steps=2,
                          precision="bf16"))
@@ -79,7 +79,7 @@ def test_bf16_on_cpu_runs(tiny_model_dir, train_file, tmp_path):
 
 
 def test_bad_data_fails_before_anything_is_written(tiny_model_dir, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
@@ -90,7 +90,7 @@ def test_bad_data_fails_before_anything_is_written(tiny_model_dir, tmp_path):
 
 
 def test_missing_or_pickle_only_model_is_a_model_error(tiny_model_dir, train_file, tmp_path):
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     with pytest.raises(ModelError):
         train(_spec(tmp_path / "nope", train_file, tmp_path / "out"))
@@ -107,7 +107,7 @@ def test_nan_loss_is_a_training_error_and_leaves_no_output(tiny_model_dir, train
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lora_core.train import train
+    from lora_core.training.trainer import train
 
     nan_model = tmp_path / "nan-model"
     shutil.copytree(tiny_model_dir, nan_model)

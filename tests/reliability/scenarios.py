@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import JobMetric
-from lorajobs.service.queue import enqueue_job
-from lorajobs.service.storage import get_store
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import JobMetric
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import (
     events,
@@ -209,8 +209,8 @@ def pollers_vs_training(svc: LiveService, client_headers: dict[str, str], job_id
     for c in clients:
         c.close()
     with get_sessionmaker(svc.settings)() as session:
-        from lorajobs.service import jobs as jobs_service
-        from lorajobs.service.models import Job
+        from lorajobs.core import jobs as jobs_service
+        from lorajobs.core.tables import Job
 
         jobs_service.request_cancel(session, session.get(Job, job_id))
         rows = session.execute(select(JobMetric.step, JobMetric.tokens_per_second)

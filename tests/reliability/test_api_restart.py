@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lorajobs.client import Client
-from lorajobs.service.queue import enqueue_job
+from lorajobs.core.queue import enqueue_job
 from tests.servicefixtures import LiveService, free_port, wait_for
 from tests.worker.jobfactory import get_job, make_job, status_history, trainer_starts
 

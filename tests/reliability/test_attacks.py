@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lorajobs.service.models import ApiKey
+from lorajobs.core.tables import ApiKey
 from tests.api.conftest import MODEL_NAME, Api
 
 REPO = Path(__file__).resolve().parents[2]

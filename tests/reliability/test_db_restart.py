@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import JobMetric
-from lorajobs.service.queue import enqueue_job
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.tables import JobMetric
 from tests.reliability.servers import PrivatePostgres
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import (

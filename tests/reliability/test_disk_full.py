@@ -19,10 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from lora_core.callbacks import find_resumable_checkpoint
-from lora_core.manifest import sha256_file
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Artifact
+from lora_core.model_files.manifest import sha256_file
+from lora_core.training.callbacks import find_resumable_checkpoint
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.tables import Artifact
 from tests.dbfixtures import service_missing
 from tests.reliability.conftest import api_with_tiny_model, submit_real_job
 from tests.servicefixtures import LiveService, wait_for

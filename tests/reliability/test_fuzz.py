@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.service.queue import enqueue_job
+from lorajobs.core.queue import enqueue_job
 from tests.servicefixtures import LiveService
 from tests.worker.jobfactory import make_job
 

@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from lora_core.events import parse_event
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Checkpoint
-from lorajobs.service.queue import enqueue_job
-from lorajobs.service.storage import get_store
-from lorajobs.worker.records import EventRecorder
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Checkpoint
+from lorajobs.worker.event_recorder import EventRecorder
 from tests.reliability.scenarios import kill9, metric_steps
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import events, get_job, make_job, trainer_starts

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.tables import Job
 from tests.servicefixtures import LiveService
 from tests.worker.jobfactory import MODEL_NAME, ensure_model_and_dataset
 

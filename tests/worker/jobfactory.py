@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.keys import get_or_create_tenant
-from lorajobs.service.models import Dataset, Job, JobEvent, RegisteredModel, new_id
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import get_store
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.keys import get_or_create_tenant
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Dataset, Job, JobEvent, RegisteredModel, new_id
 
 MODEL_NAME = "fake-tiny"
 DATA = b'{"instruction": "say hi", "output": "hi"}\n' * 4

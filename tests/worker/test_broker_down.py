@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorajobs.service.queue import broker_ok
+from lorajobs.core.queue import broker_ok
 from tests.reliability.servers import PrivateRedis
 from tests.servicefixtures import LiveService, free_port, wait_for
 from tests.worker.jobfactory import ensure_model_and_dataset, get_job, trainer_starts

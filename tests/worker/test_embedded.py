@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorajobs.service.settings import Settings
+from lorajobs.core.settings import Settings
 from tests.servicefixtures import FAKE_TRAINER, TEST_SETTINGS, free_port, wait_for
 from tests.worker.jobfactory import ensure_model_and_dataset, trainer_starts
 

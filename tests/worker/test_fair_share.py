@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.keys import get_or_create_tenant
-from lorajobs.service.models import Job
-from lorajobs.service.queue import enqueue_job
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.keys import get_or_create_tenant
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.tables import Job
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import get_job, make_job
 

@@ -10,12 +10,12 @@ from datetime import timedelta
 
 import pytest
 
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job
-from lorajobs.service.queue import enqueue_job
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.tables import Job
 from lorajobs.worker import tasks
-from lorajobs.worker.procs import pid_alive
+from lorajobs.worker.process_control import pid_alive
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import (
     events,

@@ -9,10 +9,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Artifact, Checkpoint, JobMetric
-from lorajobs.service.queue import broker_ok, enqueue_job
-from lorajobs.service.storage import get_store
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import broker_ok, enqueue_job
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Artifact, Checkpoint, JobMetric
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import events, get_job, make_job, status_history, trainer_starts
 

@@ -20,13 +20,13 @@ import pytest
 
 from lora_core.events import read_events
 from lora_core.spec import RunSpec
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job
-from lorajobs.service.queue import enqueue_job
-from lorajobs.service.settings import Settings
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.queue import enqueue_job
+from lorajobs.core.settings import Settings
+from lorajobs.core.tables import Job
 from lorajobs.worker import prewarm
-from lorajobs.worker.procs import pid_alive
+from lorajobs.worker.process_control import pid_alive
 from lorajobs.worker.runspec import RunPaths, write_spec
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import ensure_model_and_dataset, events, get_job, make_job

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from lorajobs.service import jobs
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Job, utcnow
-from lorajobs.service.policy import Outcome
-from lorajobs.service.queue import enqueue_job, pending_messages
-from lorajobs.service.settings import Settings
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.policy import Outcome
+from lorajobs.core.queue import enqueue_job, pending_messages
+from lorajobs.core.settings import Settings
+from lorajobs.core.tables import Job, utcnow
 from lorajobs.worker import settle
 from lorajobs.worker.reaper import reap_once
 from tests.servicefixtures import LiveService, wait_for

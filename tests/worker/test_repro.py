@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.spec import RunSpec
-from lorajobs.worker.repro import write_manifest
+from lorajobs.worker.reproducibility import write_manifest
 
 
 def _strings(value: Any) -> list[str]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lora_core.spec import RunSpec
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import LocalArtifactStore
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import LocalArtifactStore
 from lorajobs.worker.runspec import RunPaths, trainer_command, trainer_env, visible_gpus
 
 
@@ -55,10 +55,10 @@ def test_a_job_wider_than_the_worker_fails_at_claim_as_a_user_error(tmp_path: Pa
     """No trainer is started: one clear error naming the field, not a crashed launch."""
     from sqlalchemy import update
 
-    from lorajobs.service import jobs
-    from lorajobs.service.db import get_sessionmaker
-    from lorajobs.service.migrate import upgrade
-    from lorajobs.service.models import Job
+    from lorajobs.core import jobs
+    from lorajobs.core.db import get_sessionmaker
+    from lorajobs.core.migrate import upgrade
+    from lorajobs.core.tables import Job
     from lorajobs.worker.supervisor import supervise
     from tests.worker.jobfactory import get_job, make_job, trainer_starts
 

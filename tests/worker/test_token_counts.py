@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import func, select
 
 from lora_core.events import StartedEvent
-from lorajobs.service import datasets, jobs, keys, registry, submit
-from lorajobs.service.db import get_sessionmaker
-from lorajobs.service.models import Dataset, Job, JobEvent, TokenCount
-from lorajobs.service.settings import Settings
-from lorajobs.service.storage import get_store
-from lorajobs.worker.records import EventRecorder
+from lorajobs.core import datasets, jobs, keys, registry, submit
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Dataset, Job, JobEvent, TokenCount
+from lorajobs.worker.event_recorder import EventRecorder
 from tests.api.conftest import alpaca_lines, jsonl
 from tests.dbfixtures import db_settings  # noqa: F401
 

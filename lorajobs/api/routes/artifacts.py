@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 from lorajobs.api import queries
 from lorajobs.api.deps import PrincipalDep, SessionDep, StoreDep
 from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsDeleted, ArtifactsPublic
-from lorajobs.service import usage
-from lorajobs.service.archive import TarEntry, TarStream
+from lorajobs.core import usage
+from lorajobs.core.archive import TarEntry, TarStream
 
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])

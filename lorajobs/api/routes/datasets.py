@@ -12,7 +12,7 @@ from lora_core.spec import DATA_FORMATS
 from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import DatasetDeleted, DatasetPublic, DatasetsPublic
 from lorajobs.api.uploads import receive_upload
-from lorajobs.service import datasets
+from lorajobs.core import datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

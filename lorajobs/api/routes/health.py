@@ -16,17 +16,17 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from lorajobs.service.errors import Unauthorized
-from lorajobs.service.settings import Settings
+from lorajobs.core.errors import Unauthorized
+from lorajobs.core.settings import Settings
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
 def _broker_ok(settings: Settings) -> bool | None:
-    """`lorajobs.service.queue.broker_ok()` when that module exists; None when it does not."""
+    """`lorajobs.core.queue.broker_ok()` when that module exists; None when it does not."""
     try:
-        queue = importlib.import_module("lorajobs.service.queue")
+        queue = importlib.import_module("lorajobs.core.queue")
     except ImportError:
         return None
     check = getattr(queue, "broker_ok", None)

@@ -12,7 +12,7 @@ from lorajobs.api import queries
 from lorajobs.api.auth import bearer
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
 from lorajobs.api.schemas import JobCreate, JobPublic, JobsPublic
-from lorajobs.service import jobs, submit
+from lorajobs.core import jobs, submit
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -64,7 +64,7 @@ async def get_job(
 ) -> Response:
     """One job with progress, estimate, compatibility and queue position."""
     # The hot path (clients poll it): one query for key + job + queue position, awaited on
-    # the event loop through asyncpg on PostgreSQL (api/pgread.py), one threadpool call on
+    # the event loop through asyncpg on PostgreSQL (api/pg_job_reader.py), one threadpool call on
     # SQLite; the JSON written by pydantic once (a returned Response skips FastAPI's
     # re-validation against response_model, which stays for the docs).
     presented = credentials.credentials if credentials else None

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from lorajobs.api.deps import PrincipalDep, SessionDep
 from lorajobs.api.schemas import KeyCreate, KeyCreated, KeyPublic
-from lorajobs.service import keys
-from lorajobs.service.models import ApiKey
+from lorajobs.core import keys
+from lorajobs.core.tables import ApiKey
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

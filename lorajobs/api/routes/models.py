@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from lorajobs.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
 from lorajobs.api.schemas import ModelCreate, ModelPublic, ModelsPublic
-from lorajobs.service import registry
+from lorajobs.core import registry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -7,12 +7,12 @@ from sqlalchemy import func, select
 
 from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep
 from lorajobs.api.schemas import StorageUsagePublic, UsagePublic
-from lorajobs.service.models import Job, JobStatus
-from lorajobs.service.usage import storage_usage
+from lorajobs.core.tables import Job, JobStatus
+from lorajobs.core.usage import storage_usage
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
-# The settings a job spec is checked against at submit (lorajobs/service/bounds.py).
+# The settings a job spec is checked against at submit (lorajobs/core/bounds.py).
 SPEC_LIMITS = ("max_total_steps", "max_seq_length", "max_batch_size",
                "max_gradient_accumulation_steps", "max_batch_tokens", "max_processes_per_job",
                "max_checkpoints_per_job", "max_merges_per_job", "max_job_runtime_seconds")
