@@ -1,6 +1,6 @@
 """`policy.next_state` as a table: (status, cancel flag, attempt/max, outcome) -> next status.
 
-Pure: no database. The worker's settle and the reaper apply it (tests/service/
+Pure: no database. The worker's settle and the reaper apply it (tests/core/
 test_jobs_state.py, tests/worker/test_faults.py and test_reaper.py run it against real rows).
 """
 
