@@ -55,6 +55,10 @@ def test_submit_with_broker_down_then_reaper_resends(tmp_path: Path, tiny_model_
         assert resp.json()["status"] == "queued"
         assert time.monotonic() - t0 < 5, "a submit must not hang on a dead broker"
         assert get_job(settings, job_id).status == "queued"
+        # The API sends from a thread of its own (queue.JobSender): once its send has failed
+        # it clears the row's enqueued_at, which tells the reaper to send it.
+        wait_for(lambda: get_job(settings, job_id).enqueued_at is None, timeout=30,
+                 what="the failed send to clear enqueued_at")
 
         private_redis.start()
         svc.start_reaper()
