@@ -273,42 +273,46 @@ class _Locked(NamedTuple):
     queued: int  # queued jobs of every tenant: the queue position of the job we insert next
 
 
-def _lock_statement() -> Any:
+def _lock_statements() -> tuple[Any, Any]:
     tenant = bindparam("tenant_id")
+    lock = (update(Tenant).where(Tenant.id == tenant).values(name=Tenant.name)
+            .execution_options(synchronize_session=False))
     active = select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
     queued = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
     record = select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant,
                                              IdempotencyRecord.key == bindparam("key"))
     datasets, artifacts = usage_queries(tenant)
-    return (
-        update(Tenant).where(Tenant.id == tenant).values(name=Tenant.name)
-        .returning(active.scalar_subquery(),
-                   record.with_only_columns(IdempotencyRecord.job_id).scalar_subquery(),
-                   record.with_only_columns(IdempotencyRecord.request_hash).scalar_subquery(),
-                   datasets.scalar_subquery(), artifacts.scalar_subquery(),
-                   queued.scalar_subquery())
-        .execution_options(synchronize_session=False))
+    counts = select(active.scalar_subquery(),
+                    record.with_only_columns(IdempotencyRecord.job_id).scalar_subquery(),
+                    record.with_only_columns(IdempotencyRecord.request_hash).scalar_subquery(),
+                    datasets.scalar_subquery(), artifacts.scalar_subquery(),
+                    queued.scalar_subquery())
+    return lock, counts
 
 
-_LOCK_TENANT = _lock_statement()  # built once, as _INPUTS
+_LOCK_TENANT, _UNDER_LOCK = _lock_statements()  # built once, as _INPUTS
 
 
 def _lock_tenant(session: Session, tenant_id: str, idempotency_key: str | None) -> _Locked:
-    """Write-lock the tenant's row until our commit and read, in the same round trip, its
-    active jobs, the (job id, request hash) an earlier request with our key left, its stored
-    bytes (service/usage.py) and the queued jobs of every tenant (our job's queue position).
+    """Write-lock the tenant's row until our commit, then read in one statement its active
+    jobs, the (job id, request hash) an earlier request with our key left, its stored bytes
+    (service/usage.py) and the queued jobs of every tenant (our job's queue position).
 
     Why the lock: a count-then-insert lets racing submits all see "limit - 1" and all insert
     (40 at once against a limit of 5 made 14 jobs). The no-op UPDATE makes PostgreSQL queue the
-    tenant's other submits on the row lock (READ COMMITTED: their count then sees our job);
-    SQLite begins its single write transaction there, before the count, instead of at the
-    INSERT. Other tenants are not serialized (on PostgreSQL; SQLite has one writer anyway).
-    Every statement between here and the commit is time the tenant's other submits wait, so
-    the reads ride on the UPDATE (RETURNING subqueries) instead of following it.
+    tenant's other submits on the row lock; SQLite begins its single write transaction there,
+    before the count, instead of at the INSERT. Other tenants are not serialized (on
+    PostgreSQL; SQLite has one writer anyway).
+
+    Why two statements: READ COMMITTED gives each statement the snapshot of its start, and an
+    UPDATE that waited on the row lock keeps it, so reads riding on the UPDATE (RETURNING
+    subqueries) miss the job the lock holder just committed (40 at once against a limit of 5
+    made 20 jobs). The SELECT after it starts once we hold the lock and sees that job.
     """
-    row = session.execute(_LOCK_TENANT, {"tenant_id": tenant_id,
-                                         "key": idempotency_key or ""}).one()
+    params = {"tenant_id": tenant_id, "key": idempotency_key or ""}
+    session.execute(_LOCK_TENANT, params)
+    row = session.execute(_UNDER_LOCK, params).one()
     used = StorageUsage(datasets_bytes=int(row[3]), artifacts_bytes=int(row[4]))
     return _Locked(int(row[0]), row[1], row[2], used, int(row[5]))
 
