@@ -25,9 +25,9 @@ the reaper finishes any flagged queued row an older version left behind
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, literal, null, select, update
+from sqlalchemy import CursorResult, Update, case, func, literal, null, select, update
 from sqlalchemy.orm import Session
 
 from lora_core.events import JobError, Stage
@@ -125,7 +125,7 @@ def transition(
         stmt = stmt.where(Job.lease_owner == expect_owner)
     if unflagged or to in (S.QUEUED, S.RUNNING):  # see the module docstring
         stmt = stmt.where(Job.cancel_requested.is_(False))
-    if session.execute(stmt.values(**values)).rowcount != 1:
+    if _rowcount(session, stmt.values(**values)) != 1:
         session.refresh(job)
         raise IllegalTransition(
             f"job {job.id} changed concurrently (now {job.status}"
@@ -138,6 +138,15 @@ def transition(
     _status_event(session, job, from_status, to, message=message, error=error_row,
                   extra={"owner": lease[0]} if lease is not None else None)
     return job
+
+
+def _rowcount(session: Session, stmt: Update) -> int:
+    """Rows a conditional UPDATE changed: 1 when its WHERE still held, 0 when the row moved on.
+
+    `Session.execute` is typed as returning `Result`; for an UPDATE it is a `CursorResult`,
+    which is what carries `rowcount`.
+    """
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount
 
 
 def _status_event(session: Session, job: Job, from_status: str, to: str, *, message: str = "",
@@ -253,13 +262,14 @@ def claim_next(session: Session, *, owner: str, lease_seconds: int) -> Job | Non
 def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:
     """Extend our lease. False means we lost the job (reaped or finished): stop working on it."""
     now = utcnow()
-    result = session.execute(
+    renewed = _rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds)),
     )
     session.commit()
-    return result.rowcount == 1
+    return renewed == 1
 
 
 def request_cancel(session: Session, job: Job) -> Job:
@@ -271,7 +281,8 @@ def request_cancel(session: Session, job: Job) -> Job:
     """
     now = utcnow()
     was_queued = Job.status == S.QUEUED
-    result = session.execute(
+    flagged = _rowcount(
+        session,
         update(Job)
         .where(Job.id == job.id,
                was_queued | ((Job.status == S.RUNNING) & Job.cancel_requested.is_(False)))
@@ -280,9 +291,9 @@ def request_cancel(session: Session, job: Job) -> Job:
                 status=case((was_queued, S.CANCELLED), else_=Job.status),
                 finished_at=case((was_queued, literal(now, Job.finished_at.type)),
                                  else_=Job.finished_at),
-                stage=case((was_queued, null()), else_=Job.stage))
+                stage=case((was_queued, null()), else_=Job.stage)),
     )
-    if result.rowcount != 1:
+    if flagged != 1:
         session.rollback()
         session.refresh(job)
         if job.status == S.RUNNING:  # flagged already: nothing more to do
@@ -387,8 +398,8 @@ def update_progress(
         values["metrics"] = metrics
     if stage is not None:
         values["stage"] = stage
-    result = session.execute(
+    return _rowcount(
+        session,
         update(Job).where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
-        .values(**values)
-    )
-    return result.rowcount == 1
+        .values(**values),
+    ) == 1

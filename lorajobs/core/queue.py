@@ -239,8 +239,9 @@ def broker_ok(settings: Settings | None = None) -> bool:
         with Connection(settings.resolved_broker_url,
                         connect_timeout=BROKER_CHECK_TIMEOUT_SECONDS,
                         transport_options=_transport_options(settings)) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
-                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+            # kombu-stubs type the interval and timeout as int; kombu takes float seconds
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,  # type: ignore[arg-type]
+                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)  # type: ignore[arg-type]
             if not settings.is_embedded_broker:
                 conn.default_channel.client.ping()  # type: ignore[attr-defined]
         return True
@@ -259,9 +260,11 @@ def pending_messages(settings: Settings | None = None) -> int | None:
     try:
         app = get_celery_app(settings)
         with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,
-                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)
-            declared = conn.default_channel.queue_declare(queue=QUEUE_NAME, passive=True)
+            # kombu-stubs: int intervals (kombu takes float seconds), and StdChannel lacks the
+            # queue_declare that every transport's channel has
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1,  # type: ignore[arg-type]
+                                   timeout=BROKER_CHECK_TIMEOUT_SECONDS)  # type: ignore[arg-type]
+            declared = conn.default_channel.queue_declare(queue=QUEUE_NAME, passive=True)  # type: ignore[attr-defined]
             return int(declared.message_count)
     except Exception as exc:  # noqa: BLE001 - not knowing means "re-send to be safe"
         log.info("cannot count pending messages: %s", exc)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import BindParameter, and_, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -159,13 +159,13 @@ class _Inputs(NamedTuple):
 
     model: RegisteredModel | None
     train: Dataset | None
-    count: TokenCount | None
+    token_count: TokenCount | None  # not `count`: that is tuple.count
     replay_id: str | None
     replay_hash: str | None
 
 
 def _inputs_statement() -> Any:
-    tenant = bindparam("tenant_id")
+    tenant: BindParameter[str] = bindparam("tenant_id")
     return (
         select(RegisteredModel, Dataset, TokenCount, IdempotencyRecord.job_id,
                IdempotencyRecord.request_hash).select_from(RegisteredModel)
@@ -230,7 +230,7 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
     """
     inputs = inputs or _load_inputs(session, tenant_id, request, None)
     model, train = _require_inputs(session, tenant_id, request, inputs)
-    count = inputs.count
+    count = inputs.token_count
     if request.validation_file is not None:
         _tenant_dataset(session, tenant_id, request.validation_file, "validation_file")
     info = inspect_registered(settings, model)
@@ -274,7 +274,7 @@ class _Locked(NamedTuple):
 
 
 def _lock_statements() -> tuple[Any, Any]:
-    tenant = bindparam("tenant_id")
+    tenant: BindParameter[str] = bindparam("tenant_id")
     lock = (update(Tenant).where(Tenant.id == tenant).values(name=Tenant.name)
             .execution_options(synchronize_session=False))
     active = select(func.count()).select_from(Job).where(
