@@ -7,6 +7,8 @@ sending it again cannot help). A create is only retried because it carries an
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from tenacity import retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -27,7 +29,7 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError | RetryableStatus)
 
 
-def retry_kwargs(max_retries: int) -> dict:
+def retry_kwargs(max_retries: int) -> dict[str, Any]:
     return {
         "retry": retry_if_exception(is_retryable),
         "stop": stop_after_attempt(max_retries + 1),

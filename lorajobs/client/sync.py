@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import time
@@ -107,7 +108,7 @@ class Client:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean).json()
 
-    def paginate(self, path: str, *, limit: int = 50, **params: Any) -> Iterator[dict]:
+    def paginate(self, path: str, *, limit: int = 50, **params: Any) -> Iterator[dict[str, Any]]:
         """Follow `next_cursor` until `has_more` is false."""
         after = params.pop("after", None)
         while True:
@@ -161,7 +162,8 @@ class _Keys(_Resource):
             body["tenant"] = tenant
         if manage_keys:
             body["manage_keys"] = True
-        return self._c.request("POST", "/v1/keys", json=body).json()
+        created: dict[str, Any] = self._c.request("POST", "/v1/keys", json=body).json()
+        return created
 
     def revoke(self, key_id: str) -> None:
         self._c.request("DELETE", f"/v1/keys/{key_id}")
@@ -198,7 +200,8 @@ class _Jobs(_Resource):
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             time.sleep(poll_interval)
 
-    def events(self, job_id: str, *, after: int | None = None, limit: int = 100) -> list[Event]:
+    def events(self, job_id: str, *, after: int | None = None, limit: int = 100
+               ) -> builtins.list[Event]:
         body = self._c.get_json(f"/v1/jobs/{job_id}/events", after=after, limit=limit)
         return [Event.model_validate(e) for e in body["data"]]
 
@@ -257,21 +260,21 @@ class _Jobs(_Resource):
                 if sse.data:
                     yield Event.model_validate_json(sse.data)
 
-    def metrics(self, job_id: str) -> list[MetricRow]:
+    def metrics(self, job_id: str) -> builtins.list[MetricRow]:
         """The whole loss curve (every page)."""
         return [MetricRow.model_validate(m) for m in self._c.paginate(
             f"/v1/jobs/{job_id}/metrics", limit=METRICS_PAGE)]
 
-    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+    def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
         return [Checkpoint.model_validate(c) for c in self._c.paginate(
             f"/v1/jobs/{job_id}/checkpoints", limit=LIST_PAGE)]
 
-    def artifacts(self, job_id: str) -> list[Artifact]:
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
         return [Artifact.model_validate(a) for a in self._c.paginate(
             f"/v1/jobs/{job_id}/artifacts", limit=LIST_PAGE)]
 
     def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
-                 step: int | None = None, kind: str | None = None) -> list[Path]:
+                 step: int | None = None, kind: str | None = None) -> builtins.list[Path]:
         """Download the adapter (or merged model, or any artifact `kind` such as "tensorboard")
         file by file, verifying each sha256. Without a final one (a cancelled job), the newest
         checkpoint's."""
