@@ -83,7 +83,8 @@ def _lora_core_error(_: Request, exc: Exception) -> JSONResponse:
     if not exc.user_fault:
         log.error("lora_core error reached the API", exc_info=exc)
         return JSONResponse(error_body("internal_error", "internal error"), status_code=500)
-    extra = {"errors": exc.errors} if getattr(exc, "errors", None) else {}
+    errors = getattr(exc, "errors", None)  # the subclasses that collect several problems
+    extra = {"errors": errors} if errors else {}
     return JSONResponse(error_body(exc.code, exc.message, exc.param, **extra), status_code=422)
 
 
@@ -191,16 +192,17 @@ def _depends_on(dependant: Any, call: Any) -> bool:
 def _error_codes(route: APIRoute) -> list[int]:
     from lorajobs.api.deps import get_admin
 
+    methods = route.methods or set()  # typed Optional; APIRoute always fills it
     codes = [401, 404, 422]
     if _depends_on(route.dependant, get_admin):
         codes.append(403)
-    if route.methods & {"POST", "PUT", "PATCH"}:
+    if methods & {"POST", "PUT", "PATCH"}:
         codes += [400, 408, 413]
     elif route.path_format.startswith("/openai/"):
         codes.append(400)  # OpenAI's own status for invalid parameters
-    if route.methods & {"POST", "DELETE"}:
+    if methods & {"POST", "DELETE"}:
         codes.append(409)  # DELETE: a dataset in use, a job not finished
-        if "POST" in route.methods and route.path.rstrip("/").endswith("/jobs"):
+        if "POST" in methods and route.path.rstrip("/").endswith("/jobs"):
             codes.append(429)
     return codes
 
@@ -232,7 +234,7 @@ def document_error_responses(app: FastAPI) -> None:
         for route in _api_routes(app.routes):
             if not route.path_format.startswith(_API_PREFIXES):
                 continue
-            for method in route.methods:
+            for method in route.methods or ():
                 operation = schema["paths"].get(route.path_format, {}).get(method.lower())
                 if operation is None:
                     continue
