@@ -131,12 +131,12 @@ def _merge_all(spec: RunSpec, result: PipelineResult, emit: OnEvent) -> list[dic
                  for c in result.checkpoints]
     jobs.append((result.global_step, result.adapter_path, root / "final"))
     emit("stage", stage=Stage.MERGING)
-    merged = []
+    merged: list[dict[str, Any]] = []
     for step, adapter, target in jobs:
         res = merge_adapter(spec.model_dir, adapter, target, max_shard_size=spec.merge_shard_size,
                             verify=True, overwrite=True)
-        entry = {"step": step, "path": str(res.out_dir), "max_abs_diff": res.max_abs_diff,
-                 "files": res.files}
+        entry: dict[str, Any] = {"step": step, "path": str(res.out_dir),
+                                 "max_abs_diff": res.max_abs_diff, "files": res.files}
         emit("merged", **entry, final=adapter == result.adapter_path)
         merged.append(entry)
     emit("stage", stage=Stage.VERIFYING)

@@ -264,7 +264,7 @@ def _header_bytes(shard: list[_Entry]) -> bytes:
 def _write_tensor(fh: Any, t: torch.Tensor) -> None:
     """Raw little-endian bytes of `t` (any dtype, bf16 included) straight to the raw file."""
     if t.numel():
-        _write_all(fh, memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        _write_all(fh, t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _write_all(fh: Any, data: bytes | memoryview) -> int:
@@ -394,7 +394,7 @@ def _logits(
     """Logits (batch, seq, vocab) in fp32 of a model (+ adapter) loaded on CPU, then freed."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     if adapter_dir is not None:
@@ -444,8 +444,9 @@ def _verify(base: Path, adapter_dir: Any, merged_dir: Path, probe_tokens: Any,
     _unset_zero3()
     info = inspect_model_dir(base)
     name = info.dtype if info.num_parameters > VERIFY_FP32_MAX_PARAMS else "float32"
+    dtype = getattr(torch, name or "float32")
     ids = _probe_ids(int(info.config.get("vocab_size", 2)), probe_tokens)
-    diff, scale = _compare_logits(base, adapter_dir, merged_dir, getattr(torch, name), ids)
+    diff, scale = _compare_logits(base, adapter_dir, merged_dir, dtype, ids)
     limit = (tolerance if tolerance is not None else default_tolerance(info.dtype)) * max(
         1.0, scale)
     if not diff <= limit:  # also catches NaN

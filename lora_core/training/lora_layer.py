@@ -164,7 +164,8 @@ def inject_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = LoRALinear(getattr(parent, leaf), r, alpha, dropout, use_rslora, init)
         setattr(parent, leaf, wrapped)
-    model._lora_settings = {  # type: ignore[assignment] - read back by save_adapter
+    # read back by save_adapter; ignore: torch types a Module's attributes as Tensor | Module
+    model._lora_settings = {  # type: ignore[assignment]
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
         "target_modules": target_modules, "init": init,
     }  # fmt: skip

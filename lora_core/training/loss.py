@@ -108,6 +108,7 @@ def _head_loss_sum(head: Any, picked: torch.Tensor, targets: torch.Tensor) -> to
     if not plain:
         logits = head(picked).float()  # (N, V): HF's loss upcasts too
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    assert weight is not None  # `plain` checked it
     if torch.is_autocast_enabled(picked.device.type):
         compute_dtype = torch.get_autocast_dtype(picked.device.type)
     else:

@@ -46,7 +46,7 @@ def build_lora_config(
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora_spec.r,
-        lora_alpha=lora_spec.alpha,
+        lora_alpha=lora_spec.alpha,  # type: ignore[arg-type]  # peft says int; it only divides it
         lora_dropout=lora_spec.dropout,
         target_modules=targets,
         use_rslora=lora_spec.use_rslora,
