@@ -21,8 +21,11 @@ dev: $(BIN)/python
 demo: install
 	$(BIN)/python -m lorajobs.demo
 
+# mypy checks lorajobs/ and lora_core/ ([tool.mypy] in pyproject.toml); .mypy_cache keeps a
+# re-run at seconds.
 test: dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: dev
