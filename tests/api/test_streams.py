@@ -13,7 +13,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,15 @@ def _start(tmp_path: Path, tenants: tuple[str, ...], backend: str = "sqlite",
 
 N_STREAMS = 200
 STREAMED_JOBS = 4  # N_STREAMS spread over these jobs of one tenant
-SAMPLES = 200  # sequential GET /v1/jobs per phase (p99: between the 2nd and 3rd slowest)
-P99_BOUND = 2.0  # loaded p99 / idle p99, the same run
-ATTEMPTS = 3
+# Idle and loaded windows alternate, ROUNDS of each, in the order idle-loaded, loaded-idle, ...
+# so that a noisy neighbour or a drift of the shared machine hits both alike; the figure is
+# the median of the ROUNDS p99s of each.
+ROUNDS = 4
+SAMPLES = 100  # sequential GET /v1/jobs per window (p99: near the slowest of the window)
+P99_BOUND = 2.0  # median loaded p99 / median idle p99, the same run
 # API CPU seconds per second while N_STREAMS idle streams are open: ~0.02 with one poller per
-# job (4 jobs, every 0.5 s) and one key check every 2 s; 0.49 before (a poll per stream).
+# job (4 jobs, every 0.5 s) and one key check every 2 s; 0.49 before (a poll per stream). The
+# primary check: what the API spends does not depend on how busy the machine is.
 CPU_WINDOW_S = 2.0
 MAX_STREAM_CPU = 0.15
 
@@ -155,19 +159,21 @@ async def _hold_streams(server: Server, job_ids: list[str], n: int, opened: asyn
 
 
 def test_other_tenants_p99_under_open_streams(load_server: Server) -> None:
-    """p99 of another tenant's `GET /v1/jobs` with N_STREAMS streams open stays within
-    P99_BOUND of the same route idle, both measured in this run (before: every stream polled
-    the database every 0.5 s through the shared thread pool: x4.5 at 200 streams, ~x25 at
-    300). A shared CI box is noisy: the best of ATTEMPTS (idle, then loaded) counts."""
+    """With N_STREAMS streams open, the API spends under MAX_STREAM_CPU CPU s/s on them, and
+    another tenant's `GET /v1/jobs` p99 stays within P99_BOUND of the same route idle (before:
+    every stream polled the database every 0.5 s through the shared thread pool: 0.49 CPU s/s,
+    p99 x4.5 at 200 streams, ~x25 at 300). Latencies on a shared CI box are noisy: idle and
+    loaded windows alternate and the medians of their p99s are compared."""
     for _ in range(20):
         load_server.job("reader", events=0)
     streamed = [load_server.job("streamer", events=5) for _ in range(STREAMED_JOBS)]
 
     api_pid = load_server.svc.procs[-1].pid
-    stream_cpu: list[float] = []  # API CPU s/s with only the streams open
+    stream_cpu: list[float] = []  # API CPU s/s with only the streams open, one per round
+    idle: list[float] = []
+    loaded: list[float] = []
 
-    async def attempt(reader: httpx.AsyncClient) -> tuple[float, float]:
-        idle = await _p99(reader, SAMPLES)
+    async def loaded_window(reader: httpx.AsyncClient) -> None:
         opened, stop = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(_hold_streams(load_server, streamed, N_STREAMS,
                                                    opened, stop))
@@ -175,29 +181,31 @@ def test_other_tenants_p99_under_open_streams(load_server: Server) -> None:
         before, start = cpu_seconds(api_pid), time.monotonic()
         await asyncio.sleep(CPU_WINDOW_S)  # a measuring window, not a wait for an effect
         stream_cpu.append((cpu_seconds(api_pid) - before) / (time.monotonic() - start))
-        loaded = await _p99(reader, SAMPLES)
+        loaded.append(await _p99(reader, SAMPLES))
         stop.set()
         await holder
-        return idle, loaded
 
-    async def scenario() -> list[tuple[float, float]]:
-        runs = []
+    async def scenario() -> None:
         async with httpx.AsyncClient(base_url=load_server.url, headers=load_server.h("reader"),
                                      timeout=30) as reader:
             await _p99(reader, 20)  # warm-up: connections, prepared statements
-            for _ in range(ATTEMPTS):
-                runs.append(await attempt(reader))
-                if runs[-1][1] <= P99_BOUND * runs[-1][0]:
-                    break
-        return runs
+            for n in range(ROUNDS):
+                if n % 2 == 0:
+                    idle.append(await _p99(reader, SAMPLES))
+                    await loaded_window(reader)
+                else:
+                    await loaded_window(reader)
+                    idle.append(await _p99(reader, SAMPLES))
 
-    runs = asyncio.run(scenario())
-    for (idle, loaded), cpu in zip(runs, stream_cpu, strict=True):
-        print(f"\nGET /v1/jobs p99: idle {idle * 1000:.1f} ms, with {N_STREAMS} streams "
-              f"{loaded * 1000:.1f} ms (x{loaded / idle:.2f}); API CPU with only the streams "
-              f"open: {cpu:.3f} s/s")
-    assert any(loaded <= P99_BOUND * idle for idle, loaded in runs), runs
-    assert min(stream_cpu) < MAX_STREAM_CPU, stream_cpu
+    asyncio.run(scenario())
+    idle_p99, loaded_p99 = statistics.median(idle), statistics.median(loaded)
+    print(f"\nGET /v1/jobs p99 (median of {ROUNDS} windows of {SAMPLES}): idle "
+          f"{idle_p99 * 1000:.1f} ms, with {N_STREAMS} streams {loaded_p99 * 1000:.1f} ms "
+          f"(x{loaded_p99 / idle_p99:.2f}); windows idle {[round(x * 1000, 1) for x in idle]} "
+          f"loaded {[round(x * 1000, 1) for x in loaded]} ms; API CPU with only the streams "
+          f"open: {[round(c, 3) for c in stream_cpu]} s/s")
+    assert statistics.median(stream_cpu) < MAX_STREAM_CPU, stream_cpu
+    assert loaded_p99 <= P99_BOUND * idle_p99, (idle, loaded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +226,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _frames(response: httpx.Response) -> Iterator[dict[str, str]]:
     """SSE frames (field -> value) as they arrive; comments skipped."""
+    return _frames_of(response.iter_lines())
+
+
+def _frames_of(lines: Iterable[str]) -> Iterator[dict[str, str]]:
     frame: dict[str, str] = {}
-    for line in response.iter_lines():
+    for line in lines:
         if not line:
             if frame:
                 yield frame
@@ -297,7 +309,8 @@ def test_revoking_a_key_ends_its_streams(server: Server) -> None:
             rest = list(frames)  # the server ends the stream (a read timeout would fail here)
             took = time.monotonic() - start
     assert rest[-1]["event"] == "error" and "revoked" in rest[-1]["data"], rest
-    assert took < KEY_CHECK_SECONDS + 2, took
+    # the `error` event above says the key check ended it; this bound is for a hang only
+    assert took < KEY_CHECK_SECONDS + 8, took
     assert http_status(server, STREAM.format(job), watcher) == 401  # and no new one
 
 
@@ -309,23 +322,34 @@ def test_max_duration_ends_a_stream_and_the_sdk_resumes(server: Server) -> None:
     """The server ends each stream after MAX_SECONDS; the SDK reconnects with Last-Event-ID
     and sees every event once, in order, then the job's end."""
     job = server.job("alice", events=3)
+    start = time.monotonic()  # before the request: the server's clock starts later, never earlier
     with httpx.stream("GET", server.url + STREAM.format(job), headers=server.h("alice"),
                       timeout=10) as response:
-        start = time.monotonic()
-        frames = list(_frames(response))
-        lasted = time.monotonic() - start
+        lines = list(response.iter_lines())
+    lasted = time.monotonic() - start
+    frames = list(_frames_of(lines))
     assert [f["id"] for f in frames] == [str(i) for i in _event_ids(server, job)]
-    assert MAX_SECONDS - 0.2 <= lasted < MAX_SECONDS + 2 and "end" not in \
-        [f.get("event") for f in frames]
+    assert "end" not in [f.get("event") for f in frames]
+    # Ended by the server because of its age (a late client only makes `lasted` longer; the
+    # upper bound is the read timeout: a stream that never ends fails there).
+    assert any(line.startswith(":") and "stream_max_seconds reached" in line
+               for line in lines), lines
+    assert lasted >= MAX_SECONDS - 0.05, lasted
 
-    transport = Recording()
+    transport = ReconnectRecording()
     emitted = threading.Event()
+    failures: list[BaseException] = []
 
     def emit_later() -> None:  # while the SDK's first connection is open, then the end
-        emitted.wait(10)
-        server.emit(job, 2)
-        time.sleep(MAX_SECONDS + 0.5)  # past the first connection's end
-        server.emit(job, 2, finish=True)
+        try:
+            assert emitted.wait(30), "no first event"
+            server.emit(job, 2)
+            # past the first connection's end: the SDK has sent its second request
+            assert transport.reconnected.wait(30), "the SDK did not reconnect"
+            server.emit(job, 2, finish=True)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            failures.append(exc)
+            server.emit(job, 0, finish=True)  # end the stream: the test fails, not hangs
 
     writer = threading.Thread(target=emit_later)
     writer.start()
@@ -335,12 +359,27 @@ def test_max_duration_ends_a_stream_and_the_sdk_resumes(server: Server) -> None:
             seen.append(event.id)
             emitted.set()
     writer.join()
+    assert not failures, failures
     assert seen == _event_ids(server, job) and len(seen) == 3 + 2 + 2 + 1
     streams = [r for r in transport.requests if r.url.path.endswith("/events/stream")]
     assert len(streams) >= 2, "the SDK must have reconnected"
     assert "Last-Event-ID" not in streams[0].headers
     resumed = [int(r.headers["Last-Event-ID"]) for r in streams[1:]]
     assert resumed == sorted(resumed) and all(i in seen for i in resumed)
+
+
+class ReconnectRecording(Recording):
+    """`Recording`, with an event set when a second stream request (a reconnect) is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reconnected = threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        streams = sum(r.url.path.endswith("/events/stream") for r in self.requests)
+        if request.url.path.endswith("/events/stream") and streams >= 1:
+            self.reconnected.set()
+        return super().handle_request(request)
 
 
 def _event_ids(server: Server, job_id: str) -> list[int]:
