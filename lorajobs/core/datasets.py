@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from lora_core.data.formats import DatasetValidator, ValidationReport
@@ -34,7 +34,7 @@ from lora_core.errors import DatasetError
 from lorajobs.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, LocalArtifactStore
-from lorajobs.core.tables import Dataset, Job, JobStatus, new_id
+from lorajobs.core.tables import Dataset, Job, JobStatus, Tenant, new_id
 from lorajobs.core.usage import check_storage_room
 
 __all__ = ["Upload", "create_dataset", "store_upload", "get_dataset", "list_datasets",
@@ -274,7 +274,13 @@ def delete_dataset(session: Session, *, tenant_id: str, dataset_id: str,
     409 `dataset_in_use` while a queued or running job trains on it; finished jobs keep the
     id in their spec. Row first: a failure in between leaves an unlisted file, never a listed
     dataset without its file.
+
+    Against a racing submit: the check runs under the tenant's row lock, the one a submit holds
+    from its active-job count to its commit (submit._lock_tenant), and the submit re-checks the
+    dataset under that lock: either we see its job (409) or it sees the dataset gone (422).
     """
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+                    .execution_options(synchronize_session=False))
     row = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     users = list(session.scalars(select(Job.id).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),

@@ -89,6 +89,7 @@ def transition(
     refund_attempt: bool = False,
     lease: tuple[str, float] | None = None,
     unflagged: bool = False,
+    lease_expired_before: datetime | None = None,
 ) -> Job:
     """Move `job` to status `to` atomically, or raise IllegalTransition. Does not commit.
 
@@ -98,6 +99,8 @@ def transition(
     attempt's lease; the attempt count goes up by one.
     `unflagged`: the caller decided on a row without a cancel request; refuse if one landed
     since (-> queued and -> running always are: a flagged job is never claimed).
+    `lease_expired_before` (the reaper's clock): refuse unless the lease still expires before
+    it, so a lease renewed since the reaper read the row is not taken from its live worker.
     """
     from_status = job.status
     if to not in ALLOWED_TRANSITIONS.get(from_status, frozenset()):
@@ -125,6 +128,8 @@ def transition(
         stmt = stmt.where(Job.lease_owner == expect_owner)
     if unflagged or to in (S.QUEUED, S.RUNNING):  # see the module docstring
         stmt = stmt.where(Job.cancel_requested.is_(False))
+    if lease_expired_before is not None:
+        stmt = stmt.where(Job.lease_expires_at < lease_expired_before)
     if _rowcount(session, stmt.values(**values)) != 1:
         session.refresh(job)
         raise IllegalTransition(
@@ -160,13 +165,14 @@ def _status_event(session: Session, job: Job, from_status: str, to: str, *, mess
 
 def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | None,
                 error: JobError | None = None,
-                messages: dict[str, str] | None = None) -> JobStatus:
+                messages: dict[str, str] | None = None,
+                lease_expired_before: datetime | None = None) -> JobStatus:
     """Apply `policy.next_state(job, outcome)` under `owner`'s lease. Does not commit.
 
     `error` is stored if the decision is failed; `messages` (status -> text) label the status
     event of each possible decision. A transition refused because the row changed since it was
     read (a cancel landed while we requeued, or failed a job out of attempts) is decided
-    again, once, on the row as it is now.
+    again, once, on the row as it is now. `lease_expired_before`: see `transition` (the reaper).
     Returns the new status; raises IllegalTransition when the attempt is no longer ours.
     """
     messages = messages or {}
@@ -181,7 +187,8 @@ def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | No
             transition(session, job, to=to, expect_owner=owner,
                        error=error if to == S.FAILED else None,
                        message=messages.get(to, default), refund_attempt=decision.refund_attempt,
-                       unflagged=outcome in RETRYABLE and not job.cancel_requested)
+                       unflagged=outcome in RETRYABLE and not job.cancel_requested,
+                       lease_expired_before=lease_expired_before)
             return to
         except IllegalTransition:  # refreshed: decide again only if the attempt is still ours
             if again or job.status != S.RUNNING or job.lease_owner != owner:
@@ -260,7 +267,12 @@ def claim_next(session: Session, *, owner: str, lease_seconds: int) -> Job | Non
 
 
 def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:
-    """Extend our lease. False means we lost the job (reaped or finished): stop working on it."""
+    """Extend our lease. False means we lost the job (reaped or finished): stop working on it.
+
+    A lease already past its expiry is still renewed while the job is ours: a worker late by
+    a few seconds (a database outage, a long pause) whose job nobody reaped keeps its training.
+    The reaper's UPDATE requires the lease still expired (`reap_expired_leases`) and this one
+    requires our ownership, and both lock the row: whichever comes second sees the other."""
     now = utcnow()
     renewed = _rowcount(
         session,
@@ -314,6 +326,8 @@ def reap_expired_leases(session: Session, *, now: datetime | None = None) -> lis
     cancelled if a cancel was pending, requeued while attempts remain, else failed.
 
     Returns the ids that went back to queued (the caller sends them to the broker). Commits.
+    Each job's UPDATE re-checks that its lease is still expired at `now`: a worker that renewed
+    after the SELECT keeps its job (`renew_lease`).
     """
     now = now or utcnow()
     expired = session.scalars(
@@ -327,7 +341,8 @@ def reap_expired_leases(session: Session, *, now: datetime | None = None) -> lis
                 code="worker_lost", message=f"worker lost {job.attempt} times (max_attempts="
                                             f"{job.max_attempts}); giving up"), messages={
                 S.QUEUED: f"lease expired (worker {owner} lost); requeued",
-                S.CANCELLED: "cancelled (worker lost while stopping)"})
+                S.CANCELLED: "cancelled (worker lost while stopping)"},
+                lease_expired_before=now)
             session.commit()
         except IllegalTransition:
             session.rollback()  # the worker finished or renewed in between: fine

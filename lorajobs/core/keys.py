@@ -13,6 +13,13 @@ Every key records the key that minted it (`created_by`). Revoking a non-admin ke
 every key minted under it, transitively, so a leaked key cannot leave live keys behind. Keys
 minted by an admin key survive its revocation: rotating the operator's key must not revoke
 every tenant's keys (an admin key's leak is answered by listing `created_by`).
+
+Mint against revoke: the `by` row a request carries was read before its body arrived
+(api/auth.py), so it may have been revoked since. `mint_key` and `revoke_key` first lock `by`'s
+row with a conditional no-op UPDATE (`_lock_live`, 401 if it is revoked by now), and a revoke's
+UPDATE of a key takes that same row lock before it looks for the key's children: of a mint by X
+and a revoke of X (or of an ancestor of X), whichever comes second sees the other - the revoke
+finds the minted key and revokes it, or the mint finds X revoked and is refused.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import hashlib
 import hmac
 import os
 import secrets
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from lorajobs.core.errors import Forbidden, NotFound, Unauthorized
@@ -86,6 +94,7 @@ def mint_key(session: Session, *, by: ApiKey, name: str = "", tenant: str | None
     if (tenant is not None or is_admin) and not by.is_admin:
         raise Forbidden("only an admin key may name a tenant or create admin keys",
                         param="tenant" if tenant is not None else "is_admin")
+    _lock_live(session, by.id)
     tenant_id = by.tenant_id if tenant is None else get_or_create_tenant(session, name=tenant).id
     return create_key(session, tenant_id=tenant_id, name=name, is_admin=is_admin,
                       manage_keys=manage_keys or is_admin, created_by=by.id)
@@ -123,7 +132,9 @@ def revoke_key(session: Session, *, key_id: str, by: ApiKey) -> ApiKey:
 
     NotFound for a key `by` cannot see (another tenant's, unless `by` is an admin); Forbidden
     for an admin key unless `by` is one, and for another key unless `by` is an admin or has
-    manage_keys. A key may always revoke itself."""
+    manage_keys. A key may always revoke itself. Unauthorized if `by` was revoked since it was
+    read (module doc)."""
+    _lock_live(session, by.id)
     row = session.get(ApiKey, key_id)
     if row is None or (row.tenant_id != by.tenant_id and not by.is_admin):
         raise NotFound(f"no API key {key_id!r}", param="key_id")
@@ -136,10 +147,24 @@ def revoke_key(session: Session, *, key_id: str, by: ApiKey) -> ApiKey:
     now = utcnow()
     if row.revoked_at is None:
         row.revoked_at = now
+        session.flush()  # the row lock before the children are read (module doc)
     if not row.is_admin:
         _revoke_minted_under(session, row.id, now)
     session.flush()
     return row
+
+
+def _lock_live(session: Session, key_id: str) -> None:
+    """Write-lock the key's row until our commit, or Unauthorized if it is revoked by now.
+
+    The no-op UPDATE waits for a revoke of the key in flight and then reads the row as that
+    revoke left it (PostgreSQL re-checks the WHERE on the newest row; SQLite begins its one
+    write transaction here), so the caller decides on the key as it is, not as it was read."""
+    locked = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(name=ApiKey.name).execution_options(synchronize_session=False))
+    if cast(CursorResult[Any], locked).rowcount != 1:
+        raise Unauthorized("API key revoked")
 
 
 def _revoke_minted_under(session: Session, key_id: str, now: object) -> None:

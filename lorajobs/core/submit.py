@@ -4,7 +4,8 @@
                ─▶ model registered? datasets the tenant's? targets exist, r <= dims?
                ─▶ estimate (examples, total steps; tokens once a trainer counted them)
                ─▶ compatibility report (vLLM ranks, modules_to_save)
-               ─▶ tenant row lock + active-job count + replay (one statement), quota
+               ─▶ tenant row lock + active-job count + replay + datasets still there
+                  (one statement), quota
                ─▶ INSERT job + event + idempotency record ─▶ COMMIT
                ─▶ enqueue(job_id)   (after the commit: the worker re-reads the row)
 
@@ -271,6 +272,7 @@ class _Locked(NamedTuple):
     replay_hash: str | None
     used: StorageUsage
     queued: int  # queued jobs of every tenant: the queue position of the job we insert next
+    datasets_exist: bool  # the training (and validation) dataset is still the tenant's
 
 
 def _lock_statements() -> tuple[Any, Any]:
@@ -283,21 +285,28 @@ def _lock_statements() -> tuple[Any, Any]:
     record = select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant,
                                              IdempotencyRecord.key == bindparam("key"))
     datasets, artifacts = usage_queries(tenant)
+    # Read before the lock (resolve), so re-checked here: a delete_dataset that committed in
+    # between must not leave a queued job without its data (it takes this same lock).
+    exists = select(func.count()).select_from(Dataset).where(
+        Dataset.tenant_id == tenant,
+        Dataset.id.in_([bindparam("training_file"), bindparam("validation_file")]))
     counts = select(active.scalar_subquery(),
                     record.with_only_columns(IdempotencyRecord.job_id).scalar_subquery(),
                     record.with_only_columns(IdempotencyRecord.request_hash).scalar_subquery(),
                     datasets.scalar_subquery(), artifacts.scalar_subquery(),
-                    queued.scalar_subquery())
+                    queued.scalar_subquery(), exists.scalar_subquery())
     return lock, counts
 
 
 _LOCK_TENANT, _UNDER_LOCK = _lock_statements()  # built once, as _INPUTS
 
 
-def _lock_tenant(session: Session, tenant_id: str, idempotency_key: str | None) -> _Locked:
+def _lock_tenant(session: Session, tenant_id: str, idempotency_key: str | None,
+                 request: JobRequest) -> _Locked:
     """Write-lock the tenant's row until our commit, then read in one statement its active
     jobs, the (job id, request hash) an earlier request with our key left, its stored bytes
-    (service/usage.py) and the queued jobs of every tenant (our job's queue position).
+    (service/usage.py), the queued jobs of every tenant (our job's queue position) and
+    whether the request's datasets still exist (`delete_dataset` takes this lock too).
 
     Why the lock: a count-then-insert lets racing submits all see "limit - 1" and all insert
     (40 at once against a limit of 5 made 14 jobs). The no-op UPDATE makes PostgreSQL queue the
@@ -312,9 +321,24 @@ def _lock_tenant(session: Session, tenant_id: str, idempotency_key: str | None) 
     """
     params = {"tenant_id": tenant_id, "key": idempotency_key or ""}
     session.execute(_LOCK_TENANT, params)
-    row = session.execute(_UNDER_LOCK, params).one()
+    wanted = {request.training_file, request.validation_file or request.training_file}
+    row = session.execute(_UNDER_LOCK, params | {
+        "training_file": request.training_file,
+        "validation_file": request.validation_file or request.training_file}).one()
     used = StorageUsage(datasets_bytes=int(row[3]), artifacts_bytes=int(row[4]))
-    return _Locked(int(row[0]), row[1], row[2], used, int(row[5]))
+    return _Locked(int(row[0]), row[1], row[2], used, int(row[5]), int(row[6]) == len(wanted))
+
+
+def _dataset_deleted(session: Session, tenant_id: str, request: JobRequest) -> None:
+    """422 naming the dataset deleted since `resolve` read it, as `resolve` would have.
+    A query, not `get_dataset`: the session still holds the row `resolve` loaded."""
+    for dataset_id, param in ((request.training_file, "training_file"),
+                              (request.validation_file, "validation_file")):
+        if dataset_id is not None and session.scalar(select(Dataset.id).where(
+                Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)) is None:
+            raise InvalidRequest(f"no dataset {dataset_id!r}", param=param,
+                                 code="dataset_not_found")
+    raise AssertionError("the datasets exist but the count missed one")  # pragma: no cover
 
 
 def _check_quota(active: int, settings: Settings) -> None:
@@ -376,13 +400,15 @@ def submit_job(
             return Submitted(job, False, None)
     resolved = resolve(session, tenant_id=tenant_id, request=request, settings=settings,
                        store=store, inputs=inputs)
-    locked = _lock_tenant(session, tenant_id, idempotency_key)
+    locked = _lock_tenant(session, tenant_id, idempotency_key, request)
     if locked.replay_id is not None:
         # Again under the lock: a racing request with our key may have committed meanwhile.
         # Its job counts against the quota, so without this we would answer 429, not replay.
         _check_replay_hash(locked.replay_hash, digest)
         if (job := session.get(Job, locked.replay_id)) is not None:
             return Submitted(job, False, None)
+    if not locked.datasets_exist:
+        _dataset_deleted(session, tenant_id, request)
     _check_quota(locked.active, settings)
     check_room(locked.used, settings=settings)  # a job writes files: it needs room for one byte
     job = Job(
