@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: latency includes the limit checks and the error handlers. A
     # request takes its slot (ConcurrencyLimit) only once its key is valid (Auth) and its
     # JSON body has arrived (BodyTimeout): see api/limits.py.
-    app.add_middleware(ConcurrencyLimitMiddleware, slots=app.state.request_slots)
+    app.add_middleware(ConcurrencyLimitMiddleware, slots=app.state.request_slots,
+                       send_timeout=settings.response_send_timeout_seconds)
     app.add_middleware(BodyTimeoutMiddleware, settings=settings)
     app.add_middleware(AuthMiddleware, sessions=app.state.sessionmaker,
                        lookups=app.state.lookups)

@@ -52,7 +52,10 @@ async def get_enqueue(request: Request) -> Callable[[str], None]:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session closes when the route returns, before the response starts,
+# so a download read slowly (limits.ConcurrencyLimitMiddleware frees its slot at the response
+# start) holds no database connection while its body streams.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
 

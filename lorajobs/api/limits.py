@@ -15,12 +15,15 @@ store it). The order, outermost first (app.py):
     BodyLimit (declared 413) -> Auth (401 from the headers, api/auth.py) -> BodyTimeout
     (408; JSON read whole) -> ConcurrencyLimit (slot) -> the app
 
-so a request without a valid key, or whose body is still arriving, holds no slot.
+so a request without a valid key, or whose body is still arriving, holds no slot; and a
+request whose response has started (its route and session are done: what is left is sending)
+gives its slot back, each body send bounded by response_send_timeout_seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -51,6 +54,9 @@ UNLIMITED_SUFFIXES = ("/events/stream",)
 # of the 1 MiB max_request_bytes, thousands of ordinary ones. Past it, a request waits with
 # its body unread (TCP holds it back), so waiting requests cannot grow the API's memory.
 BUFFERED_BODIES_BYTES = 64 * 1024 * 1024
+# scope["state"] key of the authenticated ApiKey row (auth.PRINCIPAL_STATE; auth imports us).
+_PRINCIPAL = "principal"
+logger = logging.getLogger(__name__)
 
 
 class BodyLimitMiddleware:
@@ -143,22 +149,56 @@ class ConcurrencyLimitMiddleware:
     It counts requests being served, not sockets: it sits inside AuthMiddleware and
     BodyTimeoutMiddleware, so a request takes its slot once its key is valid and its JSON body
     has arrived whole. An upload streams inside its slot (BodyTimeoutMiddleware paces it).
+    A request gives its slot back once its response has started: the route has returned and
+    its session is closed (deps.SessionDep), what is left is sending a body from memory or from
+    files. Before, 16 downloads read at 1 byte/s held every slot for as long as they lasted.
+    Each body send must complete within response_send_timeout_seconds, else the response is
+    abandoned and uvicorn closes the connection (once what it already buffered is flushed).
     """
 
-    def __init__(self, app: ASGIApp, slots: RequestSlots) -> None:
+    def __init__(self, app: ASGIApp, slots: RequestSlots, send_timeout: float) -> None:
         self.app = app
         self.slots = slots
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _unlimited(scope["path"]):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # event streams bound their own sends
             return
         upload = is_upload(scope)
         await self.slots.acquire(upload=upload)
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.slots.release(upload=upload)
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await send(message)
+                release()
+                return
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _SendTimedOut from None
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, timed_send)
+        except _SendTimedOut:
+            # Returning with the response incomplete: uvicorn closes the connection.
+            logger.warning("%s %s: a response send did not complete within %g s; the "
+                           "connection is closed", scope["method"], scope["path"],
+                           self.send_timeout)
         finally:
-            self.slots.release(upload=upload)
+            release()
+
+
+class _SendTimedOut(Exception):
+    """A response body send did not complete in time (the client stopped reading)."""
 
 
 def _unlimited(path: str) -> bool:
@@ -188,13 +228,18 @@ class BodyTimeoutMiddleware:
     byte, or when, after that grace, the average rate falls below
     upload_min_bytes_per_second (a deadline that grows with every byte: a declared 200 MiB
     has about an hour at 64 KiB/s). Either 408 closes the connection. JSON bodies held in
-    memory share BUFFERED_BODIES_BYTES: waiting requests cannot grow the API's memory.
+    memory share BUFFERED_BODIES_BYTES: waiting requests cannot grow the API's memory. One
+    tenant's bodies hold at most buffered_body_share_per_tenant of it (past it: 429 at once),
+    and a body waits at most body_timeout_seconds for room in the budget (then 503), so one
+    tenant's stalled bodies cannot hold every other tenant's POSTs.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.budget = _ByteBudget(BUFFERED_BODIES_BYTES)
+        self.budget = _ByteBudget(
+            BUFFERED_BODIES_BYTES,
+            share=int(BUFFERED_BODIES_BYTES * settings.buffered_body_share_per_tenant))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] not in _TIMED_METHODS
@@ -211,9 +256,16 @@ class BodyTimeoutMiddleware:
             await _too_large(limit)(scope, receive, send)
             return
         # Held until the response: the body stays in memory while the request waits for its
-        # slot and is served. A request waits here, body unread, while the budget is spent.
-        async with self.budget.reserve(size):
-            await self._buffered(scope, receive, send, limit)
+        # slot and is served. A request waits here, body unread, while the budget (or its
+        # tenant's share) is spent; body_timeout_seconds at most.
+        principal = scope.get("state", {}).get(_PRINCIPAL)
+        owner = getattr(principal, "tenant_id", None)
+        timeout = self.settings.body_timeout_seconds
+        try:
+            async with self.budget.reserve(size, owner=owner, timeout=timeout):
+                await self._buffered(scope, receive, send, limit)
+        except _NoRoom as full:
+            await _busy(full, timeout)(scope, receive, send)
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         timeout = self.settings.body_timeout_seconds
@@ -230,26 +282,58 @@ class BodyTimeoutMiddleware:
         await self.app(scope, _replay(body, receive), send)
 
 
-class _ByteBudget:
-    """At most `capacity` bytes reserved at once; `reserve(n)` waits for room (FIFO-ish)."""
+class _NoRoom(Exception):
+    """`own`: the owner's share is full (at once); else no room in the budget in time."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, own: bool) -> None:
+        super().__init__(own)
+        self.own = own
+
+
+class _ByteBudget:
+    """At most `capacity` bytes reserved at once, at most `share` (if set) by one owner.
+    `reserve(n, owner=...)` past the owner's share: _NoRoom(own=True) at once (its own
+    requests fill it; waiting would let them queue without end); past the capacity: waits for
+    room (FIFO-ish), `timeout` seconds at most, then _NoRoom(own=False)."""
+
+    def __init__(self, capacity: int, share: int | None = None) -> None:
         self.capacity = capacity
+        self.share = share  # None: no cap per owner
         self.used = 0
+        self.by_owner: dict[str | None, int] = {}
         self._room = asyncio.Condition()
 
     @asynccontextmanager
-    async def reserve(self, n: int) -> AsyncIterator[None]:
-        n = min(n, self.capacity)
-        async with self._room:
-            await self._room.wait_for(lambda: self.used + n <= self.capacity)
-            self.used += n
+    async def reserve(self, n: int, *, owner: str | None = None,
+                      timeout: float | None = None) -> AsyncIterator[None]:
+        n = min(n, self.capacity, self.share or self.capacity)
+        if self.share is not None and self.by_owner.get(owner, 0) + n > self.share:
+            raise _NoRoom(own=True)
+        # Counted against the owner while it waits, so its waiting requests are capped too.
+        self.by_owner[owner] = self.by_owner.get(owner, 0) + n
+        try:
+            async with asyncio.timeout(timeout), self._room:
+                await self._room.wait_for(lambda: self.used + n <= self.capacity)
+                self.used += n
+        except BaseException as exc:
+            self._forget(owner, n)
+            if isinstance(exc, TimeoutError):
+                raise _NoRoom(own=False) from None
+            raise
         try:
             yield
         finally:
             async with self._room:
                 self.used -= n
+                self._forget(owner, n)
                 self._room.notify_all()
+
+    def _forget(self, owner: str | None, n: int) -> None:
+        left = self.by_owner[owner] - n
+        if left:
+            self.by_owner[owner] = left
+        else:
+            del self.by_owner[owner]
 
 
 async def _read_body(receive: Receive, timeout: float, limit: int) -> bytes | None:
@@ -329,6 +413,20 @@ class _PacedReceive:
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status,
                         headers={"Connection": "close"})
+
+
+def _busy(full: _NoRoom, timeout: float) -> JSONResponse:
+    """No room to buffer the body: 429 at once when the tenant's own bodies fill its share,
+    503 after `timeout` when the whole budget is full; the body was never read, so the
+    connection closes."""
+    if full.own:
+        response = _error(429, "limit_exceeded", "this tenant's request bodies in memory fill "
+                          "its share of the server's buffer (too many large bodies at once)")
+    else:
+        response = _error(503, "server_busy", "the server's buffer for request bodies is full; "
+                          f"none freed in {timeout:g} s")
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _timed_out(timeout: float) -> JSONResponse:

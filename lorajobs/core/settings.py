@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(10, gt=0, le=300)
     upload_min_bytes_per_second: int = Field(64 * 1024, ge=0)
     max_concurrent_uploads: int = Field(4, ge=1, le=20)
+    # JSON bodies held in memory share a 64 MiB budget (limits.BUFFERED_BODIES_BYTES); one
+    # tenant's bodies may hold at most this fraction of it (its keys together: any key can mint
+    # more): past it, 429 at once; a body waits body_timeout_seconds at most for room in the
+    # whole budget, then 503; both with Retry-After.
+    buffered_body_share_per_tenant: float = Field(0.25, gt=0, le=1)
+    # Slow-reading clients (a download read 1 byte/s): a request gives its slot back once its
+    # response has started (the route and its database session are done by then), and each
+    # send of a response body must complete within this, else the response is abandoned and
+    # the connection closed (event streams have their own, events.SEND_TIMEOUT_SECONDS).
+    response_send_timeout_seconds: float = Field(30, gt=0, le=600)
     # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` and also exposes the
     # per-job series (job ids of every tenant); unset, /metrics is open and aggregate only.
     metrics_token: str | None = Field(None, min_length=16)
