@@ -34,7 +34,8 @@ from tests.reliability import scenarios  # noqa: E402
 from tests.servicefixtures import LiveService, wait_for  # noqa: E402
 
 DEFAULT_N = {"kill9": 10, "duplicate": 10, "sigterm": 5, "broker_down": 10,
-             "idempotency": 20, "fuzz": 50, "db_restart": 3, "api_restart": 3, "disk_full": 2}
+             "idempotency": 20, "fuzz": 50, "db_restart": 3, "api_restart": 3, "disk_full": 2,
+             "pollers": 3}
 PYTEST_REPEATED = {
     "db_restart": "tests/reliability/test_db_restart.py",
     "api_restart": "tests/reliability/test_api_restart.py",
@@ -145,6 +146,24 @@ def run_fuzz(n: int, backend: str) -> dict[str, Any]:
         svc.close()
 
 
+def run_pollers(n: int, backend: str) -> dict[str, Any]:
+    """The trainer's tokens/s under 8 job pollers vs the same load on /healthz, `n` runs (the
+    figure tests/reliability/test_pollers.py prints but cannot assert on a shared box)."""
+    from lora_core.model_files.tiny import make_tiny_model
+    from tests.reliability.conftest import api_with_tiny_model, submit_real_job
+
+    ratios = []
+    model = make_tiny_model(Path(tempfile.mkdtemp(prefix="lorajobs-tiny-")), seed=0)
+    for _ in range(n):
+        svc = LiveService(Path(tempfile.mkdtemp(prefix="lorajobs-bench-")), backend, trainer=None)
+        with api_with_tiny_model(svc, model) as client:
+            job_id = submit_real_job(client, max_steps=5000, save_steps=5000)
+            figures = scenarios.pollers_vs_training(svc, dict(client.headers), job_id, pollers=8,
+                                                    poll_interval=0.05, phase_seconds=3.0)
+        ratios.append(figures["ratio_vs_control"])
+    return {"runs": n, "ratio_vs_control": ratios, "min": min(ratios)}
+
+
 def run_pytest_repeated(name: str) -> Callable[[int, str], dict[str, Any]]:
     def run(n: int, backend: str) -> dict[str, Any]:
         passed = failed = 0
@@ -161,6 +180,7 @@ def run_pytest_repeated(name: str) -> Callable[[int, str], dict[str, Any]]:
 SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "kill9": run_kill9, "duplicate": run_duplicate, "sigterm": run_sigterm,
     "broker_down": run_broker_down, "idempotency": run_idempotency, "fuzz": run_fuzz,
+    "pollers": run_pollers,
     **{name: run_pytest_repeated(name) for name in PYTEST_REPEATED},
 }
 
