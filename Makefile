@@ -23,10 +23,15 @@ demo: install
 
 # mypy checks lorajobs/ and lora_core/ ([tool.mypy] in pyproject.toml); .mypy_cache keeps a
 # re-run at seconds.
+# The suite runs in TEST_WORKERS processes, a test file each at a time (`--dist loadfile`: a
+# file's servers and fixtures stay in one process). Most tests wait on real subprocesses
+# (servers, workers, trainers), so 3 processes keep 2 cores busy; every test owns its ports,
+# databases, Redis db number and directories. The 10 slowest are listed at the end.
+TEST_WORKERS ?= 3
 test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 lint: dev
 	$(BIN)/ruff check .
