@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +85,48 @@ def db_settings(request: pytest.FixtureRequest, tmp_path) -> Iterator[object]:
 
         get_engine(settings).dispose()
         drop_pg_database(url)
+
+
+@dataclass
+class TinyTenant:
+    """A migrated database with the tiny model registered as "tiny" and one tenant: what the
+    in-process submit tests start from."""
+
+    settings: Any
+    store: Any
+    session: Any
+    tenant_id: str
+
+
+def tiny_tenant(db_settings: Any, tmp_path: Path, tiny_model_dir: Path) -> TinyTenant:
+    from lorajobs.core import keys, registry
+    from lorajobs.core.db import get_sessionmaker
+    from lorajobs.core.storage import get_store
+
+    settings = db_settings.model_copy(update={"model_root": tmp_path / "models"})
+    shutil.copytree(tiny_model_dir, settings.resolved_model_root / "tiny")
+    session = get_sessionmaker(settings)()
+    tenant = keys.create_tenant(session, name="t")
+    session.commit()
+    registry.register_model(session, name="tiny", path_under_model_root="tiny", settings=settings)
+    return TinyTenant(settings, get_store(settings), session, tenant.id)
+
+
+@contextmanager
+def recorded_statements(settings: Any) -> Iterator[list[str]]:
+    """Every SQL statement the settings' engine executes inside the block, in order."""
+    from sqlalchemy import event
+
+    from lorajobs.core.db import get_engine
+
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

@@ -4,15 +4,11 @@ that (the statement carries the LIMIT) instead of loading every row and slicing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
-
-from lorajobs.core.db import get_engine
 from lorajobs.core.tables import Artifact, Checkpoint, JobMetric, new_id
 from tests.api.conftest import Api
+from tests.dbfixtures import recorded_statements
 
 STEPS = [0, 2, 4, 6, 8, 10, 12]
 
@@ -54,19 +50,6 @@ def _walk(api: Api, path: str, limit: int) -> tuple[list[dict[str, Any]], int]:
         params["after"] = body["next_cursor"]
 
 
-@contextmanager
-def _statements(api: Api) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.append(statement)
-
-    engine = get_engine(api.settings)
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_metrics_pages_by_step(api: Api) -> None:
@@ -80,7 +63,7 @@ def test_metrics_pages_by_step(api: Api) -> None:
     assert first["has_more"] is True and first["next_cursor"] == 4
     after = api.client.get(path, headers=api.h("alice"), params={"after": 0}).json()
     assert [r["step"] for r in after["data"]] == STEPS[1:]  # step 0 is a real cursor
-    with _statements(api) as seen:
+    with recorded_statements(api.settings) as seen:
         api.client.get(path, headers=api.h("alice"), params={"limit": 2})
     reads = [s for s in seen if "FROM job_metrics" in s]
     assert reads and all("LIMIT" in s for s in reads), reads
@@ -98,7 +81,7 @@ def test_checkpoints_page_with_their_own_files(api: Api) -> None:
     assert by_step[6]["merged"] is None
     assert [f["name"] for f in by_step[6]["adapter"]["files"]] == ["adapter_model.safetensors"]
     assert all(f["step"] == c["step"] for c in rows for f in c["adapter"]["files"])
-    with _statements(api) as seen:
+    with recorded_statements(api.settings) as seen:
         api.client.get(path, headers=api.h("alice"), params={"limit": 2})
     # The artifacts read is only for the page's steps, never the job's whole file list.
     artifact_reads = [s for s in seen if "FROM artifacts" in s]
@@ -120,7 +103,7 @@ def test_artifacts_page_in_a_stable_order(api: Api) -> None:
     for cursor in ("art_missing", foreign["data"][0]["id"]):
         bad = api.client.get(path, headers=api.h("alice"), params={"after": cursor})
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "after"
-    with _statements(api) as seen:
+    with recorded_statements(api.settings) as seen:
         api.client.get(path, headers=api.h("alice"), params={"limit": 2, "after": rows[3]["id"]})
     reads = [s for s in seen if "FROM artifacts" in s and "ORDER BY" in s]
     assert reads and all("LIMIT" in s for s in reads), reads

@@ -3,17 +3,14 @@ job figures from aggregate queries whose count does not grow with the jobs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event
 
 from lorajobs.core import keys
-from lorajobs.core.db import get_engine
 from lorajobs.core.tables import Job, JobMetric, JobStatus, new_id
 from tests.api.conftest import MODEL_NAME, Api
+from tests.dbfixtures import recorded_statements
 
 TOKEN = "metrics-token-0123456789"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -46,19 +43,6 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-@contextmanager
-def _statements(api: Api) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(conn, cursor, statement, *args) -> None:  # noqa: ANN001
-        seen.append(statement)
-
-    engine = get_engine(api.settings)
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_metrics_token_is_required_when_set(api: Api) -> None:
@@ -92,7 +76,7 @@ def test_job_figures_are_aggregates(api: Api) -> None:
               (JobStatus.SUCCEEDED, 7, 4000), (JobStatus.FAILED, 3, 30),
               (JobStatus.CANCELLED, None, None), (JobStatus.QUEUED, None, None),
               (JobStatus.RUNNING, 0, None))
-    with _statements(api) as few:
+    with recorded_statements(api.settings) as few:
         m = _samples(api.client.get("/metrics").text)
 
     def h(suffix: str, status: str, **labels: str) -> float:
@@ -111,7 +95,7 @@ def test_job_figures_are_aggregates(api: Api) -> None:
     assert m[("lorajobs_training_tokens_per_second", ())] == 200.0
 
     _add_jobs(api, *[(JobStatus.SUCCEEDED, 0, 50)] * 40, *[(JobStatus.RUNNING, 0, None)] * 5)
-    with _statements(api) as many:
+    with recorded_statements(api.settings) as many:
         m = _samples(api.client.get("/metrics").text)
     assert h("count", "succeeded") == 43
     assert m[("lorajobs_training_tokens_per_second", ())] == 6 * 200.0

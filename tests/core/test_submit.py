@@ -3,39 +3,31 @@
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
 from pydantic import ValidationError
 
 from lora_core.spec import LoraSpec
-from lorajobs.core import datasets, keys, registry, submit
-from lorajobs.core.db import get_sessionmaker
+from lorajobs.core import datasets, submit
 from lorajobs.core.errors import InvalidRequest, LimitExceeded
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import get_store
 from lorajobs.core.tables import JobEvent
 from tests.api.conftest import alpaca_lines, jsonl
-from tests.dbfixtures import db_settings  # noqa: F401
+from tests.dbfixtures import db_settings, tiny_tenant  # noqa: F401
 
 
 @pytest.fixture
 def env(db_settings: Settings, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]  # noqa: F811
-    settings = db_settings.model_copy(update={"model_root": tmp_path / "models"})
-    shutil.copytree(tiny_model_dir, settings.resolved_model_root / "tiny")
-    store = get_store(settings)
-    session = get_sessionmaker(settings)()
-    tenant = keys.create_tenant(session, name="t")
-    session.commit()
-    registry.register_model(session, name="tiny", path_under_model_root="tiny", settings=settings)
-    ds = datasets.create_dataset(session, tenant_id=tenant.id, filename="d.jsonl",
+    t = tiny_tenant(db_settings, tmp_path, tiny_model_dir)
+    settings, store, session, tenant_id = t.settings, t.store, t.session, t.tenant_id
+    ds = datasets.create_dataset(session, tenant_id=tenant_id, filename="d.jsonl",
                                  stream=io.BytesIO(jsonl(alpaca_lines(10))), data_format=None,
                                  settings=settings, store=store)
     sent: list[str] = []
 
     def create(body: dict, key: str | None = None, s: Settings = settings):  # type: ignore[no-untyped-def]
         request = submit.JobRequest(base_model="tiny", training_file=ds.id, **body)
-        return submit.create_job(session, tenant_id=tenant.id, request=request, settings=s,
+        return submit.create_job(session, tenant_id=tenant_id, request=request, settings=s,
                                  store=store, idempotency_key=key, enqueue=sent.append)
 
     yield settings, session, create, sent

@@ -4,43 +4,37 @@ worker, serves every later submit of the same (content, model, max_seq_length)."
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
 from sqlalchemy import func, select
 
 from lora_core.events import StartedEvent
-from lorajobs.core import datasets, jobs, keys, registry, submit
+from lorajobs.core import datasets, jobs, submit
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import get_store
 from lorajobs.core.tables import Dataset, Job, JobEvent, TokenCount
 from lorajobs.worker.event_recorder import EventRecorder
 from tests.api.conftest import alpaca_lines, jsonl
-from tests.dbfixtures import db_settings  # noqa: F401
+from tests.dbfixtures import db_settings, tiny_tenant  # noqa: F401
 
 WARNING = "3 training example(s) exceed max_seq_length and will be truncated"
 
 
 @pytest.fixture
 def env(db_settings: Settings, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]  # noqa: F811
-    settings = db_settings.model_copy(update={"model_root": tmp_path / "models"})
-    shutil.copytree(tiny_model_dir, settings.resolved_model_root / "tiny")
-    store = get_store(settings)
-    session = get_sessionmaker(settings)()
-    tenant = keys.create_tenant(session, name="t")
-    session.commit()
-    registry.register_model(session, name="tiny", path_under_model_root="tiny", settings=settings)
+    t = tiny_tenant(db_settings, tmp_path, tiny_model_dir)
+    settings, store, session, tenant_id = t.settings, t.store, t.session, t.tenant_id
 
     def upload() -> str:
-        return datasets.create_dataset(session, tenant_id=tenant.id, filename="d.jsonl",
+        return datasets.create_dataset(session, tenant_id=tenant_id, filename="d.jsonl",
                                        stream=io.BytesIO(jsonl(alpaca_lines(10))),
                                        data_format=None, settings=settings, store=store).id
 
     def create(ds: str, max_len: int = 16):  # type: ignore[no-untyped-def]
         request = submit.JobRequest(base_model="tiny", training_file=ds,
                                     training={"max_seq_length": max_len})
-        return submit.create_job(session, tenant_id=tenant.id, request=request,
+        return submit.create_job(session, tenant_id=tenant_id, request=request,
                                  settings=settings, store=store, enqueue=lambda _id: None)[0]
 
     yield settings, session, upload, create
