@@ -29,6 +29,26 @@ class Settings(BaseSettings):
     artifact_root: Path | None = None  # default: data_dir/artifacts
     model_root: Path | None = None  # default: data_dir/models; registered models live here
 
+    # The object store (lorajobs/core/storage.py). Unset: the local directory artifact_root.
+    # `s3://bucket/prefix`: an S3-compatible store (AWS S3, MinIO, Ceph RGW, R2, GCS in S3
+    # mode); credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID..., a profile, an
+    # instance role). store_endpoint_url points at a non-AWS server (http://minio:9000).
+    store_url: str | None = None
+    store_endpoint_url: str | None = None
+    store_region: str | None = None
+    # Downloads: stream through the API (HTTP Range, sha256 headers), or answer 307 to a
+    # presigned URL valid for store_presign_seconds (an S3 store only; the SDK and CLI follow
+    # either and verify sha256 either way).
+    store_presign_downloads: bool = False
+    store_presign_seconds: int = Field(300, ge=10, le=7 * 24 * 3600)
+    # Node-local scratch: a worker's trainer runs here (inputs fetched from the store,
+    # checkpoints uploaded from here); each job's directory is removed when the job settles.
+    scratch_dir: Path | None = None  # default: data_dir/scratch
+    # Node-local cache of base models fetched from the store, keyed by content hash, evicted
+    # least-recently-used past model_cache_bytes.
+    model_cache_dir: Path | None = None  # default: data_dir/model-cache
+    model_cache_bytes: int = Field(200 * 1024 * MiB, ge=1)
+
     # Leases: a worker renews every LEASE_RENEW_SECONDS; a lease not renewed for
     # lease_seconds means the worker died and the reaper may requeue the job.
     lease_seconds: int = Field(60, ge=2)
@@ -139,6 +159,14 @@ class Settings(BaseSettings):
     @property
     def resolved_model_root(self) -> Path:
         return self.model_root or self.data_dir / "models"
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        return self.scratch_dir or self.data_dir / "scratch"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "model-cache"
 
     @property
     def admin_key_file(self) -> Path:

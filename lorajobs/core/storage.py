@@ -13,17 +13,20 @@ the database and the admin key beside it: the service's user alone reads them. F
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from lorajobs.core.errors import InvalidRequest
 
-__all__ = ["ArtifactStore", "LocalArtifactStore", "safe_key", "get_store", "use_private_umask",
-           "private_dir", "private_file", "PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE"]
+__all__ = ["ArtifactStore", "LocalArtifactStore", "StoredObject", "safe_key", "get_store",
+           "use_private_umask", "private_dir", "private_file", "PRIVATE_FILE_MODE",
+           "PRIVATE_DIR_MODE"]
 
 COPY_CHUNK = 1024 * 1024
 PRIVATE_UMASK = 0o077  # new files rw-------, directories rwx------
@@ -84,17 +87,43 @@ def safe_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One object under a prefix (`ArtifactStore.list`)."""
+
+    key: str
+    size: int
+
+
 class ArtifactStore(ABC):
-    """Put, read and list files by key. Implementations must make `put_*` atomic."""
+    """Put, read and list immutable objects by key; nothing outside the implementations knows
+    where an object lives. `put_*` are atomic: a reader sees the whole object or none.
+
+    Keys are written once per attempt and never rewritten in place (checkpoints and final
+    artifacts are keyed by job, attempt and step), so an S3 store needs no locking.
+    """
 
     @abstractmethod
-    def put_file(self, key: str, src: Path) -> None: ...
+    def put_file(self, key: str, src: Path, *, immutable: bool = False) -> None:
+        """Store a local file (large files in parts). `immutable`: the caller promises nobody
+        rewrites `src` in place from now on (a sealed checkpoint, a final adapter), so the
+        local store may hard-link it instead of copying (deleting `src` later is fine)."""
 
     @abstractmethod
-    def put_stream(self, key: str, stream: BinaryIO) -> int: ...
+    def put_stream(self, key: str, stream: BinaryIO) -> int:
+        """Store what `stream` yields until EOF; returns the byte count."""
 
     @abstractmethod
-    def open(self, key: str) -> BinaryIO: ...
+    def get_file(self, key: str, dest: Path) -> None:
+        """Download to `dest` atomically (a `.part` file renamed into place), 0600."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A streaming reader of the whole object."""
+
+    @abstractmethod
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        """A streaming reader of bytes [start, end] inclusive (HTTP Range semantics)."""
 
     @abstractmethod
     def size(self, key: str) -> int: ...
@@ -103,27 +132,69 @@ class ArtifactStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def delete_prefix(self, prefix: str) -> None: ...
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with `prefix` + "/" (or equals it), sorted by key."""
 
     @abstractmethod
-    def local_path(self, key: str) -> Path:
-        """A filesystem path for the trainer (a local store returns the file itself)."""
+    def delete(self, key: str) -> None:
+        """Remove one object; a missing one is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under `prefix` (a directory-like prefix, or one key)."""
+
+    def presigned_url(self, key: str, *, expires_seconds: int,
+                      filename: str | None = None) -> str | None:
+        """A short-lived URL a client may GET the object from directly, or None where the
+        store has none (the local directory): the API then streams the object itself."""
+        return None
+
+    @property
+    def is_local(self) -> bool:
+        """True for the embedded local directory (one node)."""
+        return False
 
 
 class LocalArtifactStore(ArtifactStore):
+    """A directory: the embedded default (one node), or a shared volume."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         _make_dirs(self.root)
 
+    @property
+    def is_local(self) -> bool:
+        return True
+
     def local_path(self, key: str) -> Path:
+        """The file behind a key. Not part of `ArtifactStore`: only this implementation and its
+        tests may use it (callers go through the interface, so an S3 store works the same)."""
         path = (self.root / safe_key(key)).resolve()
         if not path.is_relative_to(self.root):
             raise InvalidRequest(f"invalid artifact key {key!r}", param="key")
         return path
 
-    def put_file(self, key: str, src: Path) -> None:
-        with open(src, "rb") as stream:
-            self.put_stream(key, stream)
+    def put_file(self, key: str, src: Path, *, immutable: bool = False) -> None:
+        dest = self.local_path(key)
+        if not immutable:
+            with open(src, "rb") as stream:
+                self.put_stream(key, stream)
+            return
+        _make_dirs(dest.parent)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.unlink(missing_ok=True)
+        try:  # same filesystem (scratch beside the store): no copy of a file nobody rewrites
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as stream:
+                self.put_stream(key, stream)
+            return
+        try:
+            os.chmod(tmp, PRIVATE_FILE_MODE)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def put_stream(self, key: str, stream: BinaryIO) -> int:
         dest = self.local_path(key)
@@ -141,14 +212,42 @@ class LocalArtifactStore(ArtifactStore):
             raise
         return written
 
+    def get_file(self, key: str, dest: Path) -> None:
+        _make_dirs(Path(dest).parent)
+        tmp = Path(dest).with_name(Path(dest).name + ".part")
+        try:
+            with self.open(key) as src, _create_private(tmp) as out:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def open(self, key: str) -> BinaryIO:
         return open(self.local_path(key), "rb")
+
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        fh = open(self.local_path(key), "rb")
+        fh.seek(start)
+        return cast(BinaryIO, io.BufferedReader(_BoundedReader(fh, end - start + 1)))
 
     def size(self, key: str) -> int:
         return self.local_path(key).stat().st_size
 
     def exists(self, key: str) -> bool:
-        return self.local_path(key).exists()
+        return self.local_path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        base = self.local_path(prefix)
+        if base.is_file():
+            yield StoredObject(key=prefix, size=base.stat().st_size)
+            return
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(".part"):
+                yield StoredObject(key=p.relative_to(self.root).as_posix(), size=p.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        self.local_path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         path = self.local_path(prefix)
@@ -165,7 +264,32 @@ class LocalArtifactStore(ArtifactStore):
                 yield p.relative_to(self.root).as_posix(), p
 
 
+class _BoundedReader(io.RawIOBase):
+    """At most `remaining` bytes of a file, then EOF (a Range read of the local store)."""
+
+    def __init__(self, fh: BinaryIO, remaining: int) -> None:
+        self._fh = fh
+        self._remaining = max(0, remaining)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if self._remaining <= 0:
+            return 0
+        view = memoryview(buffer)[: self._remaining]
+        n = self._fh.readinto(view)  # type: ignore[attr-defined]
+        self._remaining -= n or 0
+        return n or 0
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def get_store(settings=None) -> LocalArtifactStore:  # type: ignore[no-untyped-def]
+    """The store the settings name. TODO(#12, store helper): an `s3://` store_url returns the
+    S3 store, and the return type becomes `ArtifactStore` once no caller needs local paths."""
     from lorajobs.core.settings import get_settings
 
     settings = settings or get_settings()

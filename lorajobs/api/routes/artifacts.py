@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import PurePosixPath
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
@@ -14,6 +14,7 @@ from lorajobs.api.deps import PrincipalDep, SessionDep, StoreDep
 from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsDeleted, ArtifactsPublic
 from lorajobs.core import usage
 from lorajobs.core.archive import TarEntry, TarStream
+from lorajobs.core.storage import LocalArtifactStore
 
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
@@ -26,7 +27,8 @@ def _tar_download(session: SessionDep, store: StoreDep, tenant_id: str, job_id: 
                   kind: str, step: int | None) -> StreamingResponse:
     queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
     rows = queries.artifact_set(session, job_id=job_id, kind=kind, step=step)
-    entries = [TarEntry(name=r.name, path=store.local_path(r.storage_key), size=r.size,
+    local = cast(LocalArtifactStore, store)  # TODO(#12): stream from the store interface
+    entries = [TarEntry(name=r.name, path=local.local_path(r.storage_key), size=r.size,
                         mtime=r.created_at.timestamp()) for r in rows]
     label = f"{job_id}-{kind}" + (f"-step{rows[0].step}" if rows[0].step is not None else "")
     tar = TarStream(entries, prefix=label)
@@ -72,7 +74,8 @@ def download_artifact(job_id: str, artifact_id: str, session: SessionDep, store:
     row = queries.get_artifact(session, job_id=job_id, artifact_id=artifact_id)
     digest_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
     return FileResponse(
-        store.local_path(row.storage_key), filename=PurePosixPath(row.name).name,
+        cast(LocalArtifactStore, store).local_path(row.storage_key),
+        filename=PurePosixPath(row.name).name,
         headers={"ETag": f'"{row.sha256}"', "Digest": f"sha-256={digest_b64}",
                  "Repr-Digest": f"sha-256=:{digest_b64}:", "X-Checksum-SHA256": row.sha256},
     )
