@@ -154,10 +154,22 @@ class RegisteredModel(Base):
     num_parameters: Mapped[int] = mapped_column(BigInteger)
     dtype: Mapped[str] = mapped_column(String(20))
     linear_modules: Mapped[list[Any]] = mapped_column(default=list)
-    # Relative to settings.model_root; never supplied by a client.
-    path: Mapped[str] = mapped_column(String(500))
+    # Source "path" (legacy, the embedded default): relative to settings.model_root, never
+    # supplied by a client. Otherwise None: the model lives in the store (below).
+    path: Mapped[str | None] = mapped_column(String(500), default=None)
     weights_sha256: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Where it came from: "path" | "upload" | "s3" | "hf" (lorajobs/core/model_import.py).
+    source: Mapped[str] = mapped_column(String(10), default="path", server_default="path")
+    # A stored model: its files under `<storage_prefix>/` (models/<content_sha256>), their
+    # manifest [{path, size, sha256}], the hash over it (the worker cache's key), the source's
+    # revision (a Hugging Face commit, an s3:// URL) and the header facts (ModelInfo) the API
+    # checks specs against without the files.
+    storage_prefix: Mapped[str | None] = mapped_column(String(200), default=None)
+    content_sha256: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    files: Mapped[list[Any] | None] = mapped_column(default=None)
+    revision: Mapped[str | None] = mapped_column(String(200), default=None)
+    info: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -236,6 +248,10 @@ class Checkpoint(Base):
     adapter_key: Mapped[str | None] = mapped_column(String(500), default=None)
     merged_key: Mapped[str | None] = mapped_column(String(500), default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # {"files": [{path, size, sha256}]} of what was uploaded under `path` (the store prefix),
+    # and the attempt that wrote it; set when the upload completed (migration 0005).
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    attempt: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
