@@ -1,7 +1,7 @@
 """webhook_endpoints, webhook_deliveries (the outbox), webhook_attempts
 
-Revision ID: 0005_webhooks
-Revises: 0004
+Revision ID: 0007_webhooks
+Revises: 0006_checkpoint_manifest
 Create Date: 2026-12-06 11:55:00
 
 A tenant's registered endpoints; one delivery row per (event, endpoint), written in the same
@@ -13,8 +13,8 @@ from alembic import op
 
 import lorajobs.core.tables
 
-revision = '0005_webhooks'
-down_revision = '0004'
+revision = '0007_webhooks'
+down_revision = '0006_checkpoint_manifest'
 branch_labels = None
 depends_on = None
 
