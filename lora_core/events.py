@@ -10,9 +10,11 @@ tails it. Each line is one `TrainerEvent`, told apart by its `type` (every event
                                   num_tokens, num_truncated, num_dropped}  (tokens of the
                                   training file: the service stores them, service/tokencounts)
     progress    ProgressEvent    {step, total_steps, epoch, loss, learning_rate, grad_norm,
-                                  tokens_per_second, tokens_seen, eta_seconds}
+                                  tokens_per_second, tokens_seen, eta_seconds; method "dpo"
+                                  adds rewards_chosen, rewards_rejected, reward_margin,
+                                  reward_accuracy}
     eval        EvalEvent        {step, eval_loss}
-    checkpoint  CheckpointEvent  {step, path, adapter_path, resumable}
+    checkpoint  CheckpointEvent  {step, path, adapter_path, resumable, save_seconds}
     stage       StageEvent       {stage: Stage}  preparing | training | saving | merging |
                                                  verifying
     merged      MergedEvent      {step, path, max_abs_diff, files, final}
@@ -115,6 +117,13 @@ class ProgressEvent(_Event):
     tokens_per_second: float | None = None
     tokens_seen: int | None = None  # running total, all ranks: a bench times any window
     eta_seconds: float | None = None
+    # DPO (method "dpo") only, means over the logged steps' pairs: implicit rewards
+    # beta * (log pi - log ref) of the chosen and the rejected completion, their difference,
+    # and the fraction of pairs whose chosen reward is the higher
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
 
 
 class EvalEvent(_Event):
@@ -129,6 +138,10 @@ class CheckpointEvent(_Event):
     path: str                        # checkpoint-<step>/, sealed (COMPLETE written)
     adapter_path: str | None = None  # its PEFT adapter dir
     resumable: bool = True
+    # The training loop's stall for this checkpoint: from the end of its step to the seal
+    # (Trainer's save + adapter export + COMPLETE); what bench/checkpoint_bench.py divides by
+    # the step time. Uploading it is the worker's business and never stalls the trainer.
+    save_seconds: float | None = None
 
 
 class StageEvent(_Event):

@@ -15,20 +15,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "LoraSpec",
     "TrainingSpec",
     "DistributedSpec",
+    "DpoSpec",
+    "Method",
     "MergeMode",
     "RunSpec",
     "DATA_FORMATS",
+    "SFT_FORMATS",
+    "DPO_FORMATS",
     "VLLM_LORA_RANKS",
 ]
 
 MergeMode = Literal["final", "all", "none"]
-DATA_FORMATS = ("alpaca", "completion", "chat", "text")
+# "sft": next-token loss on the response; "dpo": Direct Preference Optimisation on preference
+# pairs (lora_core.training.dpo), the reference being the base with the adapter disabled.
+Method = Literal["sft", "dpo"]
+DATA_FORMATS = ("alpaca", "completion", "chat", "text", "preference")
+SFT_FORMATS = ("alpaca", "completion", "chat", "text")  # what method "sft" trains on
+DPO_FORMATS = ("preference",)  # what method "dpo" trains on
 # Ranks vLLM's punica kernels accept (vllm/config LoRAConfig.max_lora_rank choices).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -98,6 +107,14 @@ class DistributedSpec(_Strict):
     zero_stage: Literal[0, 2, 3] = 0
 
 
+class DpoSpec(_Strict):
+    """DPO settings (method "dpo"). The loss is the sigmoid DPO loss of Rafailov et al. 2023,
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with sequence log-probabilities
+    summed over the completion tokens; `beta` 0.1 is TRL's and OpenAI's default ("auto")."""
+
+    beta: float = Field(0.1, gt=0, le=100)
+
+
 class RunSpec(_Strict):
     """A whole local run: paths instead of registered names and dataset ids.
 
@@ -108,11 +125,25 @@ class RunSpec(_Strict):
     model_dir: Path
     train_file: Path
     validation_file: Path | None = None
-    data_format: Literal["alpaca", "completion", "chat", "text"] | None = None
+    data_format: Literal["alpaca", "completion", "chat", "text", "preference"] | None = None
     output_dir: Path
+    method: Method = "sft"
+    dpo: DpoSpec = Field(default_factory=DpoSpec)  # read only when method is "dpo"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     merge: MergeMode = "final"
     merge_shard_size: str = "2GB"
     resume: bool = True
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> RunSpec:
+        """The data format and the method must agree; DPO runs in one process for now."""
+        formats = DPO_FORMATS if self.method == "dpo" else SFT_FORMATS
+        if self.data_format is not None and self.data_format not in formats:
+            raise ValueError(f"data_format {self.data_format!r} does not train with method "
+                             f"{self.method!r} (it takes {', '.join(formats)})")
+        if self.method == "dpo" and self.distributed.num_processes > 1:
+            raise ValueError("method 'dpo' runs in one process: set distributed.num_processes "
+                             "to 1")
+        return self

@@ -1,14 +1,19 @@
 """Training-data formats: detect, validate every line, normalise. Torch-free (the API imports it).
 
-Four formats, each a JSON object per record (JSONL, or one JSON list):
+Five formats, each a JSON object per record (JSONL, or one JSON list):
 
     alpaca      {instruction, input?, output}     loss on `output` only (book's prompt template)
     completion  {prompt, completion}              loss on `completion` only
     chat        {messages: [{role, content}]}     loss on assistant turns only
     text        {text}                            loss on everything
+    preference  {input: {messages, tools?},       OpenAI's DPO format (method "dpo" only):
+                 preferred_output: [assistant],   the preferred and the rejected continuation
+                 non_preferred_output: [assistant]} of the same conversation
 
-`load_examples` returns *normalised* examples, one of three shapes, so tokenisation has three
-cases, not four: `{"prompt", "completion"}` (alpaca and completion), `{"messages"}`, `{"text"}`.
+`load_examples` returns *normalised* examples, one of four shapes, so SFT tokenisation has three
+cases, not four: `{"prompt", "completion"}` (alpaca and completion), `{"messages"}`, `{"text"}`;
+preference records become `{"prompt": [messages], "chosen": [...], "rejected": [...], "tools"?}`
+(TRL's conversational preference columns, lora_core.training.dpo).
 Every error names its 1-based line, the field (`messages[1].role`) and what is wrong.
 
 Files are read as a stream (`DatasetValidator`, on `lora_core.data.reader`): a 200 MiB upload
@@ -65,6 +70,7 @@ READ_CHUNK = 1024 * 1024
 FEED_PIECE = 64 * 1024
 # Keys that identify a format, checked in this order (alpaca before completion: more specific).
 _FORMAT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("preference", ("input", "preferred_output", "non_preferred_output")),
     ("chat", ("messages",)),
     ("alpaca", ("instruction", "output")),
     ("completion", ("prompt", "completion")),
@@ -121,16 +127,19 @@ def _check_str(record: dict, key: str, *, required: bool = True, nonempty: bool 
         yield key, f"empty {key}"
 
 
-def _check_messages(messages: Any) -> Iterator[tuple[str, str]]:
+def _check_messages(
+    messages: Any, name: str = "messages", *, need_assistant: bool = True
+) -> Iterator[tuple[str, str]]:
+    """Problems of a list of {role, content} messages; fields named `name[i].role` etc."""
     if not isinstance(messages, list):
-        yield "messages", f"must be a list, got {type(messages).__name__}"
+        yield name, f"must be a list, got {type(messages).__name__}"
         return
     if not messages:
-        yield "messages", "empty messages"
+        yield name, f"empty {name}"
         return
     has_assistant = False
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(msg, dict):
             yield where, f"must be an object, got {type(msg).__name__}"
             continue
@@ -143,8 +152,45 @@ def _check_messages(messages: Any) -> Iterator[tuple[str, str]]:
             yield f"{where}.{problem[0]}", problem[1]
         if role == "assistant" and isinstance(msg.get("content"), str):
             has_assistant = has_assistant or bool(msg["content"].strip())
-    if not has_assistant:
-        yield "messages", "no assistant turn"
+    if need_assistant and not has_assistant:
+        yield name, "no assistant turn"
+
+
+_PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
+
+
+def _check_preference(record: dict) -> Iterator[tuple[str, str]]:
+    """OpenAI's preference record: input.messages (the conversation so far), optional
+    input.tools, and two lists of assistant messages that must differ."""
+    inp = record.get("input")
+    if "input" not in record:
+        yield "input", "missing field 'input'"
+    elif not isinstance(inp, dict):
+        yield "input", f"must be an object, got {type(inp).__name__}"
+    else:
+        if "messages" not in inp:
+            yield "input.messages", "missing field 'messages'"
+        else:
+            yield from _check_messages(inp["messages"], "input.messages", need_assistant=False)
+        tools = inp.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            yield "input.tools", f"must be a list, got {type(tools).__name__}"
+        elif tools:
+            for i, tool in enumerate(tools):
+                if not isinstance(tool, dict):
+                    yield f"input.tools[{i}]", f"must be an object, got {type(tool).__name__}"
+    for key in _PREFERENCE_OUTPUTS:
+        if key not in record:
+            yield key, f"missing field '{key}'"
+            continue
+        yield from _check_messages(record[key], key)
+        if isinstance(record[key], list):
+            for i, msg in enumerate(record[key]):
+                if isinstance(msg, dict) and msg.get("role") not in ("assistant", None):
+                    yield f"{key}[{i}].role", f"must be 'assistant', got {msg.get('role')!r}"
+    if record.get("preferred_output") == record.get("non_preferred_output") and all(
+            k in record for k in _PREFERENCE_OUTPUTS):
+        yield "non_preferred_output", "equals preferred_output: the pair teaches nothing"
 
 
 def validate_record(record: Any, fmt: str) -> list[tuple[str, str]]:
@@ -164,13 +210,16 @@ def validate_record(record: Any, fmt: str) -> list[tuple[str, str]]:
             problems += _check_messages(record["messages"])
     elif fmt == "text":
         problems = list(_check_str(record, "text", nonempty=True))
+    elif fmt == "preference":
+        problems = list(_check_preference(record))
     else:
         problems = [("format", f"unknown format {fmt!r}; expected one of {', '.join(_FORMATS)}")]
     return problems
 
 
 def normalize_record(record: dict, fmt: str) -> dict[str, Any]:
-    """One of `{prompt, completion}`, `{messages}`, `{text}` (see the module docstring)."""
+    """One of `{prompt, completion}`, `{messages}`, `{text}`, `{prompt, chosen, rejected}`
+    (see the module docstring)."""
     if fmt == "alpaca":
         inp = record.get("input") or ""
         template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
@@ -179,9 +228,19 @@ def normalize_record(record: dict, fmt: str) -> dict[str, Any]:
     if fmt == "completion":
         return {"prompt": record["prompt"], "completion": record["completion"]}
     if fmt == "chat":
-        messages = record["messages"]
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        return {"messages": _plain_messages(record["messages"])}
+    if fmt == "preference":
+        out = {"prompt": _plain_messages(record["input"]["messages"]),
+               "chosen": _plain_messages(record["preferred_output"]),
+               "rejected": _plain_messages(record["non_preferred_output"])}
+        if record["input"].get("tools"):
+            out["tools"] = record["input"]["tools"]
+        return out
     return {"text": record["text"]}
+
+
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _read_bytes(source: str | os.PathLike[str] | bytes) -> bytes:
@@ -229,7 +288,11 @@ def iter_records(
 
 
 def _render_for_count(example: dict[str, Any], tokenizer: Any) -> str:
-    """The text an example trains on, for counting only (tokenize.py does the real masking)."""
+    """The text an example trains on, for counting only (tokenize.py does the real masking).
+    A preference pair trains on two sequences: prompt + chosen and prompt + rejected."""
+    if "chosen" in example:
+        return "".join(_render_for_count({"messages": example["prompt"] + example[side]},
+                                         tokenizer) for side in ("chosen", "rejected"))
     if "messages" in example:
         if hasattr(tokenizer, "apply_chat_template") and getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(example["messages"], tokenize=False)
@@ -295,10 +358,17 @@ def _chat_length(r: dict) -> int | None:
     return total if answered else None
 
 
+def _preference_length(r: dict) -> int | None:
+    """Rare enough (DPO files are small) to take the full check: no shortcut."""
+    if validate_record(r, "preference"):
+        return None
+    return len(_render_for_count(normalize_record(r, "preference"), None))
+
+
 # The character length `_render_for_count` gives a valid record, without building the text;
 # None when the record may have a problem (validate_record then says which). Per format.
 _FAST_LENGTH = {"alpaca": _alpaca_length, "completion": _completion_length,
-                "text": _text_length, "chat": _chat_length}
+                "text": _text_length, "chat": _chat_length, "preference": _preference_length}
 
 
 def _length_stats(histogram: dict[int, int], unit: str) -> dict[str, Any]:

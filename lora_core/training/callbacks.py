@@ -40,6 +40,9 @@ __all__ = [
 
 COMPLETE_MARKER = "COMPLETE"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# TRL's DPOTrainer log keys -> our ProgressEvent fields (lora_core.events)
+DPO_LOG_FIELDS = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                  "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy"}
 Emit = Callable[..., None]
 
 
@@ -158,6 +161,8 @@ class EventCallback(TrainerCallback):
                 learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                 tokens_per_second=round(tps, 1), eta_seconds=None if eta is None else round(eta, 1),
                 tokens_seen=tokens * self.world_size,
+                **{ours: float(logs[theirs]) for theirs, ours in DPO_LOG_FIELDS.items()
+                   if theirs in logs},
             )
 
 
@@ -198,6 +203,12 @@ class CheckpointCallback(TrainerCallback):
         self.root = root
         self.emit = emit
         self.saved: list[dict[str, Any]] = []
+        self._step_ended: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Trainer saves after on_step_end (in _maybe_log_save_evaluate): the save's stall is
+        # measured from here to the seal.
+        self._step_ended = time.monotonic()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         path = self.root / f"checkpoint-{state.global_step}"
@@ -209,7 +220,9 @@ class CheckpointCallback(TrainerCallback):
             (path / COMPLETE_MARKER).write_text(f"{state.global_step}\n", encoding="utf-8")
             entry = {"step": state.global_step, "path": str(path), "adapter_path": str(adapter)}
             self.saved.append(entry)
-            self.emit("checkpoint", **entry, resumable=True)
+            stall = (time.monotonic() - self._step_ended) if self._step_ended else None
+            self.emit("checkpoint", **entry, resumable=True,
+                      save_seconds=None if stall is None else round(stall, 4))
 
 
 def _barrier() -> None:

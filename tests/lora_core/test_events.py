@@ -33,7 +33,12 @@ EMITTED = [
     ("stage", {"stage": Stage.TRAINING}),
     ("progress", {"step": 1, "total_steps": 8, "epoch": 0.12, "loss": 2.5, "learning_rate": 1e-3,
                   "grad_norm": 0.7, "tokens_per_second": 1234.5, "eta_seconds": 3.0,
-                  "tokens_seen": 100}),
+                  "tokens_seen": 100, "rewards_chosen": None, "rewards_rejected": None,
+                  "reward_margin": None, "reward_accuracy": None}),
+    ("progress", {"step": 2, "total_steps": 8, "epoch": 0.25, "loss": 0.69, "learning_rate": 1e-3,
+                  "grad_norm": 0.1, "tokens_per_second": 99.0, "eta_seconds": 2.0,
+                  "tokens_seen": 200, "rewards_chosen": 0.01, "rewards_rejected": -0.02,
+                  "reward_margin": 0.03, "reward_accuracy": 0.75}),  # method "dpo"
     ("eval", {"step": 2, "eval_loss": 2.1}),
     ("checkpoint", {"step": 2, "path": "/o/checkpoints/checkpoint-2",
                     "adapter_path": "/o/checkpoints/checkpoint-2/adapter", "resumable": True}),
