@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Coroutine
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
@@ -36,11 +35,22 @@ from starlette.concurrency import run_in_threadpool
 from lora_core.errors import validation_problems
 from lorajobs.api import queries
 from lorajobs.api.deps import EnqueueDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
-from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP, fine_tuned_model_name
+from lorajobs.api.openai_objects import (
+    BASE_LEARNING_RATE,
+    RESULT_FILE_PREFIX,
+    checkpoint_object,
+    file_object,
+    job_object,
+    result_csv,
+    result_file_object,
+    ts,
+)
+from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP
 from lorajobs.api.uploads import receive_upload
 from lorajobs.core import datasets, jobs, submit
-from lorajobs.core.errors import InvalidRequest
-from lorajobs.core.tables import Dataset, Job, JobEvent
+from lorajobs.core.errors import InvalidRequest, NotFound
+from lorajobs.core.tables import Job, JobEvent, JobMetric, JobStatus
+from lorajobs.jobspec import MAX_METADATA_KEYS
 
 
 class OpenAIRoute(APIRoute):
@@ -69,6 +79,9 @@ class OpenAIRoute(APIRoute):
 def _with_details(body: dict[str, Any]) -> str:
     """The message plus the first bad lines: OpenAI clients show only `error.message`."""
     message = str(body["error"].get("message") or "invalid request")
+    param = body["error"].get("param")
+    if isinstance(param, str) and param and param not in message:
+        message = f"{param}: {message}"  # `error.param` is not in the client's str(exc)
     lines = [e for e in body.get("errors") or [] if isinstance(e, dict) and e.get("line")]
     if not lines:
         return message
@@ -80,7 +93,6 @@ def _with_details(body: dict[str, Any]) -> str:
 DETAIL_LINES = 3  # bad lines quoted in an OpenAI error message; all are in `errors`
 router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"], route_class=OpenAIRoute)
 
-BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier=1 means here (our default lr)
 SUFFIX_CHARS = 40
 Auto = Literal["auto"]
 OPENAI_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {
@@ -120,10 +132,6 @@ class FineTuningJobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
-
-
-def _ts(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value else None
 
 
 def _hyper(body: FineTuningJobCreate) -> Hyperparameters:
@@ -167,36 +175,6 @@ OPENAI_PARAM = {"training.epochs": "hyperparameters.n_epochs",
                 "training.seed": "seed", "base_model": "model"}
 
 
-def file_object(row: Dataset) -> dict[str, Any]:
-    return {"id": row.id, "object": "file", "bytes": row.size_bytes,
-            "created_at": _ts(row.created_at), "filename": row.filename,
-            "purpose": row.purpose, "status": "processed", "status_details": None}
-
-
-def job_object(job: Job) -> dict[str, Any]:
-    training = (job.spec or {}).get("training", {})
-    hp = {"n_epochs": training.get("epochs"), "batch_size": training.get("batch_size"),
-          "learning_rate_multiplier": (training.get("learning_rate") or BASE_LEARNING_RATE)
-          / BASE_LEARNING_RATE}
-    error = None
-    if job.error:
-        error = {"code": job.error.get("code"), "message": job.error.get("message"),
-                 "param": job.error.get("param")}
-    return {
-        "id": job.id, "object": "fine_tuning.job", "created_at": _ts(job.created_at),
-        "finished_at": _ts(job.finished_at), "model": job.base_model,
-        "fine_tuned_model": fine_tuned_model_name(job), "organization_id": job.tenant_id,
-        "result_files": [], "status": job.status, "training_file": job.training_file,
-        "validation_file": job.validation_file, "hyperparameters": hp,
-        "trained_tokens": (job.estimate or {}).get("num_tokens")
-        if job.status == "succeeded" else None,
-        "error": error, "seed": training.get("seed"), "estimated_finish": None,
-        "integrations": [], "metadata": job.metadata_ or None,
-        "user_provided_suffix": job.suffix,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
-    }
-
-
 @router.post("/files", openapi_extra=OPENAI_UPLOAD_SCHEMA)
 async def create_file(request: Request, session: SessionDep, settings: SettingsDep,
                       store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
@@ -236,9 +214,48 @@ def list_files(session: SessionDep, principal: PrincipalDep,
 
 @router.get("/files/{file_id}")
 def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
-    """One file."""
+    """One file: an upload, or a succeeded job's result file."""
+    if file_id.startswith(RESULT_FILE_PREFIX):
+        job, data = _result_file(session, principal.tenant_id, file_id)
+        return result_file_object(job, len(data))
     return file_object(datasets.get_dataset(session, tenant_id=principal.tenant_id,
                                             dataset_id=file_id))
+
+
+@router.get("/files/{file_id}/content")
+def get_file_content(file_id: str, session: SessionDep, principal: PrincipalDep,
+                     store: StoreDep) -> Response:
+    """The file's bytes: an upload as stored, a result file as CSV."""
+    if file_id.startswith(RESULT_FILE_PREFIX):
+        _, data = _result_file(session, principal.tenant_id, file_id)
+        return Response(data, media_type="text/csv")
+    row = datasets.get_dataset(session, tenant_id=principal.tenant_id, dataset_id=file_id)
+    fh = store.open(row.storage_key)
+    return StreamingResponse(_chunks(fh), media_type="application/octet-stream",
+                             headers={"Content-Length": str(row.size_bytes)})
+
+
+FILE_CHUNK = 1 << 20  # bytes per read when streaming an upload back
+
+
+def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(FILE_CHUNK):
+            yield chunk
+
+
+def _result_file(session: Session, tenant_id: str, file_id: str) -> tuple[Job, bytes]:
+    """A succeeded job's per-step metrics as OpenAI's result CSV; 404 for any other job."""
+    job_id = file_id.removeprefix(RESULT_FILE_PREFIX)
+    try:
+        job = queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
+    except NotFound as exc:
+        raise NotFound(f"no file {file_id!r}", param="file_id") from exc
+    if job.status != JobStatus.SUCCEEDED:
+        raise NotFound(f"no file {file_id!r}: job {job_id} has not succeeded", param="file_id")
+    rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job.id)
+                           .order_by(JobMetric.step))
+    return job, result_csv(rows)
 
 
 @router.post("/fine_tuning/jobs")
@@ -255,13 +272,36 @@ def create_fine_tuning_job(body: FineTuningJobCreate, response: Response, sessio
 
 
 @router.get("/fine_tuning/jobs")
-def list_fine_tuning_jobs(session: SessionDep, principal: PrincipalDep,
+def list_fine_tuning_jobs(request: Request, session: SessionDep, principal: PrincipalDep,
                           limit: Annotated[int, Query(ge=1, le=100)] = 20,
                           after: str | None = None) -> dict[str, Any]:
-    """The tenant's jobs, newest first; `after` is the last id of the previous page."""
+    """The tenant's jobs, newest first; `after` is the last id of the previous page;
+    `metadata[k]=v` keeps jobs whose metadata has k = v (all pairs), `metadata=null` those
+    with none."""
     rows, has_more = queries.list_jobs(session, tenant_id=principal.tenant_id, status=None,
-                                       limit=limit, after=after)
+                                       limit=limit, after=after,
+                                       metadata=_metadata_filter(request))
     return {"object": "list", "data": [job_object(j) for j in rows], "has_more": has_more}
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """OpenAI's deep-object query (`metadata[team]=nlp`) as a dict; {} for `metadata=null`."""
+    pairs: dict[str, str] = {}
+    null = False
+    for key, value in request.query_params.multi_items():
+        if key == "metadata":
+            if value != "null":
+                raise InvalidRequest("use metadata[key]=value, or metadata=null",
+                                     param="metadata")
+            null = True
+        elif key.startswith("metadata[") and key.endswith("]"):
+            pairs[key[len("metadata["):-1]] = value
+    if null and pairs:
+        raise InvalidRequest("metadata=null cannot be combined with metadata[key]=value",
+                             param="metadata")
+    if len(pairs) > MAX_METADATA_KEYS:
+        raise InvalidRequest(f"at most {MAX_METADATA_KEYS} metadata filters", param="metadata")
+    return {} if null else (pairs or None)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
@@ -309,7 +349,7 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, principal: Princip
         before = int(digits)
     rows, has_more = _events_newest_first(session, job_id=job_id, before=before, limit=limit)
     data = [{"object": "fine_tuning.job.event", "id": f"{EVENT_PREFIX}{e.id}",
-             "created_at": _ts(e.created_at), "level": "warn" if e.level == "warning"
+             "created_at": ts(e.created_at), "level": "warn" if e.level == "warning"
              else e.level, "message": e.message, "data": e.data or {},
              "type": "metrics" if e.type == "metrics" else "message"} for e in rows]
     return {"object": "list", "data": data, "has_more": has_more}
@@ -330,12 +370,7 @@ def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, principal: Pr
         before = int(step)
     rows, has_more = queries.list_checkpoints(session, job_id=job_id, after=before,
                                               limit=limit, newest_first=True)
-    data = [{"object": "fine_tuning.job.checkpoint", "id": f"{CHECKPOINT_PREFIX}{job.id}-{c.step}",
-             "created_at": _ts(c.created_at), "fine_tuning_job_id": job.id,
-             "fine_tuned_model_checkpoint": f"ft:{job.base_model}:{job.suffix or 'lorajobs'}:"
-                                            f"{job.id}:ckpt-step-{c.step}",
-             "metrics": {"step": c.step, **(c.metrics or {})}, "step_number": c.step}
-            for c in rows]
+    data = [checkpoint_object(job, c, f"{CHECKPOINT_PREFIX}{job.id}-{c.step}") for c in rows]
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}

@@ -12,9 +12,11 @@ from sqlalchemy import (
     Row,
     Select,
     String,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     func,
     literal,
     or_,
@@ -130,9 +132,16 @@ def job_row_as(row: Any, *, digest: str, job_id: str) -> Any:
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, limit: int,
-              after: str | None) -> tuple[list[Job], bool]:
-    """Newest first, keyset-paged on (created_at, id); `after` is the previous page's last id."""
+              after: str | None,
+              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+    """Newest first, keyset-paged on (created_at, id); `after` is the previous page's last id.
+    `metadata`: keep jobs whose metadata holds every pair; `{}`: jobs with no metadata."""
     stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if metadata == {}:
+        # An empty JSON object as stored by SQLAlchemy's JSON type on every backend.
+        stmt = stmt.where(or_(Job.metadata_.is_(None), cast(Job.metadata_, Text) == "{}"))
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.metadata_[key].as_string() == value)
     if status is not None:
         if status not in JobStatus.ALL:
             raise InvalidRequest(f"unknown status {status!r}; one of {list(JobStatus.ALL)}",
