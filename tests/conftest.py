@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.s3fixtures import aws_env, private_s3, s3_bucket, s3_server  # noqa: F401 - fixtures
+
 if TYPE_CHECKING:
     from tests.servicefixtures import LiveService
 

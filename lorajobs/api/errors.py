@@ -1,6 +1,7 @@
 """The one place exceptions become HTTP: `{"error": {"code", "message", "param"}}` + a status.
 
-    ServiceError (lorajobs.core.errors)   -> its status (404, 409, 413, 422, 429, 401, 403)
+    ServiceError (lorajobs.core.errors)   -> its status (404, 409, 413, 422, 429, 401, 403;
+                                             503 + Retry-After for StorageUnavailable)
     LoraCoreError reaching the edge          -> 422 if the user's fault, else 500
     RequestValidationError                   -> 422, `errors: [{field, message, type}]` for
                                                 every bad field, `param` = the first one
@@ -33,6 +34,7 @@ from lorajobs.core.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    StorageUnavailable,
     Unauthorized,
 )
 
@@ -50,7 +52,10 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (PayloadTooLarge, 413),
     (InvalidRequest, 422),
     (LimitExceeded, 429),
+    (StorageUnavailable, 503),
 )
+# A store outage is usually seconds (a restart, a failover): the client's retry policy waits.
+STORAGE_RETRY_AFTER_S = 5
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
                415: "unsupported_media_type", 416: "range_not_satisfiable",
@@ -74,7 +79,10 @@ def _service_error(_: Request, exc: Exception) -> JSONResponse:
     errors = details.pop("errors", None)
     body = error_body(exc.code, exc.message, exc.param, **({"errors": errors} if errors else {}))
     body["error"].update(details)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = ({"WWW-Authenticate": "Bearer"} if status == 401
+               else {"Retry-After": str(STORAGE_RETRY_AFTER_S)} if status == 503 else None)
+    if status == 503:
+        log.warning("%s", exc.message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -7,8 +7,10 @@
     ├── InvalidRequest      a field's value is wrong                           -> 422
     ├── LimitExceeded       a quota is reached                                 -> 429
     ├── PayloadTooLarge     an upload or body over the limit                   -> 413
-    └── Unauthorized        missing, unknown or revoked key                    -> 401
-        └── Forbidden       a valid key without the right (admin only)         -> 403
+    ├── Unauthorized        missing, unknown or revoked key                    -> 401
+    │   └── Forbidden       a valid key without the right (admin only)         -> 403
+    └── StorageUnavailable  the object store is unreachable or failing         -> 503
+                            (botocore's errors never leave lorajobs.core.s3store)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "PayloadTooLarge",
     "Unauthorized",
     "Forbidden",
+    "StorageUnavailable",
 ]
 
 
@@ -74,3 +77,9 @@ class Unauthorized(ServiceError):
 
 class Forbidden(Unauthorized):
     code = "forbidden"
+
+
+class StorageUnavailable(ServiceError):
+    """The artifact store failed (down, timing out, refusing): the client may retry later."""
+
+    code = "storage_unavailable"

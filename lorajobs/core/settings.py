@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     store_url: str | None = None
     store_endpoint_url: str | None = None
     store_region: str | None = None
+    # The endpoint presigned download URLs name, where clients reach the store by another
+    # address than the API and workers do (compose: http://minio:9000 inside, a public name
+    # outside). Default: store_endpoint_url.
+    store_public_endpoint_url: str | None = None
     # Downloads: stream through the API (HTTP Range, sha256 headers), or answer 307 to a
     # presigned URL valid for store_presign_seconds (an S3 store only; the SDK and CLI follow
     # either and verify sha256 either way).

@@ -3,7 +3,9 @@
 Keys are built by the service (`jobs/<job_id>/...`, `datasets/<id>.jsonl`), never taken from a
 client; `safe_key` refuses anything that could escape the root anyway (`..`, absolute paths, NUL,
 backslashes). `LocalArtifactStore` is a directory (a shared volume in production); an
-S3-compatible store implements the same `ArtifactStore` interface.
+S3-compatible store (`lorajobs.core.s3store.S3ArtifactStore`) implements the same
+`ArtifactStore` interface. A missing object is `FileNotFoundError` in both; an S3 store that
+fails is `StorageUnavailable` (503 at the API).
 
 Everything stored is a tenant's data (datasets, checkpoints, adapters, merged models), as are
 the database and the admin key beside it: the service's user alone reads them. Files are created
@@ -20,9 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from lorajobs.core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from lorajobs.core.settings import Settings
 
 __all__ = ["ArtifactStore", "LocalArtifactStore", "StoredObject", "safe_key", "get_store",
            "use_private_umask", "private_dir", "private_file", "PRIVATE_FILE_MODE",
@@ -287,10 +292,16 @@ class _BoundedReader(io.RawIOBase):
         super().close()
 
 
-def get_store(settings=None) -> LocalArtifactStore:  # type: ignore[no-untyped-def]
-    """The store the settings name. TODO(#12, store helper): an `s3://` store_url returns the
-    S3 store, and the return type becomes `ArtifactStore` once no caller needs local paths."""
+def get_store(settings: Settings | None = None) -> ArtifactStore:
+    """The store the settings name: `store_url = s3://bucket/prefix` the S3 store
+    (lorajobs/core/s3store.py), unset the local directory `artifact_root`."""
     from lorajobs.core.settings import get_settings
 
     settings = settings or get_settings()
+    if settings.store_url:
+        from lorajobs.core.s3store import S3ArtifactStore
+
+        return S3ArtifactStore(settings.store_url, endpoint_url=settings.store_endpoint_url,
+                               region=settings.store_region,
+                               public_endpoint_url=settings.store_public_endpoint_url)
     return LocalArtifactStore(settings.resolved_artifact_root)
