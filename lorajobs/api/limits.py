@@ -35,10 +35,14 @@ from lorajobs.api.errors import error_body
 from lorajobs.core.settings import Settings
 
 __all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "ConcurrencyLimitMiddleware",
-           "NulByteMiddleware", "RequestSlots", "UPLOAD_PATHS", "MULTIPART_OVERHEAD",
+           "NulByteMiddleware", "RequestSlots", "UPLOAD_PATHS", "MULTIPART_UPLOAD_PATHS",
+           "MULTIPART_OVERHEAD",
            "UNLIMITED_PATHS", "UNLIMITED_SUFFIXES", "has_body", "is_upload"]
 
 UPLOAD_PATHS = frozenset({"/v1/datasets", "/openai/v1/files"})
+# Uploads only when multipart (a model's files, up to max_model_bytes); JSON bodies otherwise
+# (POST /v1/models {"name", "source"}).
+MULTIPART_UPLOAD_PATHS = frozenset({"/v1/models"})
 # Boundaries, part headers and small form fields around the file; the file itself is capped
 # exactly by the dataset service.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -64,8 +68,10 @@ class BodyLimitMiddleware:
         self.app = app
         self.settings = settings
 
-    def limit_for(self, path: str) -> int:
-        if path.rstrip("/") in UPLOAD_PATHS:
+    def limit_for(self, scope: Scope) -> int:
+        if scope["path"].rstrip("/") in MULTIPART_UPLOAD_PATHS and is_upload(scope):
+            return self.settings.max_model_bytes + MULTIPART_OVERHEAD
+        if scope["path"].rstrip("/") in UPLOAD_PATHS:
             return self.settings.max_upload_bytes + MULTIPART_OVERHEAD
         return self.settings.max_request_bytes
 
@@ -73,7 +79,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _too_large(limit)(scope, receive, send)
@@ -206,7 +212,13 @@ def _unlimited(path: str) -> bool:
 
 
 def is_upload(scope: Scope) -> bool:
-    return scope["method"] in _BODY_METHODS and scope["path"].rstrip("/") in UPLOAD_PATHS
+    if scope["method"] not in _BODY_METHODS:
+        return False
+    path = scope["path"].rstrip("/")
+    if path in MULTIPART_UPLOAD_PATHS:
+        ctype = dict(scope["headers"]).get(b"content-type", b"")
+        return ctype.lower().startswith(b"multipart/")
+    return path in UPLOAD_PATHS
 
 
 def has_body(scope: Scope) -> bool:

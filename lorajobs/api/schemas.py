@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lora_core.events import JobError, Stage
 from lorajobs.core.registry import MODEL_NAME_PATTERN
@@ -163,11 +163,38 @@ class DatasetsPublic(BaseModel):
     next_cursor: str | None
 
 
+class ModelSource(_Request):
+    """Where a model's files come from: an S3 prefix, or a Hugging Face repo (+ revision)."""
+
+    s3: str | None = Field(None, min_length=6, max_length=1024,
+                           description="s3://bucket/prefix holding the model's files")
+    hf_repo: str | None = Field(None, min_length=1, max_length=200,
+                                description="a Hugging Face repo id, 'org/name'")
+    revision: str | None = Field(None, min_length=1, max_length=200,
+                                 description="a branch, tag or commit (hf_repo only)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.s3 is None) == (self.hf_repo is None):
+            raise ValueError("give exactly one of 's3' and 'hf_repo'")
+        if self.revision is not None and self.hf_repo is None:
+            raise ValueError("'revision' goes with 'hf_repo'")
+        return self
+
+
 class ModelCreate(_Request):
-    """`path` is relative to the server's model root; never an arbitrary filesystem path."""
+    """JSON registration: `path` (relative to the server's model root; never an arbitrary
+    filesystem path) or `source` (copied into the store). Uploads are multipart instead."""
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    path: str = Field(min_length=1, max_length=500)
+    path: str | None = Field(None, min_length=1, max_length=500)
+    source: ModelSource | None = None
+
+    @model_validator(mode="after")
+    def _path_or_source(self) -> ModelCreate:
+        if (self.path is None) == (self.source is None):
+            raise ValueError("give exactly one of 'path' and 'source'")
+        return self
 
 
 class ModelPublic(BaseModel):
@@ -180,13 +207,21 @@ class ModelPublic(BaseModel):
     linear_modules: list[str]
     weights_sha256: dict[str, str]
     created_at: datetime
+    source: str = Field(description="path | upload | s3 | hf")
+    revision: str | None = Field(None, description="the hub commit, or the s3:// URL")
+    content_sha256: str | None = Field(None, description="sha256 over the sorted manifest "
+                                       "(path, size, sha256) of a stored model's files")
+    size_bytes: int | None = None
 
     @classmethod
     def from_row(cls, row: RegisteredModel) -> ModelPublic:
         return cls(id=row.id, name=row.name, architecture=row.architecture,
                    num_parameters=row.num_parameters, dtype=row.dtype,
                    linear_modules=list(row.linear_modules or []),
-                   weights_sha256=dict(row.weights_sha256 or {}), created_at=row.created_at)
+                   weights_sha256=dict(row.weights_sha256 or {}), created_at=row.created_at,
+                   source=row.source or "path", revision=row.revision,
+                   content_sha256=row.content_sha256,
+                   size_bytes=sum(int(f["size"]) for f in row.files) if row.files else None)
 
 
 class ModelsPublic(BaseModel):

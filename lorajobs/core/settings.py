@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     # least-recently-used past model_cache_bytes.
     model_cache_dir: Path | None = None  # default: data_dir/model-cache
     model_cache_bytes: int = Field(200 * 1024 * MiB, ge=1)
+    # POST /v1/models (lorajobs/core/model_import.py): a model's files together (an upload,
+    # an s3:// prefix, a Hugging Face snapshot) may not exceed max_model_bytes; they are staged
+    # under model_staging_dir (on the API's node, removed once stored). A registration from
+    # s3:// or a hub is synchronous, so at most max_concurrent_model_fetches run at once per
+    # API process (more: 429 + Retry-After), each bounded by model_fetch_timeout_seconds.
+    max_model_bytes: int = Field(200 * 1024 * MiB, ge=1)
+    model_staging_dir: Path | None = None  # default: data_dir/model-staging
+    max_concurrent_model_fetches: int = Field(2, ge=1, le=8)
+    model_fetch_timeout_seconds: float = Field(3600, gt=0)
 
     # Leases: a worker renews every LEASE_RENEW_SECONDS; a lease not renewed for
     # lease_seconds means the worker died and the reaper may requeue the job.
@@ -171,6 +180,10 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "model-cache"
+
+    @property
+    def resolved_model_staging_dir(self) -> Path:
+        return self.model_staging_dir or self.data_dir / "model-staging"
 
     @property
     def admin_key_file(self) -> Path:

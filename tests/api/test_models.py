@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 
 from tests.api.conftest import MODEL_NAME, Api
 
@@ -58,3 +60,129 @@ def test_symlink_out_of_root_and_pickle_only_refused(api: Api, tmp_path) -> None
     err = resp.json()["error"]
     assert err["param"] == "path" and "pickle" in err["message"]
     assert str(api.settings.resolved_model_root) not in err["message"]
+
+
+# --- stored models: POST /v1/models with the files (multipart or a tar) --------------------
+
+def _files(model_dir, names=None):  # type: ignore[no-untyped-def]
+    paths = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream"))
+            for p in paths if names is None or p.name in names]
+
+
+def _stored(api: Api) -> list[str]:
+    store = api.client.app.state.store  # type: ignore[attr-defined]
+    return [obj.key for obj in store.list("models")]
+
+
+def _staging_empty(api: Api) -> bool:
+    staging = api.settings.resolved_model_staging_dir
+    return not staging.exists() or not any(staging.iterdir())
+
+
+def test_upload_files_registers_a_stored_model_jobs_can_name(api: Api, tiny_model_dir) -> None:
+    resp = api.client.post("/v1/models", headers=api.h("admin"), data={"name": "up"},
+                           files=_files(tiny_model_dir))
+    assert resp.status_code == 201, resp.text
+    model = resp.json()
+    assert model["source"] == "upload" and len(model["content_sha256"]) == 64
+    assert model["architecture"] == "LlamaForCausalLM" and model["num_parameters"] > 0
+    names = sorted(p.name for p in tiny_model_dir.iterdir() if p.is_file())
+    assert _stored(api) == [f"models/{model['content_sha256']}/{n}" for n in names]
+    assert model["size_bytes"] == sum((tiny_model_dir / n).stat().st_size for n in names)
+    assert _staging_empty(api)
+    # The API checks a job against the stored model's recorded headers (no files on its disk).
+    job = api.job("alice", api.dataset("alice"), base_model="up",
+                  lora={"target_modules": ["q_proj", "v_proj"]})
+    assert job["spec"]["base_model"] == "up"
+    bad = api.submit("alice", {"base_model": "up", "training_file": api.dataset("alice"),
+                               "lora": {"target_modules": ["nope"]}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "lora.target_modules"
+
+    # The same bytes again (a tar this time, under one directory): one copy in the store.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tiny_model_dir, arcname="tiny")
+    again = api.client.post("/v1/models", headers=api.h("admin"), data={"name": "up-tar"},
+                            files={"files": ("tiny.tar.gz", buf.getvalue())})
+    assert again.status_code == 201, again.text
+    assert again.json()["content_sha256"] == model["content_sha256"]
+    assert len(_stored(api)) == len(names) and _staging_empty(api)
+    dup = api.client.post("/v1/models", headers=api.h("admin"), data={"name": "up"},
+                          files=_files(tiny_model_dir))
+    assert dup.status_code == 409 and len(_stored(api)) == len(names)
+
+
+def test_bad_uploads_leave_nothing_behind(api: Api, tiny_model_dir, tmp_path) -> None:
+    def post(files, name="bad", who="admin"):  # type: ignore[no-untyped-def]
+        return api.client.post("/v1/models", headers=api.h(who), data={"name": name},
+                               files=files)
+
+    denied = post(_files(tiny_model_dir), who="alice")
+    assert denied.status_code == 403
+    pickled = post([*_files(tiny_model_dir, {"config.json"}),
+                    ("files", ("pytorch_model.bin", b"\x80\x04x", "application/octet-stream"))])
+    assert pickled.status_code == 422
+    assert pickled.json()["error"]["code"] == "pickle_refused"
+    assert pickled.json()["error"]["param"] == "files"
+    no_config = post(_files(tiny_model_dir, {"model.safetensors", "tokenizer.json"}))
+    assert no_config.status_code == 422 and "config.json" in no_config.json()["error"]["message"]
+    truncated = [(f, (n, data[:200] if n == "model.safetensors" else data, t))
+                 for f, (n, data, t) in _files(tiny_model_dir)]
+    corrupt = post(truncated)
+    assert corrupt.status_code == 422 and "safetensors" in corrupt.json()["error"]["message"]
+    assert str(api.settings.resolved_model_staging_dir) not in corrupt.json()["error"]["message"]
+    for name in ("../x", "sub/../../y.json"):
+        resp = post([("files", (name, b"{}", "application/json"))])
+        assert resp.status_code == 422, name
+    odd = post([("files", ("run.sh", b"#!", "text/plain"))])
+    assert odd.status_code == 422 and odd.json()["error"]["param"] == "files"
+    nameless = api.client.post("/v1/models", headers=api.h("admin"),
+                               files=_files(tiny_model_dir))
+    assert nameless.status_code == 422 and nameless.json()["error"]["param"] == "name"
+    link = tmp_path / "evil.tar"
+    with tarfile.open(link, "w") as tar:
+        info = tarfile.TarInfo("config.json")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    evil = post({"files": ("evil.tar", link.read_bytes())})
+    assert evil.status_code == 422 and "regular file" in evil.json()["error"]["message"]
+    assert _stored(api) == [] and _staging_empty(api)
+    assert [m["name"] for m in api.client.get("/v1/models", headers=api.h("admin"))
+            .json()["data"]] == [MODEL_NAME]
+
+
+def test_upload_over_max_model_bytes_is_413(api_settings, tiny_model_dir) -> None:
+    from fastapi.testclient import TestClient
+
+    from lorajobs.api.app import create_app
+    from lorajobs.core import keys
+    from lorajobs.core.db import get_sessionmaker
+
+    settings = api_settings.model_copy(update={"max_model_bytes": 4096})
+    with get_sessionmaker(settings)() as session:
+        tenant = keys.create_tenant(session, name="root")
+        _, key = keys.create_key(session, tenant_id=tenant.id, name="root", is_admin=True)
+        session.commit()
+    with TestClient(create_app(settings)) as client:
+        resp = client.post("/v1/models", headers={"Authorization": f"Bearer {key}"},
+                           data={"name": "big"}, files=_files(tiny_model_dir))
+        assert resp.status_code == 413, resp.text
+        assert list(client.app.state.store.list("models")) == []  # type: ignore[attr-defined]
+    staging = settings.resolved_model_staging_dir
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_json_body_names_the_bad_field(api: Api) -> None:
+    for body, field in [({"name": "x"}, "body"),
+                        ({"name": "x", "path": "tiny", "source": {"s3": "s3://b/p"}}, "body"),
+                        ({"name": "x", "source": {"s3": "s3://b/p", "hf_repo": "a/b"}},
+                         "source"),
+                        ({"name": "x", "source": {"s3": "s3://b/p", "revision": "main"}},
+                         "source"),
+                        ({"name": "x", "source": {"ftp": "x"}}, "source.ftp"),
+                        ({"name": "x", "source": {"s3": "http://nope/x"}}, "source.s3"),
+                        ({"name": "x", "source": {"hf_repo": "../etc"}}, "source.hf_repo")]:
+        resp = api.client.post("/v1/models", headers=api.h("admin"), json=body)
+        assert resp.status_code == 422, (body, resp.text)
+        assert resp.json()["error"]["param"] == field, (body, resp.json())
