@@ -31,6 +31,7 @@ from sqlalchemy import CursorResult, Update, case, func, literal, null, select, 
 from sqlalchemy.orm import Session
 
 from lora_core.events import JobError, Stage
+from lorajobs.core import webhooks
 from lorajobs.core.errors import IllegalTransition
 from lorajobs.core.policy import RETRYABLE, Outcome, next_state
 from lorajobs.core.tables import Job, JobEvent, JobStatus, Tenant, utcnow
@@ -74,6 +75,7 @@ def add_event(
 ) -> JobEvent:
     event = JobEvent(job_id=job_id, type=type_, message=message, level=level, data=data or {})
     session.add(event)
+    webhooks.on_job_event(session, job_id, type_, event.data)  # the outbox: same transaction
     return event
 
 
@@ -161,6 +163,7 @@ def _status_event(session: Session, job: Job, from_status: str, to: str, *, mess
     add_event(session, job.id, "status", message or f"{from_status} -> {to}", level=level,
               data={"from": from_status, "to": to, "attempt": job.attempt,
                     **({"error": error} if error else {}), **(extra or {})})
+    webhooks.on_status_change(session, job, to, attempt=job.attempt)  # the outbox, same tx
 
 
 def end_attempt(session: Session, job: Job, outcome: Outcome, *, owner: str | None,

@@ -144,6 +144,29 @@ class Settings(BaseSettings):
     stream_key_check_seconds: float = Field(2, gt=0)
     stream_poll_seconds: float = Field(0.5, gt=0)
 
+    # Webhooks (lorajobs/core/webhooks.py; sent by beat, lorajobs/worker/webhook_sender.py).
+    # An endpoint URL whose host resolves to a loopback, private, link-local, multicast or
+    # reserved address is refused at registration and again before every attempt (DNS can
+    # change), unless webhook_allow_private_addresses; http:// unless webhook_allow_http.
+    webhook_allow_private_addresses: bool = False
+    webhook_allow_http: bool = False
+    webhook_connect_timeout_seconds: float = Field(5, gt=0, le=60)
+    webhook_read_timeout_seconds: float = Field(10, gt=0, le=120)
+    # A sender's claim on a delivery lasts connect + read timeouts + this margin; a sender
+    # killed mid-attempt leaves the delivery due again once its claim runs out.
+    webhook_claim_margin_seconds: float = Field(15, gt=0)
+    # A failed attempt is retried after min(base * 2**(attempts-1), max_delay) (+-10% jitter)
+    # until retry_window after the first attempt (at least 24 h), then the delivery fails.
+    webhook_retry_base_seconds: float = Field(10, gt=0)
+    webhook_retry_max_delay_seconds: float = Field(4 * 3600, gt=0)
+    webhook_retry_window_seconds: float = Field(72 * 3600, ge=24 * 3600)
+    # How often an idle sender looks for due deliveries; each sweep claims up to concurrency
+    # of them and sends them in parallel (one slow receiver does not hold up the others).
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1, le=64)
+    # Endpoints one tenant may register.
+    webhook_max_endpoints_per_tenant: int = Field(16, ge=1)
+
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     # Python used to run the trainer child (`python -m lora_core run`); default: this one.
