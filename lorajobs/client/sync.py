@@ -74,6 +74,9 @@ class Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
                                   transport=transport)
+        # Downloads the API redirects to a presigned URL of the object store go through a pool
+        # of their own with no default headers: the API key never reaches the store's host.
+        self._store_http = httpx.Client(timeout=timeout)
         self.max_retries = max_retries
         self.datasets = _Datasets(self)
         self.models = _Models(self)
@@ -88,6 +91,7 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+        self._store_http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send with retries on transport errors, 429 and 5xx; raise APIError on other errors."""
@@ -329,17 +333,32 @@ class _Jobs(_Resource):
 
     def _fetch_into(self, job_id: str, artifact: Artifact, part: Path,
                     headers: dict[str, str]) -> None:
-        """One GET: 206 appends, 200 rewrites, 416 means the part is already complete."""
+        """One GET: 206 appends, 200 rewrites, 416 means the part is already complete. A 307
+        (the server presigns downloads from its object store) is followed by a request of
+        its own, with the same Range and without the API key; sha256 is checked either way."""
         with self._c._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact.id}",
                                   headers=headers) as r:
-            if r.status_code == 416:
+            if r.status_code in (301, 302, 303, 307, 308) and "location" in r.headers:
+                location = r.headers["location"]
+            else:
+                _write_body(r, part)
                 return
-            if r.status_code >= 400:
-                r.read()
-                raise_for_response(r)
-            with open(part, "ab" if r.status_code == 206 else "wb") as fh:
-                for chunk in r.iter_raw():
-                    fh.write(chunk)
+        with self._c._store_http.stream("GET", location, headers=headers) as r:
+            _write_body(r, part)
+
+
+def _write_body(r: httpx.Response, part: Path) -> None:
+    """206 appends to the part, 200 rewrites it, 416 leaves it (already complete)."""
+    if r.status_code == 416:
+        return
+    if r.status_code >= 400:
+        r.read()
+        raise_for_response(r)
+    if r.status_code not in (200, 206):
+        raise APIConnectionError(f"unexpected HTTP {r.status_code} for a download")
+    with open(part, "ab" if r.status_code == 206 else "wb") as fh:
+        for chunk in r.iter_raw():
+            fh.write(chunk)
 
 
 def _stream_error_status(data: str) -> int:

@@ -1,11 +1,14 @@
-"""A tar stream of a set of files, built block by block: no temp file, exact Content-Length.
+"""A tar stream of a set of stored objects, built block by block: no temp file, exact
+Content-Length. Members are read from the artifact store one after another (the S3 store: one
+GET each), never from a local path.
 
     [512-byte header (PAX for long names)][data][zero pad to 512] ... [two 512-byte zero blocks]
 
 Headers are built up front (they are small), so the total size is known before the first byte
 and a client gets a real Content-Length and progress bar. Member names are checked with
-`safe_key`, so extracting the archive cannot write outside the target directory. A file whose
-size changed since it was listed aborts the stream rather than emit a corrupt archive.
+`safe_key`, so extracting the archive cannot write outside the target directory. An object whose
+size differs from its recorded one aborts the stream rather than emit a corrupt archive (so does
+a store failing mid-stream: the client sees a body shorter than its Content-Length).
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from lorajobs.core.storage import safe_key
+from lorajobs.core.storage import ArtifactStore, safe_key
 
 __all__ = ["TarEntry", "TarStream", "BLOCK"]
 
@@ -26,10 +28,10 @@ READ_CHUNK = 1024 * 1024
 
 @dataclass(frozen=True)
 class TarEntry:
-    """One member: `name` inside the archive, `path` on disk, the expected `size`."""
+    """One member: `name` inside the archive, `key` in the store, the expected `size`."""
 
     name: str
-    path: Path
+    key: str
     size: int
     mtime: float = 0.0
 
@@ -41,7 +43,9 @@ def _padding(size: int) -> int:
 class TarStream:
     """Iterate for the bytes; `content_length` is exact."""
 
-    def __init__(self, entries: list[TarEntry], *, prefix: str = "") -> None:
+    def __init__(self, entries: list[TarEntry], store: ArtifactStore, *,
+                 prefix: str = "") -> None:
+        self._store = store
         self._members: list[tuple[bytes, TarEntry]] = []
         for entry in entries:
             name = safe_key(f"{prefix}/{entry.name}" if prefix else entry.name)
@@ -60,7 +64,7 @@ class TarStream:
         for header, entry in self._members:
             yield header
             sent = 0
-            with open(entry.path, "rb") as fh:
+            with self._store.open(entry.key) as fh:
                 while sent < entry.size and (chunk := fh.read(min(READ_CHUNK, entry.size - sent))):
                     sent += len(chunk)
                     yield chunk

@@ -1,22 +1,25 @@
 """Dataset writes: validate an upload while it streams, then store the file and its row together.
 
-    upload chunks ─▶ Upload.write: size cap, staging file (<artifact root>/.staging), sha256 and
-                     DatasetValidator (lora_core), record by record as the bytes arrive
-    Upload.finish ─▶ report.ok ─▶ rename the staging file to datasets/<tenant>/<id>.jsonl
-                                  ─▶ INSERT + COMMIT (commit fails: the file is deleted again)
+    upload chunks ─▶ Upload.write: size cap, staging file (<artifact root>/.staging, on the API's
+                     node), sha256 and DatasetValidator (lora_core), record by record as the
+                     bytes arrive
+    Upload.finish ─▶ report.ok ─▶ store.put_file(datasets/<tenant>/<id>.jsonl, staged file)
+                                  ─▶ INSERT + COMMIT (commit fails: the object is deleted again)
                      not ok ─▶ 422 listing the bad lines; the staging file is removed
 
 Memory is bounded by one record (`max_record_bytes`) and a 1 MiB buffer, whatever the file's
-size. A rejected upload stores nothing; the staging file lives in the artifact root so it is
-renamed, not copied, into place, and a staging file left by a process that died mid-upload is
-swept by the next upload. So there is never a row without a file, and a file without a row only
-if the process dies between the rename and the commit. This module is the only writer of the
+size. A rejected upload stores nothing. `put_file` is atomic in every store: the local directory
+hard-links the staged file into place (the staging directory is on the same filesystem), the
+S3 store uploads it (in parts past 16 MiB) and the object appears only once complete; the
+staging file is removed either way, and one left by a process that died mid-upload is swept by
+the next upload. So there is never a row without a stored file, and a file without a row only
+if the process dies between the put and the commit. This module is the only writer of the
 `datasets` table.
 """
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import re
 import tempfile
@@ -31,18 +34,28 @@ from sqlalchemy.orm import Session
 
 from lora_core.data.formats import DatasetValidator, ValidationReport
 from lora_core.errors import DatasetError
-from lorajobs.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from lorajobs.core.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    StorageUnavailable,
+)
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import ArtifactStore, LocalArtifactStore
+from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Dataset, Job, JobStatus, Tenant, new_id
 from lorajobs.core.usage import check_storage_room
 
 __all__ = ["Upload", "create_dataset", "store_upload", "get_dataset", "list_datasets",
            "delete_dataset", "dataset_key", "clean_filename", "staging_dir"]
 
+log = logging.getLogger(__name__)
+
 COPY_CHUNK = 1024 * 1024  # 1 MiB: the upload never sits in memory as a whole while copying
 MAX_FILENAME = 255
-STAGING = ".staging"  # under the artifact root: the same filesystem as the stored datasets
+# Under the artifact root: the local store's own filesystem (its put_file links, not copies);
+# with an S3 store, the API node's disk.
+STAGING = ".staging"
 # A staging file nobody wrote to for this long belongs to a process that died mid-upload (an
 # upload that slow was cut off long before: BodyTimeoutMiddleware's rate floor).
 STAGING_MAX_AGE_SECONDS = 6 * 3600
@@ -171,20 +184,6 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _place(store: ArtifactStore, key: str, path: Path) -> None:
-    """Move a staged file to `key`: a rename on the local store, else a copy."""
-    if isinstance(store, LocalArtifactStore):
-        dest = store.local_path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            os.replace(path, dest)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # another filesystem (an artifact_root mount): copy
-                raise
-    store.put_file(key, path)
-
-
 def store_upload(session: Session, upload: Upload, *, tenant_id: str, filename: str | None,
                  store: ArtifactStore, data_format: str | None = None) -> Dataset:
     """Finish a received upload and store it with its row; commits. InvalidRequest
@@ -203,10 +202,10 @@ def store_upload(session: Session, upload: Upload, *, tenant_id: str, filename: 
     dataset_id = new_id("ds")
     key = dataset_key(tenant_id, dataset_id)
     path = upload.take()
-    try:
-        _place(store, key, path)
+    try:  # nobody writes the staged file again: the local store may link it
+        store.put_file(key, path, immutable=True)
     finally:
-        path.unlink(missing_ok=True)  # gone after a rename; the source of a copy
+        path.unlink(missing_ok=True)
     row = Dataset(
         id=dataset_id, tenant_id=tenant_id, filename=clean_filename(filename),
         format=report.format or "", num_examples=report.num_examples,
@@ -218,7 +217,7 @@ def store_upload(session: Session, upload: Upload, *, tenant_id: str, filename: 
         session.commit()
     except BaseException:
         session.rollback()
-        store.delete_prefix(key)
+        store.delete(key)
         raise
     return row
 
@@ -271,7 +270,7 @@ def delete_dataset(session: Session, *, tenant_id: str, dataset_id: str,
                    store: ArtifactStore) -> Dataset:
     """Delete the tenant's dataset, row then file (its bytes leave the quota); commits.
 
-    409 `dataset_in_use` while a queued or running job trains on it; finished jobs keep the
+    409 `dataset_in_use` while a queued, running or paused job uses it; finished jobs keep the
     id in their spec. Row first: a failure in between leaves an unlisted file, never a listed
     dataset without its file.
 
@@ -283,7 +282,8 @@ def delete_dataset(session: Session, *, tenant_id: str, dataset_id: str,
                     .execution_options(synchronize_session=False))
     row = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     users = list(session.scalars(select(Job.id).where(
-        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        Job.tenant_id == tenant_id,
+        Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]),
         or_(Job.training_file == dataset_id, Job.validation_file == dataset_id)).limit(3)))
     if users:
         raise Conflict(f"dataset {dataset_id} is used by active job(s) {', '.join(users)}: "
@@ -291,5 +291,9 @@ def delete_dataset(session: Session, *, tenant_id: str, dataset_id: str,
                        code="dataset_in_use")
     session.delete(row)
     session.commit()
-    store.delete_prefix(row.storage_key)
+    try:
+        store.delete(row.storage_key)
+    except StorageUnavailable as exc:  # the dataset is gone for its tenant (and its quota):
+        log.warning("dataset %s deleted, its object %s left in the store: %s",  # a retry would
+                    dataset_id, row.storage_key, exc.message)  # answer 404, so no 503 here
     return row

@@ -1,20 +1,24 @@
-"""Downloads: the adapter / merged model as a tar stream, and single files with Range + sha256."""
+"""Downloads: the adapter / merged model as a tar stream, and single files with Range + sha256.
+
+Both read the artifact store through its interface (lorajobs/core/storage.py). A single file is
+streamed with Range, or, with `store_presign_downloads` on an S3 store, answered 307 to a
+presigned URL (lorajobs/api/downloads.py). A tar is always streamed by the API: it is assembled
+from several objects, there is no one object to redirect to."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import PurePosixPath
-from typing import Annotated, cast
+from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
 
 from lorajobs.api import queries
-from lorajobs.api.deps import PrincipalDep, SessionDep, StoreDep
+from lorajobs.api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from lorajobs.api.downloads import object_response
 from lorajobs.api.schemas import MAX_STEP, ArtifactPublic, ArtifactsDeleted, ArtifactsPublic
 from lorajobs.core import usage
 from lorajobs.core.archive import TarEntry, TarStream
-from lorajobs.core.storage import LocalArtifactStore
 
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
@@ -27,11 +31,10 @@ def _tar_download(session: SessionDep, store: StoreDep, tenant_id: str, job_id: 
                   kind: str, step: int | None) -> StreamingResponse:
     queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
     rows = queries.artifact_set(session, job_id=job_id, kind=kind, step=step)
-    local = cast(LocalArtifactStore, store)  # TODO(#12): stream from the store interface
-    entries = [TarEntry(name=r.name, path=local.local_path(r.storage_key), size=r.size,
+    entries = [TarEntry(name=r.name, key=r.storage_key, size=r.size,
                         mtime=r.created_at.timestamp()) for r in rows]
     label = f"{job_id}-{kind}" + (f"-step{rows[0].step}" if rows[0].step is not None else "")
-    tar = TarStream(entries, prefix=label)
+    tar = TarStream(entries, store, prefix=label)
     return StreamingResponse(iter(tar), media_type="application/x-tar", headers={
         "Content-Length": str(tar.content_length),
         "Content-Disposition": f'attachment; filename="{label}.tar"',
@@ -67,18 +70,18 @@ def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep,
 
 
 @router.get("/{job_id}/artifacts/{artifact_id}")
-def download_artifact(job_id: str, artifact_id: str, session: SessionDep, store: StoreDep,
-                      principal: PrincipalDep) -> FileResponse:
-    """One file; supports Range (206). ETag and digest headers carry its sha256."""
+def download_artifact(job_id: str, artifact_id: str, request: Request, session: SessionDep,
+                      store: StoreDep, settings: SettingsDep,
+                      principal: PrincipalDep) -> Response:
+    """One file; supports Range (206), or 307 to a presigned URL of the store. ETag and
+    digest headers carry its sha256."""
     queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
     row = queries.get_artifact(session, job_id=job_id, artifact_id=artifact_id)
-    digest_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
-    return FileResponse(
-        cast(LocalArtifactStore, store).local_path(row.storage_key),
-        filename=PurePosixPath(row.name).name,
-        headers={"ETag": f'"{row.sha256}"', "Digest": f"sha-256={digest_b64}",
-                 "Repr-Digest": f"sha-256=:{digest_b64}:", "X-Checksum-SHA256": row.sha256},
-    )
+    presign = settings.store_presign_seconds if settings.store_presign_downloads else None
+    return object_response(store, row.storage_key, size=row.size, sha256=row.sha256,
+                           filename=PurePosixPath(row.name).name,
+                           range_header=request.headers.get("range"),
+                           if_range=request.headers.get("if-range"), presign_seconds=presign)
 
 
 @router.delete("/{job_id}/artifacts", response_model=ArtifactsDeleted)
