@@ -49,6 +49,7 @@ from lorajobs.api.routes import (
     models,
     ui,
     usage,
+    webhooks,
 )
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.queue import JobSender
@@ -58,7 +59,7 @@ from lorajobs.core.storage import get_store
 __all__ = ["create_app"]
 
 ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           usage, openai_compat, ui)
+           usage, webhooks, openai_compat, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

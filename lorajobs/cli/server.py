@@ -56,8 +56,8 @@ def worker() -> None:
 
 
 def beat() -> None:
-    """The maintenance process for production: the reaper sweeps in this process, so it never
-    waits for a busy GPU worker."""
+    """The maintenance process for production: the reaper sweeps and webhooks are sent in this
+    process, so neither waits for a busy GPU worker."""
     from lorajobs.core.settings import get_settings
     from lorajobs.worker.main import run_beat
 
@@ -65,7 +65,7 @@ def beat() -> None:
 
 
 def reaper() -> None:
-    """The reaper loop alone (an alternative to beat: requeue lost jobs, re-send stale ones)."""
+    """The reaper loop alone (requeue lost jobs, re-send stale ones; no webhooks: use beat)."""
     from lorajobs.core.settings import get_settings
     from lorajobs.worker.main import run_reaper
 

@@ -139,4 +139,3 @@ def host_header(target: Target) -> str:
 def reason_text(exc: Exception) -> str:
     """A one-line reason for an attempt record."""
     return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-

@@ -1,6 +1,7 @@
 """`serve`: the whole service from one command (embedded mode: SQLite + embedded broker).
 
-    migrate -> ensure the local admin key -> worker subprocess + reaper thread -> uvicorn
+    migrate -> ensure the local admin key -> worker subprocess + reaper thread
+            + webhook sender thread -> uvicorn
 
 The data directory is 0700 and everything in it 0600 (umask 077 here, inherited by the worker
 and its trainers): it holds every tenant's data and the admin key.
@@ -28,6 +29,7 @@ from lorajobs.core.settings import Settings, get_settings
 from lorajobs.core.storage import private_dir, use_private_umask
 from lorajobs.worker.main import settings_env
 from lorajobs.worker.reaper import run_reaper_loop
+from lorajobs.worker.webhook_sender import start_webhook_thread
 
 __all__ = ["serve", "start_worker_process"]
 
@@ -72,7 +74,8 @@ def _stop_worker(proc: subprocess.Popen[bytes], settings: Settings) -> None:
 
 def serve(settings: Settings | None = None, host: str | None = None,
           port: int | None = None) -> None:
-    """Run API + worker + reaper until Ctrl-C/SIGTERM; prints where the admin key is."""
+    """Run API + worker + reaper + webhook sender until Ctrl-C/SIGTERM; prints where the
+    admin key is."""
     import uvicorn
 
     settings = settings or get_settings()
@@ -90,6 +93,7 @@ def serve(settings: Settings | None = None, host: str | None = None,
     reaper = threading.Thread(target=run_reaper_loop, args=(settings, stop), daemon=True,
                               name="lorajobs-reaper")
     reaper.start()
+    sender = start_webhook_thread(settings, stop)
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with a handler of
     # ours installed that lands here instead of killing the process before the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,3 +105,4 @@ def serve(settings: Settings | None = None, host: str | None = None,
         stop.set()
         _stop_worker(worker, settings)
         reaper.join(timeout=5)
+        sender.join(timeout=5)

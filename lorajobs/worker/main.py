@@ -2,13 +2,13 @@
 
     python -m lorajobs.worker.main worker [--pool solo|prefork]
     python -m lorajobs.worker.main beat
-    python -m lorajobs.worker.main reaper     # the same loop as beat, kept as an alias
+    python -m lorajobs.worker.main reaper     # the reaper loop alone (no webhooks)
 
 Settings come from `LORAJOBS_*`. SIGTERM to a worker is a warm shutdown: the running trainer
 gets its stop file, saves a checkpoint, and the job goes back to queued for another worker.
-Beat sweeps in its own process: reaping must not wait for a worker (each runs one job for
-hours), which a periodic message to the workers' queue would. Every process here creates
-files 0600 and directories 0700 (`use_private_umask`).
+Beat sweeps (and sends webhooks) in its own process: reaping must not wait for a worker
+(each runs one job for hours), which a periodic message to the workers' queue would. Every
+process here creates files 0600 and directories 0700 (`use_private_umask`).
 """
 
 from __future__ import annotations
@@ -55,17 +55,20 @@ def run_worker(settings: Settings | None = None, *, pool: str = "solo",
 
 
 def run_beat(settings: Settings | None = None) -> None:
-    """The maintenance process: a reaper sweep every `reaper_interval_seconds`, in this
-    process, until SIGTERM/SIGINT. Needs the database and the broker (to re-send), no worker."""
+    """The maintenance process: a reaper sweep every `reaper_interval_seconds`, and the
+    webhook sender (worker/webhook_sender.py) in a thread beside it, in this process, until
+    SIGTERM/SIGINT. Needs the database and the broker (to re-send), no worker."""
     settings = settings or get_settings()
-    log.info("beat: reaper sweeping every %.1fs in process %d",
+    log.info("beat: reaper sweeping every %.1fs, webhooks sent, in process %d",
              settings.reaper_interval_seconds, os.getpid())
-    run_reaper(settings)
+    run_reaper(settings, send_webhooks=True)
 
 
-def run_reaper(settings: Settings | None = None) -> None:
-    """The reaper loop in the foreground until SIGTERM/SIGINT (no broker consumer needed)."""
+def run_reaper(settings: Settings | None = None, *, send_webhooks: bool = False) -> None:
+    """The reaper loop in the foreground until SIGTERM/SIGINT (no broker consumer needed);
+    with `send_webhooks`, the webhook sender's loop in a thread (beat)."""
     from lorajobs.worker.reaper import run_reaper_loop
+    from lorajobs.worker.webhook_sender import start_webhook_thread
 
     settings = settings or get_settings()
     use_private_umask()
@@ -76,7 +79,10 @@ def run_reaper(settings: Settings | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    sender = start_webhook_thread(settings, stop) if send_webhooks else None
     run_reaper_loop(settings, stop)
+    if sender is not None:
+        sender.join(timeout=settings.webhook_read_timeout_seconds + 5)
 
 
 def main(argv: list[str] | None = None) -> None:
