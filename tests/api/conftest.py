@@ -21,6 +21,7 @@ from lorajobs.core import keys, registry
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from tests.dbfixtures import db_settings  # noqa: F401 - the parametrized fixture
+from tests.s3fixtures import S3Target
 
 MODEL_NAME = "tiny-llama"
 
@@ -78,6 +79,25 @@ def api_settings(db_settings: Settings, tmp_path, tiny_model_dir) -> Settings:  
 
 @pytest.fixture
 def api(api_settings: Settings) -> Iterator[Api]:
+    yield from _serve(api_settings)
+
+
+@pytest.fixture(params=["stream", "presign"])
+def s3_api(request: pytest.FixtureRequest, s3_bucket: S3Target, tmp_path,
+           tiny_model_dir) -> Iterator[Api]:
+    """The `api` harness on SQLite with the artifact store in S3 (a bucket on the moto server),
+    downloads streamed by the API or redirected to presigned URLs: for the tests where the
+    store matters (downloads, uploads), not the whole suite."""
+    from lorajobs.core.migrate import upgrade
+
+    settings = Settings(data_dir=tmp_path / "data", model_root=tmp_path / "models",
+                        **s3_bucket.settings(store_presign_downloads=request.param == "presign"))
+    upgrade(settings)
+    shutil.copytree(tiny_model_dir, settings.resolved_model_root / "tiny")
+    yield from _serve(settings)
+
+
+def _serve(api_settings: Settings) -> Iterator[Api]:
     app = create_app(api_settings)
     recorded: list[str] = []
     app.state.enqueue = recorded.append

@@ -31,6 +31,7 @@ def _tar_download(session: SessionDep, store: StoreDep, tenant_id: str, job_id: 
                   kind: str, step: int | None) -> StreamingResponse:
     queries.get_job(session, tenant_id=tenant_id, job_id=job_id)
     rows = queries.artifact_set(session, job_id=job_id, kind=kind, step=step)
+    store.size(rows[0].storage_key)  # a store that is down: 503 now, not a truncated tar
     entries = [TarEntry(name=r.name, key=r.storage_key, size=r.size,
                         mtime=r.created_at.timestamp()) for r in rows]
     label = f"{job_id}-{kind}" + (f"-step{rows[0].step}" if rows[0].step is not None else "")
