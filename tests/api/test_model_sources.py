@@ -160,3 +160,45 @@ def test_hf_source_through_the_hub_client_then_offline(
         assert not staging.exists() or not any(staging.iterdir())
     finally:
         service.close()
+
+
+def test_slow_source_bounded_in_count_and_time(api_settings: Settings, private_s3: S3Target,
+                                               tiny_model_dir: Path) -> None:
+    """A fetch hanging on a stalled S3 server: the next registration gets 429 at once, the
+    first 503 after model_fetch_timeout_seconds, and once the server answers again the
+    abandoned fetch stores and registers nothing."""
+    import threading
+
+    from tests.servicefixtures import wait_for
+
+    settings = api_settings.model_copy(update={
+        **private_s3.settings(), "max_concurrent_model_fetches": 1,
+        "model_fetch_timeout_seconds": 2})
+    s3 = private_s3.server.client()
+    for p in tiny_model_dir.iterdir():
+        s3.put_object(Bucket=private_s3.bucket, Key=f"src/{p.name}", Body=p.read_bytes())
+    body = {"name": "slow", "source": {"s3": f"s3://{private_s3.bucket}/src"}}
+    with admin_client(settings) as (client, admin):
+        private_s3.server.pause()
+        try:
+            first: list[httpx.Response] = []
+            thread = threading.Thread(target=lambda: first.append(
+                client.post("/v1/models", headers=admin, json=body)))
+            thread.start()
+            wait_for(lambda: getattr(client.app.state, "model_fetch_slots", None) is not None
+                     and client.app.state.model_fetch_slots.locked(), timeout=30)
+            busy = client.post("/v1/models", headers=admin, json={**body, "name": "other"})
+            assert busy.status_code == 429
+            assert busy.json()["error"]["code"] == "model_fetches_busy"
+            thread.join(30)
+            assert first[0].status_code == 503, first[0].text
+            assert first[0].json()["error"]["code"] == "model_fetch_timeout"
+        finally:
+            private_s3.server.resume()
+        slots = client.app.state.model_fetch_slots
+        wait_for(lambda: not slots.locked(), timeout=120)  # the abandoned fetch has ended
+        names = [m["name"] for m in client.get("/v1/models", headers=admin).json()["data"]]
+        assert "slow" not in names
+    assert model_keys(private_s3) == []
+    staging = settings.resolved_model_staging_dir
+    assert not staging.exists() or not any(staging.iterdir())
