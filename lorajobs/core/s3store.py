@@ -62,7 +62,7 @@ MAX_STREAM_PARTS_IN_MEMORY = 4
 # exponential backoff with jitter) before StorageUnavailable; a dead endpoint fails in seconds.
 MAX_ATTEMPTS = 4
 CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 60
+READ_TIMEOUT_S = 30  # a hung store (SIGSTOPped, partitioned) fails a call within 4 x 30 s
 DELETE_BATCH = 1000  # DeleteObjects' maximum
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 

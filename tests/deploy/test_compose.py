@@ -27,6 +27,38 @@ def test_compose_has_the_production_services() -> None:
     assert env["LORAJOBS_BROKER_URL"].startswith("redis://")
 
 
+def _named_volumes(service: dict) -> set[str]:
+    """The named volumes a service mounts ("name:/path" entries, not host paths)."""
+    mounts = [str(v).split(":", 1)[0] for v in service.get("volumes", [])]
+    return {m for m in mounts if m and not m.startswith((".", "/", "~"))}
+
+
+def test_the_fleet_shares_only_postgres_redis_and_the_bucket() -> None:
+    """No volume is mounted by two services: the API and the workers (and beat) may run on
+    different hosts, meeting only in PostgreSQL, Redis and the object store (MinIO here)."""
+    compose = _compose()
+    services = compose["services"]
+    env = compose["x-lorajobs-env"]
+    assert env["LORAJOBS_STORE_URL"].startswith("s3://")
+    assert env["LORAJOBS_STORE_ENDPOINT_URL"] == "http://minio:9000"
+    assert "LORAJOBS_ARTIFACT_ROOT" not in env and "LORAJOBS_MODEL_ROOT" not in env
+    owners: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for volume in _named_volumes(service):
+            owners.setdefault(volume, []).append(name)
+    assert {v: o for v, o in owners.items() if len(o) > 1} == {}
+    assert _named_volumes(services["api"]) == set()
+    assert _named_volumes(services["worker"]) == {"worker-scratch", "worker-model-cache"}
+    assert services["worker"]["environment"]["LORAJOBS_SCRATCH_DIR"].startswith("/var/lib")
+    # the bucket exists before the API or a worker starts: a one-shot `mc mb`
+    init = services["minio-init"]
+    assert "mc mb --ignore-existing store/lorajobs" in " ".join(init["command"])
+    assert env["LORAJOBS_STORE_URL"].startswith("s3://lorajobs/")
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["minio-init"] == {
+            "condition": "service_completed_successfully"}
+
+
 def test_maintenance_runs_apart_from_the_gpu_workers() -> None:
     """The reaper must not wait for a GPU worker: beat sweeps in its own process (no GPU), and
     workers consume job messages only (tests/worker/test_reaper.py proves it with processes)."""
