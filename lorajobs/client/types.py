@@ -58,6 +58,10 @@ class Model(_Result):
     architecture: str | None = None
     num_parameters: int | None = None
     dtype: str | None = None
+    source: str | None = None  # path | upload | s3 | hf
+    revision: str | None = None
+    content_sha256: str | None = None
+    size_bytes: int | None = None
 
 
 class Event(_Result):
