@@ -1,7 +1,8 @@
 """`/openai/v1`: the subset of OpenAI's fine-tuning API that the official `openai` client drives.
 
     files                     POST (purpose=fine-tune), GET list, GET one
-    fine_tuning/jobs          POST create, GET list (after, limit), GET one, POST {id}/cancel
+    fine_tuning/jobs          POST create, GET list (after, limit, metadata), GET one,
+                              POST {id}/cancel, {id}/pause, {id}/resume
     fine_tuning/jobs/{id}/events        newest first, like OpenAI
     fine_tuning/jobs/{id}/checkpoints
 
@@ -12,7 +13,8 @@ A translation layer only: every call goes through the same service functions as 
   "auto" (or absent) keeps our default. `method.supervised.hyperparameters` is accepted too.
 - `suffix` is normalised to our `[a-z0-9-]{1,40}` (OpenAI allows 64 free characters).
 - status: queued -> "queued" (files were validated at upload, so there is no separate
-  "validating_files" phase), running, succeeded, failed, cancelled.
+  "validating_files" phase), running, pausing (running, pause requested), paused,
+  succeeded, failed, cancelled: the values OpenAI's API reference lists.
 - `fine_tuned_model`: the merged model's name, `ft:<base>:<suffix>:<job id>`.
 """
 
@@ -317,6 +319,24 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep,
     """Cancel; a finished job answers 409."""
     job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
     return job_object(jobs.request_cancel(session, job))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_fine_tuning_job(job_id: str, session: SessionDep,
+                          principal: PrincipalDep) -> dict[str, Any]:
+    """Pause: a queued job at once, a running one after its checkpoint (`pausing`)."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    return job_object(jobs.request_pause(session, job))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_fine_tuning_job(job_id: str, session: SessionDep, enqueue: EnqueueDep,
+                           principal: PrincipalDep) -> dict[str, Any]:
+    """Resume a paused job: queued again, training continues from its last checkpoint."""
+    job = jobs.request_resume(session, queries.get_job(session, tenant_id=principal.tenant_id,
+                                                       job_id=job_id))
+    enqueue(job.id)
+    return job_object(job)
 
 
 EVENT_PREFIX = "ftevent-"

@@ -4,6 +4,7 @@
     lorajobs serve                      API + worker + reaper, embedded (SQLite, no Redis)
     lorajobs submit job.yaml --wait     submit to a server and watch it
     lorajobs jobs list | show | logs | cancel | download | plot
+    lorajobs pause JOB | resume JOB     checkpoint and stop a job, free its worker; continue it
 
 Every error is one line on stderr that says what to fix, and a non-zero exit code.
 """

@@ -3,7 +3,8 @@
     queued ──claim──▶ running ──▶ succeeded | failed | cancelled
       │  ▲               │
       │  └──requeue──────┘   (lease expired, trainer crashed, graceful shutdown: attempts left)
-      └──▶ cancelled | failed
+      ├──▶ cancelled | failed            running ──▶ paused (pause: checkpointed, refunded)
+      └──▶ paused ──resume──▶ queued;  paused ──▶ cancelled
 
 `ALLOWED_TRANSITIONS` is the one table of legal moves. Each transition is one conditional
 UPDATE (`WHERE id = ? AND status = <from>` and, for a worker, `AND lease_owner = <me>`), so two
@@ -45,6 +46,8 @@ __all__ = [
     "fair_queue",
     "renew_lease",
     "request_cancel",
+    "request_pause",
+    "request_resume",
     "end_attempt",
     "reap_expired_leases",
     "finish_cancelled_queued",
@@ -56,8 +59,9 @@ __all__ = [
 S = JobStatus
 TERMINAL = S.TERMINAL
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED, S.PAUSED}),
+    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PAUSED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -114,8 +118,9 @@ def transition(
     values: dict[str, Any] = {"status": to, "updated_at": now, "stage": stage}
     if to in TERMINAL:
         values |= {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
-    if to == S.QUEUED:
-        values |= {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now}
+    if to in (S.QUEUED, S.PAUSED):
+        values |= {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now,
+                   "pause_requested": False}
         if refund_attempt:
             values["attempt"] = Job.attempt - 1
     if lease is not None:
@@ -288,14 +293,16 @@ def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int
 
 
 def request_cancel(session: Session, job: Job) -> Job:
-    """Queued: cancelled at once. Running: flag it; the worker stops the trainer. Commits.
+    """Queued or paused: cancelled at once. Running: flag it; the worker stops the trainer.
+    Commits.
 
     One conditional UPDATE decides on the row as it is now, not on `job` as it was read: a job
     requeued or claimed since is still handled right. A finished job raises
     IllegalTransition (409 at the edge).
     """
     now = utcnow()
-    was_queued = Job.status == S.QUEUED
+    was_queued = Job.status.in_((S.QUEUED, S.PAUSED))
+    from_status = job.status
     flagged = _rowcount(
         session,
         update(Job)
@@ -317,9 +324,67 @@ def request_cancel(session: Session, job: Job) -> Job:
                                 code="job_not_cancellable")
     session.refresh(job)  # our own write: the row is locked until we commit
     if job.status == S.CANCELLED:
-        _status_event(session, job, S.QUEUED, S.CANCELLED, message="cancelled while queued")
+        was = from_status if from_status in (S.QUEUED, S.PAUSED) else S.QUEUED
+        _status_event(session, job, was, S.CANCELLED, message=f"cancelled while {was}")
     else:
         add_event(session, job.id, "cancel_requested", "cancel requested; stopping trainer")
+    session.commit()
+    return job
+
+
+def request_pause(session: Session, job: Job) -> Job:
+    """Queued: paused at once. Running: flag it; the worker asks the trainer to checkpoint
+    and stop, and the attempt ends paused (policy.next_state). Paused already, or a pause
+    already pending: unchanged. Commits. A finished job, or one being cancelled, raises
+    IllegalTransition (409 at the edge).
+
+    One conditional UPDATE decides on the row as it is now (a claim racing the request is
+    seen), as `request_cancel` does.
+    """
+    now = utcnow()
+    was_queued = Job.status == S.QUEUED
+    changed = _rowcount(
+        session,
+        update(Job)
+        .where(Job.id == job.id, Job.cancel_requested.is_(False),
+               was_queued | ((Job.status == S.RUNNING) & Job.pause_requested.is_(False)))
+        .values(updated_at=now,
+                pause_requested=case((was_queued, False), else_=True),
+                status=case((was_queued, S.PAUSED), else_=Job.status),
+                stage=case((was_queued, null()), else_=Job.stage)),
+    )
+    if changed != 1:
+        session.rollback()
+        session.refresh(job)
+        if job.status == S.PAUSED or (job.status == S.RUNNING and job.pause_requested
+                                      and not job.cancel_requested):
+            return job
+        state = "being cancelled" if job.cancel_requested and job.status not in TERMINAL \
+            else f"already {job.status}"
+        raise IllegalTransition(f"job {job.id} is {state}; only a queued or running job can "
+                                "be paused", param="status", code="job_not_pausable")
+    session.refresh(job)
+    if job.status == S.PAUSED:
+        _status_event(session, job, S.QUEUED, S.PAUSED, message="paused while queued")
+    else:
+        add_event(session, job.id, "pause_requested",
+                  "pause requested; the trainer saves a checkpoint and stops")
+    session.commit()
+    return job
+
+
+def request_resume(session: Session, job: Job) -> Job:
+    """Paused -> queued (the caller sends it to the broker); the next attempt continues from
+    the newest recorded checkpoint, as any retry does. Anything else raises
+    IllegalTransition (409), a running job whose pause is still pending too ("pausing":
+    resume once it is paused; withdrawing the request would race the trainer's stop). Commits.
+    """
+    session.refresh(job)
+    if job.status != S.PAUSED:
+        state = "pausing" if job.status == S.RUNNING and job.pause_requested else job.status
+        raise IllegalTransition(f"job {job.id} is {state}; only a paused job can be "
+                                "resumed", param="status", code="job_not_paused")
+    transition(session, job, to=S.QUEUED, message="resumed; requeued")
     session.commit()
     return job
 

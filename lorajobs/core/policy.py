@@ -5,9 +5,12 @@
     USER_ERROR, SYSTEM_ERROR          any                any                 failed (that error)
     MAX_RUNTIME                       any                any                 failed
     CANCEL_STOP                       (set)              any                 cancelled
+    PAUSE_STOP                        yes                any                 cancelled
+                                      no                 (refunded)          paused, refund
     SHUTDOWN                          yes                any                 cancelled
                                       no                 (refunded)          queued, refund
     CRASHED, WORKER_LOST              yes                any                 cancelled
+                                      no, pause asked    any                 paused
                                       no                 yes                 queued
                                       no                 no                  failed
 
@@ -21,7 +24,11 @@ Why the rows are in this order:
   hide it;
 - everything else is an interruption with no verdict: a cancel request ends it, else it is
   retried while attempts remain. A graceful worker shutdown is not the job's fault: its
-  attempt is refunded (`refund_attempt`), so it is always queued again unless cancelled.
+  attempt is refunded (`refund_attempt`), so it is always queued again unless cancelled;
+- a pause is the user's request: its attempt is refunded too, and an interruption while a
+  pause is pending (the trainer crashed, the worker died) ends paused, not requeued: the
+  user asked for no more training until they resume (the resume starts from the newest
+  recorded checkpoint, as any retry does).
 
 The worker (`worker/settle.py`) and the reaper (`jobs.reap_expired_leases`) both apply it
 through `jobs.end_attempt`, which decides again on the refreshed row when it loses a race.
@@ -47,6 +54,7 @@ class Outcome(StrEnum):
     MAX_RUNTIME = "max_runtime"    # stopped at max_job_runtime_seconds
     CANCEL_STOP = "cancel_stop"    # stopped because a cancel was requested
     SHUTDOWN = "shutdown"          # stopped for a graceful worker shutdown: attempt refunded
+    PAUSE_STOP = "pause_stop"      # checkpointed and stopped because a pause was requested
     CRASHED = "crashed"            # the trainer died without a verdict (crash, OOM kill)
     WORKER_LOST = "worker_lost"    # the lease expired: the worker died
 
@@ -60,6 +68,7 @@ class AttemptOf(Protocol):
 
     status: str
     cancel_requested: bool
+    pause_requested: bool
     attempt: int
     max_attempts: int
 
@@ -83,6 +92,10 @@ def next_state(job: AttemptOf, outcome: Outcome) -> Decision | None:
         return Decision(JobStatus.FAILED)
     if outcome is Outcome.CANCEL_STOP or job.cancel_requested:
         return Decision(JobStatus.CANCELLED)
+    if outcome is Outcome.PAUSE_STOP:
+        return Decision(JobStatus.PAUSED, refund_attempt=True)
+    if job.pause_requested:
+        return Decision(JobStatus.PAUSED, refund_attempt=outcome is Outcome.SHUTDOWN)
     if outcome is Outcome.SHUTDOWN:
         return Decision(JobStatus.QUEUED, refund_attempt=True)
     if job.attempt < job.max_attempts:

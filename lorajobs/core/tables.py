@@ -82,7 +82,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class JobStatus(StrEnum):
     """queued -> running -> succeeded | failed | cancelled; running -> queued for a retry;
-    queued -> cancelled | failed."""
+    queued -> cancelled | failed; queued | running -> paused -> queued (resume) | cancelled."""
 
     # Legal moves: jobs.ALLOWED_TRANSITIONS. A member is a `str` (JobStatus.QUEUED ==
     # "queued"): columns, JSON and what the database returns hold plain strings.
@@ -92,9 +92,10 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # checkpointed and stopped on request; no worker held; resumable
     # Helpers, not members: the finished statuses, and every status in lifecycle order.
     TERMINAL = nonmember(frozenset({"succeeded", "failed", "cancelled"}))
-    ALL = nonmember(("queued", "running", "succeeded", "failed", "cancelled"))
+    ALL = nonmember(("queued", "running", "paused", "succeeded", "failed", "cancelled"))
 
 
 class Base(DeclarativeBase):
@@ -194,6 +195,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set on a running job by `jobs.request_pause`; cleared when the attempt ends paused.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -74,7 +74,8 @@ def _register_logs(session: Session, context: SettleContext, job_id: str) -> Non
 
 # What `end` reports for each status the policy chose.
 _RESULTS = {JobStatus.SUCCEEDED: SUCCEEDED, JobStatus.FAILED: FAILED,
-            JobStatus.CANCELLED: CANCELLED, JobStatus.QUEUED: REQUEUED}
+            JobStatus.CANCELLED: CANCELLED, JobStatus.QUEUED: REQUEUED,
+            JobStatus.PAUSED: "paused"}
 
 
 def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: Settings,
@@ -201,6 +202,10 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
     if stop_reason == "timeout":
         return fail(session, job, owner=owner, settings=settings, outcome=Outcome.MAX_RUNTIME,
                     error=_runtime_exceeded(settings, step))
+    if stop_reason == "pause":
+        return end(session, job, Outcome.PAUSE_STOP, owner=owner, settings=settings, messages={
+            JobStatus.PAUSED: f"paused{resume_note.replace('resumes', 'resume continues')}",
+            JobStatus.CANCELLED: "cancelled (cancel requested while pausing)"})
     if stop_reason == "shutdown":
         return end(session, job, Outcome.SHUTDOWN, owner=owner, settings=settings, messages={
             JobStatus.QUEUED: f"worker shutting down; requeued{resume_note}",

@@ -268,6 +268,8 @@ class Supervisor:
                     self._request_stop(paths, "shutdown")
                 elif self._cancel_requested():
                     self._request_stop(paths, "cancel")
+                elif self._cancel_requested(Job.pause_requested):
+                    self._request_stop(paths, "pause")
                 elif now >= self.deadline:
                     log.warning("job %s: past max_job_runtime_seconds=%g; stopping it",
                                 self.job_id, self.settings.max_job_runtime_seconds)
@@ -285,11 +287,10 @@ class Supervisor:
             log.exception("job %s: lease renewal failed", self.job_id)
             return None
 
-    def _cancel_requested(self) -> bool:
+    def _cancel_requested(self, flag: Any = Job.cancel_requested) -> bool:
         try:
             with self.sessions() as session:
-                return bool(session.query(Job.cancel_requested)
-                            .filter(Job.id == self.job_id).scalar())
+                return bool(session.query(flag).filter(Job.id == self.job_id).scalar())
         except Exception:  # noqa: BLE001
             log.exception("job %s: reading cancel flag failed", self.job_id)
             return False

@@ -51,17 +51,46 @@ TABLE = [
     (S.SUCCEEDED, False, 1, 3, Out.SUCCEEDED, None),
     (S.FAILED, False, 3, 3, Out.CRASHED, None),
     (S.CANCELLED, True, 1, 3, Out.CANCEL_STOP, None),
+    (S.PAUSED, False, 1, 3, Out.PAUSE_STOP, None),
 ]
+PAUSED = Decision(S.PAUSED)
+
+# With a pause requested: status, cancel requested, attempt, max_attempts, outcome -> decision
+PAUSE_TABLE = [
+    # stopped for the pause: refunded (the user's request, not a failure), even on the last
+    (S.RUNNING, False, 1, 3, Out.PAUSE_STOP, Decision(S.PAUSED, refund_attempt=True)),
+    (S.RUNNING, False, 3, 3, Out.PAUSE_STOP, Decision(S.PAUSED, refund_attempt=True)),
+    (S.RUNNING, True, 1, 3, Out.PAUSE_STOP, CANCELLED),  # a cancel wins
+    # an interruption while a pause is pending ends paused, not requeued, not failed
+    (S.RUNNING, False, 1, 3, Out.CRASHED, PAUSED),
+    (S.RUNNING, False, 3, 3, Out.WORKER_LOST, PAUSED),
+    (S.RUNNING, False, 1, 3, Out.SHUTDOWN, Decision(S.PAUSED, refund_attempt=True)),
+    # verdicts stay verdicts
+    (S.RUNNING, False, 1, 3, Out.SUCCEEDED, Decision(S.SUCCEEDED)),
+    (S.RUNNING, False, 1, 3, Out.USER_ERROR, FAILED),
+    (S.PAUSED, False, 1, 3, Out.WORKER_LOST, None),
+]
+
+
+@pytest.mark.parametrize(("status", "cancel", "attempt", "max_attempts", "outcome", "expected"),
+                         PAUSE_TABLE)
+def test_next_state_with_a_pause_requested(status: str, cancel: bool, attempt: int,
+                                           max_attempts: int, outcome: Outcome,
+                                           expected: Decision | None) -> None:
+    job = Job(status=status, cancel_requested=cancel, pause_requested=True, attempt=attempt,
+              max_attempts=max_attempts)
+    assert next_state(job, outcome) == expected
 
 
 @pytest.mark.parametrize(("status", "cancel", "attempt", "max_attempts", "outcome", "expected"),
                          TABLE)
 def test_next_state(status: str, cancel: bool, attempt: int, max_attempts: int,
                     outcome: Outcome, expected: Decision | None) -> None:
-    job = Job(status=status, cancel_requested=cancel, attempt=attempt, max_attempts=max_attempts)
+    job = Job(status=status, cancel_requested=cancel, pause_requested=False, attempt=attempt,
+              max_attempts=max_attempts)
     assert next_state(job, outcome) == expected
 
 
 def test_table_covers_every_outcome() -> None:
-    assert {row[4] for row in TABLE} == set(Outcome)
+    assert {row[4] for row in TABLE + PAUSE_TABLE} == set(Outcome)
     assert {row[0] for row in TABLE} == set(S)

@@ -1,4 +1,4 @@
-"""`/v1/jobs`: create (idempotent with `Idempotency-Key`), list, get, cancel."""
+"""`/v1/jobs`: create (idempotent with `Idempotency-Key`), list, get, cancel, pause, resume."""
 
 from __future__ import annotations
 
@@ -89,4 +89,22 @@ def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job
     """Queued: cancelled now. Running: the worker stops it. Finished: 409."""
     job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
     job = jobs.request_cancel(session, job)
+    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+    """Queued: paused now. Running: checkpointed and stopped, worker freed. Finished: 409."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = jobs.request_pause(session, job)
+    return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, enqueue: EnqueueDep,
+               principal: PrincipalDep) -> JobPublic:
+    """Paused: queued again; training continues from its last checkpoint. Otherwise 409."""
+    job = queries.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = jobs.request_resume(session, job)
+    enqueue(job.id)
     return JobPublic.from_row(job, queue_position=queries.queue_position(session, job))
