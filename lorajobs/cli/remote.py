@@ -318,7 +318,7 @@ def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True
                     url: str | None = URL, api_key: str | None = KEY,
                     json_out: bool = JSON) -> None:
     """Copy a local safetensors model dir into the (same machine's) server model root and
-    register it."""
+    register it (the embedded default; from another machine: `models upload`)."""
     from lorajobs.client.config import local_model_root
 
     dest = local_model_root() / name
@@ -329,6 +329,40 @@ def models_register(name: str, model_dir: Path = typer.Argument(..., exists=True
     with _client(url, api_key) as client:
         model = client.models.register(name, name)
     print_json(model) if json_out else console.print(f"registered {model.name}")
+
+
+@models_app.command("upload")
+def models_upload(name: str, model_dir: Path = typer.Argument(..., exists=True,
+                                                              file_okay=False),
+                  url: str | None = URL, api_key: str | None = KEY,
+                  json_out: bool = JSON) -> None:
+    """Upload a local safetensors model dir (weights + config + tokenizer files) into the
+    server's store, from any machine (admin key). README, pickle files etc. are not sent."""
+    with _client(url, api_key) as client:
+        try:
+            model = client.models.upload(name, model_dir)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    print_json(model) if json_out else console.print(
+        f"registered {model.name} ({model.content_sha256})")
+
+
+@models_app.command("add")
+def models_add(name: str,
+               s3: str | None = typer.Option(None, "--s3", help="s3://bucket/prefix"),
+               hf_repo: str | None = typer.Option(None, "--hf-repo", help="org/name"),
+               revision: str | None = typer.Option(None, "--revision",
+                                                   help="branch, tag or commit (--hf-repo)"),
+               url: str | None = URL, api_key: str | None = KEY,
+               json_out: bool = JSON) -> None:
+    """Have the server copy a model from an S3 prefix or a Hugging Face repo into its store
+    (admin key); returns once it is there."""
+    if (s3 is None) == (hf_repo is None):
+        raise UserError("give exactly one of --s3 and --hf-repo")
+    with _client(url, api_key) as client:
+        model = client.models.register_from(name, s3=s3, hf_repo=hf_repo, revision=revision)
+    print_json(model) if json_out else console.print(
+        f"registered {model.name} ({model.source} {model.revision})")
 
 
 @keys_app.command("create")

@@ -14,7 +14,9 @@ from tenacity import AsyncRetrying
 from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwargs
 from lorajobs.client.config import resolve_api_key, resolve_url
 from lorajobs.client.errors import APIConnectionError, raise_for_response
-from lorajobs.client.types import Dataset, Job
+from lorajobs.client.model_files import model_upload_files
+from lorajobs.client.sync import MODEL_TIMEOUT
+from lorajobs.client.types import Dataset, Job, Model
 
 __all__ = ["AsyncClient"]
 
@@ -59,6 +61,31 @@ class AsyncClient:
         r = await self.request("POST", "/v1/datasets",
                                files={"file": (path.name, path.read_bytes())}, data=data)
         return Dataset.model_validate(r.json())
+
+    async def upload_model(self, name: str, directory: str | Path) -> Model:
+        """`Client.models.upload`: a local model directory into the server's store, the
+        files streamed from disk (admin key)."""
+        files = model_upload_files(directory)
+        handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below
+        try:
+            r = await self.request("POST", "/v1/models", data={"name": name},
+                                   files=[("files", (p.name, fh))
+                                          for p, fh in zip(files, handles, strict=True)],
+                                   timeout=MODEL_TIMEOUT)
+        finally:
+            for fh in handles:
+                fh.close()
+        return Model.model_validate(r.json())
+
+    async def register_model_from(self, name: str, *, s3: str | None = None,
+                                  hf_repo: str | None = None,
+                                  revision: str | None = None) -> Model:
+        """`Client.models.register_from`: the server copies s3:// or a hub repo."""
+        source = {k: v for k, v in (("s3", s3), ("hf_repo", hf_repo), ("revision", revision))
+                  if v is not None}
+        r = await self.request("POST", "/v1/models", json={"name": name, "source": source},
+                               timeout=MODEL_TIMEOUT)
+        return Model.model_validate(r.json())
 
     async def create_job(self, spec: dict[str, Any], *, idempotency_key: str | None = None
                          ) -> Job:

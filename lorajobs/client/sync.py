@@ -37,6 +37,7 @@ from lorajobs.client.errors import (
     UnsafePathError,
     raise_for_response,
 )
+from lorajobs.client.model_files import model_upload_files
 from lorajobs.client.types import (
     Artifact,
     Checkpoint,
@@ -50,6 +51,10 @@ from lorajobs.client.types import (
 __all__ = ["Client"]
 
 DEFAULT_TIMEOUT_S = 30.0
+# Registering a model answers once its files are validated and stored (an upload's hashing
+# and store writes, or a fetch from s3:// or a hub): no read timeout; the server bounds a
+# fetch with its model_fetch_timeout_seconds.
+MODEL_TIMEOUT = httpx.Timeout(DEFAULT_TIMEOUT_S, read=None)
 DEFAULT_MAX_RETRIES = 3
 DOWNLOAD_CHUNK = 1024 * 1024
 # A stream that delivered nothing and closed sooner than this counts as a failed connection
@@ -152,7 +157,33 @@ class _Models(_Resource):
         return [Model.model_validate(m) for m in body["data"]]
 
     def register(self, name: str, path: str) -> Model:
+        """A directory under the server's own model root (the embedded default)."""
         r = self._c.request("POST", "/v1/models", json={"name": name, "path": path})
+        return Model.model_validate(r.json())
+
+    def upload(self, name: str, directory: str | Path) -> Model:
+        """Upload a local model directory (safetensors + config + tokenizer files, streamed
+        from disk) into the server's store, from any machine (admin key)."""
+        files = model_upload_files(directory)
+        handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below
+        try:
+            r = self._c.request("POST", "/v1/models", data={"name": name},
+                                files=[("files", (p.name, fh))
+                                       for p, fh in zip(files, handles, strict=True)],
+                                timeout=MODEL_TIMEOUT)
+        finally:
+            for fh in handles:
+                fh.close()
+        return Model.model_validate(r.json())
+
+    def register_from(self, name: str, *, s3: str | None = None, hf_repo: str | None = None,
+                      revision: str | None = None) -> Model:
+        """Have the server copy a model from `s3://bucket/prefix` or a Hugging Face repo
+        (+ revision) into its store; answers once it is there (admin key)."""
+        source = {k: v for k, v in (("s3", s3), ("hf_repo", hf_repo), ("revision", revision))
+                  if v is not None}
+        r = self._c.request("POST", "/v1/models", json={"name": name, "source": source},
+                            timeout=MODEL_TIMEOUT)
         return Model.model_validate(r.json())
 
 
