@@ -121,7 +121,8 @@ class LiveService:
         from lorajobs.worker.main import settings_env
 
         return {**os.environ, **settings_env(self.settings), "LORAJOBS_TRAINER_THREADS": "1",
-                "PYTHONUNBUFFERED": "1"}
+                "PYTHONUNBUFFERED": "1",
+                "LORAJOBS_FAKE_TRAINER_DIR": str(self.settings.data_dir / "fake-trainer")}
 
     def migrate(self) -> None:
         from lorajobs.core.db import get_sessionmaker
@@ -132,17 +133,21 @@ class LiveService:
         with get_sessionmaker(self.settings)() as session:
             self.admin_key = ensure_admin_key(session, key_file=self.settings.admin_key_file)
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the proc
-        proc = subprocess.Popen([sys.executable, *args], env=self.env, stdout=log,
+        proc = subprocess.Popen([sys.executable, *args], env={**self.env, **(env or {})},
+                                stdout=log,
                                 stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
         log.close()
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, name: str = "worker", pool: str = "solo") -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "worker", pool: str = "solo",
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """`env`: overrides for this worker alone (a node's own scratch_dir, model cache)."""
         return self._spawn(["-m", "lorajobs.worker.main", "worker", "--loglevel", "INFO",
-                            "--pool", pool], name)
+                            "--pool", pool], name, env)
 
     def start_reaper(self) -> subprocess.Popen[bytes]:
         return self._spawn(["-m", "lorajobs.worker.main", "reaper"], "reaper")

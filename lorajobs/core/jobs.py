@@ -45,6 +45,7 @@ __all__ = [
     "claim_next",
     "fair_queue",
     "renew_lease",
+    "hold_lease",
     "request_cancel",
     "request_pause",
     "request_resume",
@@ -290,6 +291,20 @@ def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int
     )
     session.commit()
     return renewed == 1
+
+
+def hold_lease(session: Session, job_id: str, *, owner: str, attempt: int | None = None) -> bool:
+    """Fence the current transaction by our lease: True while the job is running under
+    `owner` (and `attempt`). Does not commit.
+
+    A write that must not land for a worker that lost the job (a paused or partitioned node's
+    checkpoint or artifact rows) calls this first, in the same transaction: it is an UPDATE,
+    so it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) and the
+    reaper's requeue cannot slip in between the check and the commit."""
+    stmt = update(Job).where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
+    if attempt is not None:
+        stmt = stmt.where(Job.attempt == attempt)
+    return _rowcount(session, stmt.values(updated_at=utcnow())) == 1
 
 
 def request_cancel(session: Session, job: Job) -> Job:

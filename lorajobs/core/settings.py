@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # least-recently-used past model_cache_bytes.
     model_cache_dir: Path | None = None  # default: data_dir/model-cache
     model_cache_bytes: int = Field(200 * 1024 * MiB, ge=1)
+    # A worker's uploads (checkpoints while training, final artifacts) retry a failing store
+    # with backoff for this long; a checkpoint that still fails is not resumable, and the
+    # job's settle waits at most this long for pending checkpoint uploads.
+    store_retry_seconds: float = Field(120, gt=0)
     # POST /v1/models (lorajobs/core/model_import.py): a model's files together (an upload,
     # an s3:// prefix, a Hugging Face snapshot) may not exceed max_model_bytes; they are staged
     # under model_staging_dir (on the API's node, removed once stored). A registration from

@@ -4,24 +4,27 @@
     started     -> JobEvent, job.resumed_from_step, progress.total_steps
     progress    -> JobMetric upsert by (job, step), job.progress / job.metrics snapshot
     eval        -> JobMetric.eval_loss, job.metrics.eval_loss, JobEvent
-    checkpoint  -> Checkpoint row + its adapter files as Artifacts (kind "adapter", step)
+    checkpoint  -> the sealed dir goes to `checkpoint_sink` (the supervisor's
+                   CheckpointUploader): its Checkpoint row, adapter Artifacts and "checkpoint"
+                   JobEvent are written only once it is uploaded (record_checkpoint)
     stage       -> job.stage, JobEvent
-    merged      -> Artifacts (kind "merged"), Checkpoint.merged_key, JobEvent
+    merged      -> JobEvent; kept for the settle, which uploads and registers it
     warning     -> JobEvent (level warning)
     error       -> JobEvent (level error); the supervisor decides the job's outcome
-    finished    -> kept for the supervisor; final artifacts are registered by it, except the
-                   TensorBoard event file (kind "tensorboard"), written here from the job's
-                   metric rows (every attempt, redone steps once)
+    finished    -> kept for the supervisor; final artifacts are uploaded and registered by it
+                   (settle.py), in the transaction that settles the job
 
-Every write is guarded by our lease (`jobs.update_progress` filters on the owner), and only the
-lease holder writes a job's metrics, so a plain select-then-write upsert is race-free. A resumed
-run redoes steps after its checkpoint: their metric rows are overwritten, not duplicated.
+Every batch is fenced by our lease: `jobs.hold_lease` (still running under our owner and
+attempt) is the batch transaction's first write, so a worker that lost the job writes no row
+at all (`lease_lost` tells the supervisor). Only the lease holder writes a job's metrics, so a
+plain select-then-write upsert is race-free. A resumed run redoes steps after its checkpoint:
+their metric rows are overwritten, not duplicated.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,72 +45,55 @@ from lora_core.events import (
     TrainerEvent,
     WarningEvent,
 )
-from lora_core.model_files.manifest import MANIFEST_NAME, sha256_file
 from lorajobs.core import jobs, tokencounts
-from lorajobs.core.storage import LocalArtifactStore
-from lorajobs.core.tables import Artifact, Checkpoint, Job, JobMetric, JobStatus, new_id
+from lorajobs.core.tables import Artifact, Job, JobMetric, JobStatus, new_id
 
 __all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for",
-           "write_tensorboard", "TENSORBOARD_TAGS"]
+           "write_tensorboard", "TENSORBOARD_TAGS", "RegisteredFile", "is_final_merge"]
 
 log = logging.getLogger(__name__)
 
-# Events copied verbatim into the job's event log (progress is too chatty: it goes to
-# job_metrics; the API serves it as the loss curve).
-LOGGED = (StartedEvent, StageEvent, CheckpointEvent, WarningEvent, EvalEvent, MergedEvent,
-          ErrorEvent, FinishedEvent)
+# Events copied into the job's event log (progress is too chatty: it goes to job_metrics; the
+# API serves it as the loss curve). Node-local paths are left out of the copies. A checkpoint's
+# event is written when it is uploaded and recorded (checkpoint_sync.record_checkpoint), in
+# that transaction: then it is resumable, and its webhook (job.checkpoint) says so.
+LOGGED = (StartedEvent, StageEvent, WarningEvent, EvalEvent, MergedEvent, ErrorEvent,
+          FinishedEvent)
+_LOCAL_PATHS = {"path", "adapter_path", "merged"}
+CheckpointSink = Callable[[CheckpointEvent, dict[str, Any]], object]
 
 
-def storage_key_for(store: LocalArtifactStore, path: str | Path) -> str:
-    """The store key of a file the trainer wrote under the artifact root."""
-    return Path(path).resolve().relative_to(store.root).as_posix()
+def storage_key_for(job_id: str, attempt: int, name: str) -> str:
+    """The store key of a file an attempt uploads: `jobs/<job>/attempt-<N>/<name>`."""
+    from lorajobs.worker.checkpoint_sync import attempt_prefix
+
+    return f"{attempt_prefix(job_id, attempt)}/{name}"
 
 
-def _known_digests(directory: Path) -> dict[str, tuple[int, str]]:
-    """name -> (size, sha256) from the trainer's manifest.json, to avoid hashing GBs twice."""
-    try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        return {f["path"]: (int(f["size"]), f["sha256"]) for f in manifest["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+RegisteredFile = tuple[str, str, int, str]  # (name inside the artifact, key, size, sha256)
 
 
-def register_file(session: Session, store: LocalArtifactStore, *, job_id: str, kind: str,
-                  step: int | None, path: Path, name: str, sha256: str | None = None) -> None:
-    """One Artifact row for one file (replacing a row of the same job/kind/step/name)."""
-    size = path.stat().st_size
+def register_file(session: Session, *, job_id: str, kind: str, step: int | None, name: str,
+                  key: str, size: int, sha256: str) -> None:
+    """One Artifact row for one stored file (replacing a row of the same job/kind/step/name)."""
     session.execute(delete(Artifact).where(
         Artifact.job_id == job_id, Artifact.kind == kind, Artifact.name == name,
         Artifact.step.is_(None) if step is None else Artifact.step == step))
     session.add(Artifact(id=new_id("art"), job_id=job_id, kind=kind, step=step, name=name,
-                         storage_key=storage_key_for(store, path), size=size,
-                         sha256=sha256 or sha256_file(path)))
+                         storage_key=key, size=size, sha256=sha256))
 
 
-def register_dir(session: Session, store: LocalArtifactStore, *, job_id: str, kind: str,
-                 step: int | None, directory: Path) -> int:
-    """Artifact rows for every file of an adapter / merged-model directory; returns the count."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        log.warning("artifact directory %s missing; nothing registered", directory)
-        return 0
+def register_dir(session: Session, *, job_id: str, kind: str, step: int | None,
+                 files: list[RegisteredFile]) -> int:
+    """Artifact rows for every stored file of an adapter / merged-model directory (replacing
+    the job/kind/step's rows); returns the count."""
     session.execute(delete(Artifact).where(
         Artifact.job_id == job_id, Artifact.kind == kind,
         Artifact.step.is_(None) if step is None else Artifact.step == step))
-    known = _known_digests(directory)
-    count = 0
-    for p in sorted(directory.rglob("*")):
-        if not p.is_file() or p.name.endswith(".part"):
-            continue
-        name = p.relative_to(directory).as_posix()
-        size = p.stat().st_size
-        digest = known.get(name, (None, None))
-        sha = digest[1] if digest[0] == size else None
+    for name, key, size, sha256 in files:
         session.add(Artifact(id=new_id("art"), job_id=job_id, kind=kind, step=step, name=name,
-                             storage_key=storage_key_for(store, p), size=size,
-                             sha256=sha or sha256_file(p)))
-        count += 1
-    return count
+                             storage_key=key, size=size, sha256=sha256))
+    return len(files)
 
 
 # JobMetric column -> TensorBoard scalar tag (the names the HF Trainer's TB callback uses).
@@ -143,7 +129,7 @@ def write_tensorboard(path: Path, rows: list[JobMetric]) -> None:
     tmp.replace(path)
 
 
-def _is_final_merge(event: MergedEvent) -> bool:
+def is_final_merge(event: MergedEvent) -> bool:
     """A merge of the final adapter (step None in our rows) vs. of a checkpoint."""
     if event.final is not None:
         return event.final
@@ -153,30 +139,43 @@ def _is_final_merge(event: MergedEvent) -> bool:
 class EventRecorder:
     """Applies trainer events for one job attempt; remembers what the supervisor needs."""
 
-    def __init__(self, session_factory: sessionmaker[Session], store: LocalArtifactStore, *,
-                 job_id: str, owner: str) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], *, job_id: str, owner: str,
+                 attempt: int | None = None,
+                 checkpoint_sink: CheckpointSink | None = None) -> None:
         self.session_factory = session_factory
-        self.store = store
         self.job_id = job_id
         self.owner = owner
+        self.attempt = attempt
+        self.checkpoint_sink = checkpoint_sink
         self.started: StartedEvent | None = None
         self.finished: FinishedEvent | None = None
         self.error: JobError | None = None
         self.last_checkpoint_step: int | None = None
+        self.checkpoints: list[CheckpointEvent] = []
+        self.merged: list[MergedEvent] = []
+        self.lease_lost = False
         self._total_steps: int | None = None
         self._metrics: dict[str, Any] = {"train_loss": None, "eval_loss": None}
         self.count = 0
 
     def apply(self, events: list[TrainerEvent]) -> None:
-        """Write one batch in one transaction. Rows are lease-guarded by the owner filter."""
-        if not events:
+        """Write one batch in one transaction, fenced by our lease (nothing if it is lost)."""
+        if not events or self.lease_lost:
             return
         with self.session_factory() as session:
+            if not jobs.hold_lease(session, self.job_id, owner=self.owner,
+                                   attempt=self.attempt):
+                session.rollback()
+                self.lease_lost = True
+                log.warning("job %s: lease lost; %d trainer events not recorded", self.job_id,
+                            len(events))
+                return
             job = session.get(Job, self.job_id)
             if job is not None and job.metrics:
                 self._metrics = {**self._metrics, **job.metrics}
             progress: dict[str, Any] | None = None
             stage: Stage | None = None
+            sealed: list[CheckpointEvent] = []
             for event in events:
                 self.count += 1
                 match event:
@@ -189,12 +188,11 @@ class EventRecorder:
                     case StartedEvent():
                         self._on_started(session, event)
                     case CheckpointEvent():
-                        self._on_checkpoint(session, event)
+                        sealed.append(event)
                     case MergedEvent():
-                        self._on_merged(session, event)
+                        self.merged.append(event)
                     case FinishedEvent():
                         self.finished = event
-                        self._on_finished(session)
                     case ErrorEvent():
                         self.error = event.job_error()
                 if isinstance(event, LOGGED):
@@ -202,25 +200,11 @@ class EventRecorder:
             jobs.update_progress(session, self.job_id, owner=self.owner, progress=progress,
                                  metrics=dict(self._metrics), stage=stage)
             session.commit()
-
-    def _on_finished(self, session: Session) -> None:
-        """The TensorBoard file of the whole curve so far; a failure here costs only the file."""
-        rows = list(session.scalars(select(JobMetric).where(JobMetric.job_id == self.job_id)
-                                    .order_by(JobMetric.step)))
-        if not rows:
-            return
-        path = self.store.local_path(
-            f"jobs/{self.job_id}/tensorboard/events.out.tfevents.{self.job_id}")
-        try:
-            write_tensorboard(path, rows)
-        except Exception:  # noqa: BLE001 - observability must never fail a training run
-            log.exception("job %s: writing the TensorBoard file failed", self.job_id)
-            return
-        register_file(session, self.store, job_id=self.job_id, kind="tensorboard", step=None,
-                      path=path, name=path.name)
+        for event in sealed:  # after the commit: a refused batch is applied again, whole
+            self._on_checkpoint(event)
 
     def _log_event(self, session: Session, event: TrainerEvent) -> None:
-        data = event.model_dump(mode="json", exclude={"type", "time"})
+        data = event.model_dump(mode="json", exclude={"type", "time", *_LOCAL_PATHS})
         level = {"warning": "warning", "error": "error"}.get(event.type, "info")
         message = str(data.get("message") or data.get("stage") or event.type)
         jobs.add_event(session, self.job_id, event.type, message, level=level, data=data)
@@ -261,30 +245,8 @@ class EventRecorder:
         self._metric_row(session, event.step).eval_loss = event.eval_loss
         self._metrics["eval_loss"] = event.eval_loss
 
-    def _on_checkpoint(self, session: Session, event: CheckpointEvent) -> None:
-        step = event.step
-        self.last_checkpoint_step = step
-        adapter = event.adapter_path
-        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id,
-                                                      Checkpoint.step == step))
-        if row is None:
-            row = Checkpoint(job_id=self.job_id, step=step)
-            session.add(row)
-        row.resumable = event.resumable
-        row.path = storage_key_for(self.store, event.path)
-        row.adapter_key = storage_key_for(self.store, adapter) if adapter else None
-        row.metrics = {k: v for k, v in self._metrics.items() if v is not None}
-        if adapter:
-            register_dir(session, self.store, job_id=self.job_id, kind="adapter", step=step,
-                         directory=Path(adapter))
-
-    def _on_merged(self, session: Session, event: MergedEvent) -> None:
-        final = _is_final_merge(event)
-        step = None if final else event.step
-        register_dir(session, self.store, job_id=self.job_id, kind="merged", step=step,
-                     directory=Path(event.path))
-        if step is not None:
-            session.execute(
-                update(Checkpoint)
-                .where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
-                .values(merged_key=storage_key_for(self.store, event.path)))
+    def _on_checkpoint(self, event: CheckpointEvent) -> None:
+        self.last_checkpoint_step = event.step
+        self.checkpoints.append(event)
+        if self.checkpoint_sink is not None and event.resumable:
+            self.checkpoint_sink(event, dict(self._metrics))

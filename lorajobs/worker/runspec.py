@@ -1,16 +1,20 @@
 """From a claimed job row to what the trainer child runs: RunSpec, paths, command, environment.
 
-Per job, under the artifact store (`jobs/<job_id>/`):
+The trainer works on node-local scratch, never in the store (`settings.resolved_scratch_dir`):
 
-    spec.json                     the RunSpec the child reads (rewritten every attempt)
-    reproducibility.json          written when the job succeeds (repro.py)
-    run/                          the trainer's output_dir: checkpoints/, adapter/, merged/
-    run/STOP                      created by the worker to ask the child to stop cooperatively
-    run/events-attempt<N>.jsonl   the child's JSON-lines report channel, one file per attempt
-    run/trainer-attempt<N>.log    the child's stdout + stderr
+    jobs/<job_id>/spec.json                      the RunSpec the child reads (every attempt)
+    jobs/<job_id>/run/                           the trainer's output_dir: checkpoints/,
+                                                 adapter/, merged/
+    jobs/<job_id>/run/STOP                       the worker's cooperative stop request
+    jobs/<job_id>/run/events-attempt<N>.jsonl    the child's JSON-lines report channel
+    jobs/<job_id>/run/trainer-attempt<N>.log     the child's stdout + stderr
+    jobs/<job_id>/upload/                        hard-linked snapshots of sealed checkpoints
+                                                 being uploaded (checkpoint_sync.py)
+    datasets/<sha256><suffix>                    the node's dataset cache (inputs.py)
 
-Paths never come from the client: the model is a registered name under `model_root`, datasets
-are store keys the API wrote.
+What is uploaded goes to the store under `jobs/<job_id>/attempt-<N>/...`; a job's scratch
+directory is removed once it settles terminally (settle.py). Paths never come from the
+client: the model is a registered name, datasets are store keys the API wrote.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from lora_core.errors import validation_problems
 from lora_core.events import JobError
 from lora_core.spec import RunSpec
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import LocalArtifactStore
+from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Dataset, Job, RegisteredModel
 
-__all__ = ["RunPaths", "PrepareError", "build_run_spec", "trainer_args", "trainer_command",
-           "trainer_env", "visible_gpus", "worker_capacity"]
+__all__ = ["RunPaths", "PrepareError", "build_run_spec", "job_scratch_dir", "model_dir_for",
+           "trainer_args", "trainer_command", "trainer_env", "visible_gpus", "worker_capacity"]
 
 STOP_FILE_NAME = "STOP"
 # One entry per GPU the NVIDIA driver has bound (Linux): counted without importing torch. A
@@ -53,6 +57,11 @@ class PrepareError(Exception):
         self.error = JobError(code=code, message=message, param=param, user_fault=user_fault)
 
 
+def job_scratch_dir(settings: Settings, job_id: str) -> Path:
+    """This node's working directory for one job."""
+    return settings.resolved_scratch_dir / "jobs" / job_id
+
+
 @dataclass(frozen=True)
 class RunPaths:
     job_dir: Path
@@ -63,49 +72,82 @@ class RunPaths:
     log_file: Path
 
     @classmethod
-    def for_attempt(cls, store: LocalArtifactStore, job_id: str, attempt: int) -> RunPaths:
-        job_dir = store.local_path(f"jobs/{job_id}")
-        run_dir = store.local_path(f"jobs/{job_id}/run")
+    def for_attempt(cls, settings: Settings, job_id: str, attempt: int) -> RunPaths:
+        job_dir = job_scratch_dir(settings, job_id)
+        run_dir = job_dir / "run"
         return cls(job_dir=job_dir, run_dir=run_dir, spec_file=job_dir / "spec.json",
                    stop_file=run_dir / STOP_FILE_NAME,
                    events_file=run_dir / f"events-attempt{attempt}.jsonl",
                    log_file=run_dir / f"trainer-attempt{attempt}.log")
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where the trainer writes checkpoint-<step>/ (lora_core.training.trainer)."""
+        return self.run_dir / "checkpoints"
+
+    @property
+    def upload_dir(self) -> Path:
+        """Private hard-linked snapshots of sealed checkpoints while they upload."""
+        return self.job_dir / "upload"
+
     def log_files(self) -> list[Path]:
-        """Every attempt's events and trainer log (kind "log" artifacts)."""
+        """Every attempt's events and trainer log on this node (kind "log" artifacts)."""
         return sorted([*self.run_dir.glob("events-attempt*.jsonl"),
                        *self.run_dir.glob("trainer-attempt*.log")])
 
 
-def _dataset_path(session: Session, store: LocalArtifactStore, dataset_id: str,
+def model_dir_for(settings: Settings, store: ArtifactStore, model: RegisteredModel) -> Path:
+    """A ready node-local directory of the model's files.
+
+    A stored model comes through the node's model cache (`model_cache.local_model_dir`:
+    downloaded once, verified by sha256, held until `model_cache.release`); a legacy model
+    registered by path lives under `model_root` on this machine.
+    """
+    if model.path is None:
+        from lorajobs.worker.model_cache import local_model_dir
+
+        try:
+            return Path(local_model_dir(settings, store, model))
+        except Exception as exc:  # noqa: BLE001 - a store outage, a corrupt download
+            raise PrepareError("model_unavailable", f"base model {model.name!r} could not be "
+                               f"fetched from the store: {exc}", param="base_model") from exc
+    model_root = settings.resolved_model_root.resolve()
+    model_dir = (model_root / model.path).resolve()
+    if not model_dir.is_relative_to(model_root) or not model_dir.is_dir():
+        raise PrepareError("model_missing", f"base model {model.name!r}'s files are missing "
+                           "under the model root", param="base_model")
+    return model_dir
+
+
+def _dataset_file(session: Session, settings: Settings, store: ArtifactStore, dataset_id: str,
                   param: str) -> tuple[Dataset, Path]:
+    from lorajobs.worker.inputs import DatasetUnavailable, fetch_dataset
+
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise PrepareError("dataset_missing", f"dataset {dataset_id} no longer exists",
                            param=param, user_fault=True)
-    path = store.local_path(dataset.storage_key)
-    if not path.is_file():
-        raise PrepareError("dataset_missing", f"dataset {dataset_id}'s file is gone from the "
-                           "artifact store", param=param)
-    return dataset, path
+    try:
+        return dataset, fetch_dataset(settings, store, dataset)
+    except DatasetUnavailable as exc:
+        raise PrepareError("dataset_missing", f"dataset {dataset_id}: {exc}",
+                           param=param) from exc
 
 
-def build_run_spec(session: Session, job: Job, settings: Settings, store: LocalArtifactStore,
+def build_run_spec(session: Session, job: Job, settings: Settings, store: ArtifactStore,
                    paths: RunPaths) -> tuple[RunSpec, RegisteredModel, Dataset]:
-    """Resolve names to paths and validate; raises PrepareError naming the bad field."""
+    """Resolve names to node-local paths (fetching inputs from the store) and validate;
+    raises PrepareError naming the bad field."""
     model = session.query(RegisteredModel).filter_by(name=job.base_model).one_or_none()
     if model is None:
         raise PrepareError("model_missing", f"base model {job.base_model!r} is not registered",
                            param="base_model", user_fault=True)
-    model_root = settings.resolved_model_root.resolve()
-    model_dir = (model_root / model.path).resolve()
-    if not model_dir.is_relative_to(model_root) or not model_dir.is_dir():
-        raise PrepareError("model_missing", f"base model {job.base_model!r}'s files are missing "
-                           "under the model root", param="base_model")
-    dataset, train_file = _dataset_path(session, store, job.training_file, "training_file")
+    model_dir = model_dir_for(settings, store, model)
+    dataset, train_file = _dataset_file(session, settings, store, job.training_file,
+                                        "training_file")
     validation_file = None
     if job.validation_file:
-        _, validation_file = _dataset_path(session, store, job.validation_file,
+        _, validation_file = _dataset_file(session, settings, store, job.validation_file,
                                            "validation_file")
     spec: dict[str, Any] = job.spec or {}
     try:

@@ -10,6 +10,16 @@ guarded by our lease owner: if the reaper or a cancel won a race, we lose quietl
     stopped for worker shutdown   SHUTDOWN      queued and re-sent: another worker resumes it
     no verdict (crash, OOM kill)  CRASHED       queued while attempts remain, else failed
                                                 trainer_crashed
+    final upload failed           CRASHED       store_unavailable: queued while attempts
+                                                remain (resumes from the newest recorded
+                                                checkpoint), else failed
+
+What a job leaves is uploaded from scratch first (`upload_outputs`, under
+`jobs/<job>/attempt-<N>/`: logs always; adapter, merged models, TensorBoard file and
+reproducibility.json when it succeeded), then registered as Artifact rows in the transaction
+that settles the job: if the lease was lost meanwhile (`IllegalTransition`), the rollback takes
+the rows with it, so a late worker never registers anything. A worker that knows it lost the
+lease uploads and registers nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +27,11 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from lora_core.events import JobError
 from lora_core.spec import RunSpec
@@ -28,19 +39,30 @@ from lorajobs.core import jobs
 from lorajobs.core.errors import IllegalTransition
 from lorajobs.core.policy import Outcome
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import LocalArtifactStore
-from lorajobs.core.tables import Dataset, Job, JobStatus, RegisteredModel
+from lorajobs.core.storage import ArtifactStore
+from lorajobs.core.tables import Checkpoint, Dataset, Job, JobMetric, JobStatus, RegisteredModel
 from lorajobs.worker import reproducibility
-from lorajobs.worker.event_recorder import EventRecorder, register_dir, register_file
+from lorajobs.worker.checkpoint_sync import UploadedFile, upload_dir, upload_file
+from lorajobs.worker.event_recorder import (
+    EventRecorder,
+    RegisteredFile,
+    is_final_merge,
+    register_dir,
+    register_file,
+    storage_key_for,
+    write_tensorboard,
+)
 from lorajobs.worker.runspec import RunPaths
 
-__all__ = ["SUCCEEDED", "FAILED", "CANCELLED", "REQUEUED", "LOST", "SettleContext",
-           "settle", "end", "fail"]
+__all__ = ["SUCCEEDED", "FAILED", "CANCELLED", "REQUEUED", "LOST", "TERMINAL", "SettleContext",
+           "Outputs", "upload_outputs", "completed", "remove_scratch", "settle", "end", "fail"]
 
 log = logging.getLogger(__name__)
 
 SUCCEEDED, FAILED, CANCELLED, REQUEUED, LOST = (
     "succeeded", "failed", "cancelled", "requeued", "lost")
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+PAUSED = "paused"  # stopped on a pause request: checkpoint kept, worker freed (issue 13)
 MANIFEST_FILE = "reproducibility.json"
 # Less free space than this where the trainer writes, after it failed: the disk filled up.
 # (A failed write leaves the filesystem at ~0 free; 1 MiB is far below any checkpoint.)
@@ -53,8 +75,9 @@ class SettleContext:
     run_spec: RunSpec
     model: RegisteredModel
     dataset: Dataset
-    store: LocalArtifactStore
+    store: ArtifactStore
     settings: Settings
+    attempt: int
 
 
 def _exit_description(returncode: int) -> str:
@@ -66,16 +89,119 @@ def _exit_description(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _register_logs(session: Session, context: SettleContext, job_id: str) -> None:
-    for path in context.paths.log_files():
-        register_file(session, context.store, job_id=job_id, kind="log", step=None, path=path,
-                      name=path.name)
+@dataclass
+class Outputs:
+    """What `upload_outputs` put in the store, to be registered by `settle`: (kind, step) ->
+    files, and the merged dirs of checkpoints (step -> key prefix). `error`: the final upload
+    failed (the store stayed down past store_retry_seconds)."""
+
+    dirs: dict[tuple[str, int | None], list[RegisteredFile]] = field(default_factory=dict)
+    files: list[tuple[str, RegisteredFile]] = field(default_factory=list)  # (kind, file)
+    merged_keys: dict[int, str] = field(default_factory=dict)
+    error: JobError | None = None
+
+    def register(self, session: Session, job_id: str) -> None:
+        for (kind, step), files in self.dirs.items():
+            register_dir(session, job_id=job_id, kind=kind, step=step, files=files)
+        for kind, (name, key, size, sha256) in self.files:
+            register_file(session, job_id=job_id, kind=kind, step=None, name=name, key=key,
+                          size=size, sha256=sha256)
+        for step, key in self.merged_keys.items():
+            session.execute(update(Checkpoint)
+                            .where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+                            .values(merged_key=key))
+
+
+def _registered(files: list[UploadedFile]) -> list[RegisteredFile]:
+    return [(f.path, f.key, f.size, f.sha256) for f in files]
+
+
+def completed(recorder: EventRecorder) -> bool:
+    finished = recorder.finished
+    return finished is not None and finished.status == "completed" and recorder.error is None
+
+
+def upload_outputs(sessions: sessionmaker[Session], context: SettleContext,
+                   recorder: EventRecorder, *, job_id: str) -> Outputs:
+    """Upload what this attempt leaves (see the module docstring); never raises: a store that
+    stays down becomes `Outputs.error`."""
+    out = Outputs()
+    store, retry = context.store, context.settings.store_retry_seconds
+    attempt = context.attempt
+    try:
+        for path in context.paths.log_files():
+            name = path.name
+            f = upload_file(store, path, storage_key_for(job_id, attempt, f"logs/{name}"), name,
+                            retry_seconds=retry)
+            out.files.append(("log", (name, f.key, f.size, f.sha256)))
+        if not completed(recorder):
+            return out
+        _upload_final(sessions, context, recorder, out, job_id=job_id)
+    except Exception as exc:  # noqa: BLE001 - the store's errors are its implementation's
+        log.exception("job %s: uploading the attempt's outputs failed", job_id)
+        out.error = JobError(code="store_unavailable",
+                             message=f"the artifact store refused the job's final upload for "
+                                     f"{retry:g} s: {exc}")
+    return out
+
+
+def _upload_final(sessions: sessionmaker[Session], context: SettleContext,
+                  recorder: EventRecorder, out: Outputs, *, job_id: str) -> None:
+    store, retry, attempt = context.store, context.settings.store_retry_seconds, context.attempt
+    finished = recorder.finished
+    adapter = Path(finished.adapter_path if finished and finished.adapter_path
+                   else context.paths.run_dir / "adapter")
+    if adapter.is_dir():
+        out.dirs[("adapter", None)] = _registered(upload_dir(
+            store, adapter, storage_key_for(job_id, attempt, "adapter"), retry_seconds=retry,
+            manifest=False))
+    for event in recorder.merged:
+        final = is_final_merge(event)
+        step = None if final else event.step
+        prefix = storage_key_for(job_id, attempt, f"merged/{Path(event.path).name}")
+        out.dirs[("merged", step)] = _registered(upload_dir(
+            store, Path(event.path), prefix, retry_seconds=retry, manifest=False))
+        if step is not None:
+            out.merged_keys[step] = prefix
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        rows = list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)
+                                    .order_by(JobMetric.step)))
+        manifest = _write_reproducibility(context, recorder, job)
+    if rows:
+        tb = context.paths.job_dir / "tensorboard" / f"events.out.tfevents.{job_id}"
+        try:
+            write_tensorboard(tb, rows)
+        except Exception:  # noqa: BLE001 - observability must never fail a training run
+            log.exception("job %s: writing the TensorBoard file failed", job_id)
+        else:
+            f = upload_file(store, tb, storage_key_for(job_id, attempt, f"tensorboard/{tb.name}"),
+                            tb.name, retry_seconds=retry)
+            out.files.append(("tensorboard", (tb.name, f.key, f.size, f.sha256)))
+    f = upload_file(store, manifest, storage_key_for(job_id, attempt, MANIFEST_FILE),
+                    MANIFEST_FILE, retry_seconds=retry)
+    out.files.append(("manifest", (MANIFEST_FILE, f.key, f.size, f.sha256)))
+
+
+def _write_reproducibility(context: SettleContext, recorder: EventRecorder, job: Job) -> Path:
+    started = recorder.started
+    return reproducibility.write_manifest(
+        context.paths.job_dir / MANIFEST_FILE, job_id=job.id, spec=job.spec,
+        run_spec=context.run_spec.model_dump(mode="json"),
+        base_model={"name": context.model.name, "architecture": context.model.architecture,
+                    "weights_sha256": reproducibility.weights_digests(context.run_spec.model_dir,
+                                                            context.model.weights_sha256)},
+        dataset={"id": context.dataset.id, "sha256": context.dataset.sha256,
+                 "num_examples": context.dataset.num_examples, "format": context.dataset.format},
+        world_size=started.world_size if started else None, attempt=job.attempt,
+        resumed_from_step=started.resumed_from_step if started else None)
 
 
 # What `end` reports for each status the policy chose.
 _RESULTS = {JobStatus.SUCCEEDED: SUCCEEDED, JobStatus.FAILED: FAILED,
             JobStatus.CANCELLED: CANCELLED, JobStatus.QUEUED: REQUEUED,
-            JobStatus.PAUSED: "paused"}
+            JobStatus.PAUSED: PAUSED}
 
 
 def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: Settings,
@@ -100,37 +226,19 @@ def end(session: Session, job: Job, outcome: Outcome, *, owner: str, settings: S
 
 
 def fail(session: Session, job: Job, *, owner: str, error: JobError, settings: Settings,
-         context: SettleContext | None = None, outcome: Outcome | None = None) -> str:
+         outputs: Outputs | None = None, outcome: Outcome | None = None) -> str:
     """A named error (the child's, the worker's): failed, whatever the cancel flag says."""
-    if context is not None:
-        _register_logs(session, context, job.id)
+    if outputs is not None:
+        outputs.register(session, job.id)
     if outcome is None:
         outcome = Outcome.USER_ERROR if error.user_fault else Outcome.SYSTEM_ERROR
     return end(session, job, outcome, owner=owner, settings=settings, error=error,
                messages={JobStatus.FAILED: f"failed: {error.code}: {error.message}"})
 
 
-def _succeed(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
+def _succeed(session: Session, job: Job, *, owner: str, outputs: Outputs,
              context: SettleContext) -> str:
-    finished = recorder.finished
-    adapter = Path(finished.adapter_path if finished and finished.adapter_path
-                   else context.paths.run_dir / "adapter")
-    register_dir(session, context.store, job_id=job.id, kind="adapter", step=None,
-                 directory=adapter)
-    started = recorder.started
-    manifest = reproducibility.write_manifest(
-        context.paths.job_dir / MANIFEST_FILE, job_id=job.id, spec=job.spec,
-        run_spec=context.run_spec.model_dump(mode="json"),
-        base_model={"name": context.model.name, "architecture": context.model.architecture,
-                    "weights_sha256": reproducibility.weights_digests(context.run_spec.model_dir,
-                                                            context.model.weights_sha256)},
-        dataset={"id": context.dataset.id, "sha256": context.dataset.sha256,
-                 "num_examples": context.dataset.num_examples, "format": context.dataset.format},
-        world_size=started.world_size if started else None, attempt=job.attempt,
-        resumed_from_step=started.resumed_from_step if started else None)
-    register_file(session, context.store, job_id=job.id, kind="manifest", step=None,
-                  path=manifest, name=MANIFEST_FILE)
-    _register_logs(session, context, job.id)
+    outputs.register(session, job.id)
     return end(session, job, Outcome.SUCCEEDED, owner=owner, settings=context.settings,
                messages={JobStatus.SUCCEEDED: "training completed"})
 
@@ -173,29 +281,34 @@ def _runtime_exceeded(settings: Settings, step: int | None) -> JobError:
 
 def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
            returncode: int, stop_reason: str | None, lost: bool,
-           context: SettleContext) -> str:
-    """Turn (events seen, exit code, why we stopped it) into the job's next state."""
+           context: SettleContext, outputs: Outputs) -> str:
+    """Turn (events seen, exit code, why we stopped it, what was uploaded) into the job's next
+    state, registering the uploads in the same transaction."""
     if lost:
-        _register_logs(session, context, job.id)
-        session.commit()
         return LOST
-    finished = recorder.finished
-    if finished is not None and finished.status == "completed" and recorder.error is None:
-        return _succeed(session, job, owner=owner, recorder=recorder, context=context)
     settings = context.settings
+    if completed(recorder) and outputs.error is None:
+        return _succeed(session, job, owner=owner, outputs=outputs, context=context)
     child_error = recorder.error
-    if stop_reason is None and not (child_error and child_error.user_fault) \
+    if stop_reason is None and not completed(recorder) \
+            and not (child_error and child_error.user_fault) \
             and not (child_error and child_error.code == "storage_error"):  # named already
         full = _storage_full_error(context, recorder, returncode)
         if full is not None:
             return fail(session, job, owner=owner, error=full, settings=settings,
-                        context=context)
+                        outputs=outputs)
     if child_error is not None:
         return fail(session, job, owner=owner, error=child_error, settings=settings,
-                    context=context)
-    _register_logs(session, context, job.id)
+                    outputs=outputs)
+    outputs.register(session, job.id)
     step = recorder.last_checkpoint_step
     resume_note = f"; resumes from step {step}" if step else ""
+    if outputs.error is not None:  # trained, but the final upload failed: train it again
+        return end(session, job, Outcome.CRASHED, owner=owner, settings=settings,
+                   error=outputs.error, messages={
+                       JobStatus.QUEUED: f"{outputs.error.message}; requeued (attempt "
+                                         f"{job.attempt} of {job.max_attempts})",
+                       JobStatus.CANCELLED: "cancelled; the final upload had failed"})
     if stop_reason == "cancel":
         return end(session, job, Outcome.CANCEL_STOP, owner=owner, settings=settings,
                    messages={JobStatus.CANCELLED: f"cancelled; last checkpoint step {step}"})
@@ -218,3 +331,9 @@ def settle(session: Session, job: Job, *, owner: str, recorder: EventRecorder,
         JobStatus.QUEUED: f"trainer {how} without a verdict (attempt {job.attempt} of "
                           f"{job.max_attempts}); requeued{resume_note}",
         JobStatus.CANCELLED: f"cancelled; trainer {how}"})
+
+
+def remove_scratch(paths: RunPaths) -> None:
+    """The job's node-local directory, once the job settled terminally (or another worker
+    owns it): what had to be uploaded is in the store."""
+    shutil.rmtree(paths.job_dir, ignore_errors=True)

@@ -12,9 +12,19 @@ Every `worker_poll_seconds` the loop:
                                    records.EventRecorder (rows, progress, checkpoints)
     renews the lease            -> lost it? SIGKILL the group: someone else owns the job now
     reads cancel_requested      -> stop file, SIGTERM after cancel_grace_seconds, then SIGKILL
+    reads pause_requested       -> the same stop sequence; the job ends paused (resumable)
     checks the shutdown flag    -> the same stop sequence; the job is requeued, not failed
     checks the runtime limit    -> the same stop sequence past max_job_runtime_seconds of this
                                    attempt; the job fails `max_runtime_exceeded`, checkpoint kept
+
+Around the child (checkpoint_sync.py, settle.py): before it starts, the run dir in node-local
+scratch is made to hold exactly the newest checkpoint the database records as resumable
+(downloaded from the store on a node that lacks it); while it runs, each sealed checkpoint is
+snapshotted and uploaded by a background thread and recorded once whole; after it exits, the
+settle waits (bounded) for pending uploads, uploads the final artifacts and registers them in
+the transaction that settles the job. A `LeaseKeeper` thread renews the lease while the worker
+prepares and uploads (the loop below does it while the child runs). The job's scratch dir is
+removed once it settles terminally.
 
 Outcomes (`settle`, deciding with `service.policy.next_state`): finished completed ->
 succeeded; finished stopped -> cancelled (cancel) or queued (shutdown); an error event -> failed
@@ -28,6 +38,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +47,6 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from lora_core.events import (
-    CheckpointEvent,
     EvalEvent,
     ProgressEvent,
     TrainerEvent,
@@ -47,9 +57,10 @@ from lora_core.spec import RunSpec
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import get_store
-from lorajobs.core.tables import Checkpoint, Job, JobMetric
-from lorajobs.worker import prewarm, settle, shutdown
+from lorajobs.core.storage import ArtifactStore, get_store
+from lorajobs.core.tables import Job, JobMetric, JobStatus
+from lorajobs.worker import model_cache, prewarm, settle, shutdown
+from lorajobs.worker.checkpoint_sync import CheckpointUploader, prepare_resume
 from lorajobs.worker.event_recorder import EventRecorder
 from lorajobs.worker.process_control import die_with_parent, killpg
 from lorajobs.worker.runspec import (
@@ -61,7 +72,7 @@ from lorajobs.worker.runspec import (
     write_spec,
 )
 
-__all__ = ["Supervisor", "supervise", "typed_events"]
+__all__ = ["Supervisor", "supervise", "typed_events", "LeaseKeeper"]
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +95,45 @@ def typed_events(job_id: str, objects: list[dict[str, Any]]) -> list[TrainerEven
     return events
 
 
+class LeaseKeeper:
+    """Renews the lease from a thread while the worker itself is busy (fetching inputs,
+    waiting for uploads); `lost` once the database says the job is no longer ours."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        every = self.supervisor.settings.lease_renew_seconds
+        while not self._stop.wait(every):
+            if self.supervisor._renew() is False:
+                self.lost = True
+                return
+
+
 class Supervisor:
     """One attempt of one job, from spawn to a settled job row."""
 
     def __init__(self, settings: Settings, job_id: str, owner: str,
-                 shutdown_requested: Callable[[], bool] | None = None) -> None:
+                 shutdown_requested: Callable[[], bool] | None = None,
+                 store: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.job_id = job_id
         self.owner = owner
         self.shutdown_requested = shutdown_requested or (lambda: shutdown.requested(settings))
         self.sessions = get_sessionmaker(settings)
-        self.store = get_store(settings)
-        self.stop_reason: str | None = None  # "cancel" | "shutdown" | "timeout"
+        self.store: ArtifactStore = store or get_store(settings)
+        self.stop_reason: str | None = None  # "cancel" | "pause" | "shutdown" | "timeout"
         # The runtime limit counts from the claim, so preparing and merging count too.
         self.deadline = time.monotonic() + settings.max_job_runtime_seconds
         self.lost = False
@@ -104,42 +142,87 @@ class Supervisor:
         self._killed = False
         self._offset = 0
         self._pending: list[TrainerEvent] = []  # read but not yet recorded (DB outage)
+        self.uploader: CheckpointUploader | None = None
 
     def run(self) -> str:
-        """Spawn, watch, settle. Returns the outcome (a settle.* constant)."""
+        """Prepare, spawn, watch, upload, settle. Returns the outcome (a settle.* constant)."""
         with self.sessions() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
-            paths = RunPaths.for_attempt(self.store, self.job_id, job.attempt)
+            attempt = job.attempt
+        paths = RunPaths.for_attempt(self.settings, self.job_id, attempt)
+        with LeaseKeeper(self) as keeper:
+            prepared = self._prepare(paths, attempt)
+        if isinstance(prepared, str) or keeper.lost:
+            return prepared if isinstance(prepared, str) else settle.LOST
+        run_spec, context = prepared
+        self.uploader = uploader = CheckpointUploader(
+            self.sessions, self.store, job_id=self.job_id, attempt=attempt, owner=self.owner,
+            upload_dir_root=paths.upload_dir, retry_seconds=self.settings.store_retry_seconds)
+        recorder = EventRecorder(self.sessions, job_id=self.job_id, owner=self.owner,
+                                 attempt=attempt, checkpoint_sink=uploader.submit)
+        try:
+            self._recover_lost_events(recorder, attempt=attempt)
+            self._skip_earlier_runs(paths)
+            proc = self._spawn(run_spec, paths)
+            try:
+                returncode = self._watch(proc, paths, recorder)
+            finally:
+                if proc.poll() is None:  # leaving on an exception: never orphan a trainer
+                    killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            with LeaseKeeper(self) as keeper:
+                if not self.lost and not uploader.drain(self.settings.store_retry_seconds):
+                    log.warning("job %s: checkpoint uploads still pending after %g s; they "
+                                "are not resumable", self.job_id,
+                                self.settings.store_retry_seconds)
+                self.lost = self.lost or recorder.lease_lost or uploader.lease_lost
+                outputs = settle.Outputs() if self.lost else \
+                    settle.upload_outputs(self.sessions, context, recorder, job_id=self.job_id)
+            self.lost = self.lost or keeper.lost
+        finally:
+            uploader.close()
+            model_cache.release(context.model)  # evictable again once no job of ours uses it
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            outcome = settle.settle(session, job, owner=self.owner, recorder=recorder,
+                                    returncode=returncode, stop_reason=self.stop_reason,
+                                    lost=self.lost, context=context, outputs=outputs)
+        if outcome in settle.TERMINAL or outcome == settle.LOST:
+            settle.remove_scratch(paths)
+        return outcome
+
+    def _prepare(self, paths: RunPaths, attempt: int
+                 ) -> str | tuple[RunSpec, settle.SettleContext]:
+        """Inputs on this node, the resume point, the spec file; or the settled outcome."""
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
             try:
                 run_spec, model, dataset = build_run_spec(session, job, self.settings,
                                                           self.store, paths)
+                prepare_resume(self.sessions, self.store, job_id=self.job_id,
+                               checkpoints_dir=paths.checkpoints_dir,
+                               retry_seconds=self.settings.store_retry_seconds)
             except PrepareError as exc:
-                return settle.fail(session, job, owner=self.owner, error=exc.error,
-                                   settings=self.settings)
-            write_spec(run_spec, paths)
-            context = settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
-                                           dataset=dataset, store=self.store,
-                                           settings=self.settings)
-            attempt = job.attempt
+                outcome = settle.fail(session, job, owner=self.owner, error=exc.error,
+                                      settings=self.settings)
+                settle.remove_scratch(paths)
+                return outcome
+            except Exception as exc:  # noqa: BLE001 - the store, a corrupt checkpoint
+                log.exception("job %s: preparing the resume point failed", self.job_id)
+                return settle.end(session, job, settle.Outcome.CRASHED, owner=self.owner,
+                                  settings=self.settings, error=settle.JobError(
+                                      code="store_unavailable",
+                                      message=f"fetching the job's checkpoint failed: {exc}"),
+                                  messages={JobStatus.QUEUED: "fetching the checkpoint "
+                                            f"failed ({exc}); requeued"})
+        write_spec(run_spec, paths)
         paths.stop_file.unlink(missing_ok=True)  # a previous attempt's stop request
-        recorder = EventRecorder(self.sessions, self.store, job_id=self.job_id,
-                                 owner=self.owner)
-        self._recover_lost_events(recorder, attempt=attempt)
-        self._skip_earlier_runs(paths)
-        proc = self._spawn(run_spec, paths)
-        try:
-            returncode = self._watch(proc, paths, recorder)
-        finally:
-            if proc.poll() is None:  # we are leaving on an exception: never orphan a trainer
-                killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        with self.sessions() as session:
-            job = session.get(Job, self.job_id)
-            assert job is not None
-            return settle.settle(session, job, owner=self.owner, recorder=recorder,
-                                 returncode=returncode, stop_reason=self.stop_reason,
-                                 lost=self.lost, context=context)
+        return run_spec, settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
+                                              dataset=dataset, store=self.store,
+                                              settings=self.settings, attempt=attempt)
 
     def _skip_earlier_runs(self, paths: RunPaths) -> None:
         """Start tailing the events file at its end.
@@ -162,13 +245,14 @@ class Supervisor:
             self._offset = 0
 
     def _recover_lost_events(self, recorder: EventRecorder, *, attempt: int) -> None:
-        """Record what earlier attempts' trainers wrote but their worker never did.
+        """Record the progress that earlier attempts' trainers on this node wrote but their
+        worker never did.
 
-        A worker killed outright dies with up to one poll of unread events: the progress
-        rows of the last steps and, worst, the checkpoint this attempt resumes from. They are
-        still in that attempt's events file; the metric rows past the newest recorded step
-        and the checkpoints without a row are applied now (both upserts), so the loss curve
-        has no hole and the resumed-from checkpoint is listed and downloadable.
+        A worker killed outright dies with up to one poll of unread events. They are still in
+        that attempt's events file in this node's scratch; the metric rows past the newest
+        recorded step are applied now (upserts), so the loss curve has no hole where the
+        resumed run does not redo the steps. Checkpoints are not recovered: only what was
+        uploaded and recorded is ever resumed from (checkpoint_sync.prepare_resume).
         """
         if attempt <= 1:
             return
@@ -176,14 +260,11 @@ class Supervisor:
             with self.sessions() as session:
                 recorded = session.scalar(select(func.max(JobMetric.step))
                                           .where(JobMetric.job_id == self.job_id)) or 0
-                have = set(session.scalars(select(Checkpoint.step)
-                                           .where(Checkpoint.job_id == self.job_id)))
             lost: list[TrainerEvent] = []
             for earlier in range(1, attempt):
-                path = RunPaths.for_attempt(self.store, self.job_id, earlier).events_file
+                path = RunPaths.for_attempt(self.settings, self.job_id, earlier).events_file
                 for event in typed_events(self.job_id, read_events(path, 0)[0]):
-                    if (isinstance(event, ProgressEvent | EvalEvent) and event.step > recorded) \
-                            or (isinstance(event, CheckpointEvent) and event.step not in have):
+                    if isinstance(event, ProgressEvent | EvalEvent) and event.step > recorded:
                         lost.append(event)
             if lost:
                 recorder.apply(lost)
@@ -254,6 +335,13 @@ class Supervisor:
                 self._final_drain(paths, recorder)
                 return returncode
             now = time.monotonic()
+            fenced = recorder.lease_lost or (self.uploader is not None
+                                             and self.uploader.lease_lost)
+            if fenced and not self.lost:
+                log.warning("job %s: a fenced write found the lease lost; killing the trainer",
+                            self.job_id)
+                self.lost = True
+                killpg(proc.pid, signal.SIGKILL)
             if now >= next_renew and not self.lost:
                 next_renew = now + renew_every
                 renewed = self._renew()
@@ -288,6 +376,7 @@ class Supervisor:
             return None
 
     def _cancel_requested(self, flag: Any = Job.cancel_requested) -> bool:
+        """The job's cancel flag (or `flag`: Job.pause_requested) as the database has it."""
         try:
             with self.sessions() as session:
                 return bool(session.query(flag).filter(Job.id == self.job_id).scalar())

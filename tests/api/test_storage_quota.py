@@ -3,6 +3,8 @@ and of a finished job's artifacts frees the bytes, and GET /v1/usage shows it.""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 
 import pytest
@@ -61,15 +63,16 @@ def test_dataset_quota_delete_frees_it(api: Api) -> None:
 def _finish_with_artifacts(api: Api, job_id: str, nbytes: int) -> None:
     """What a worker leaves behind: an adapter dir registered as artifacts, job succeeded."""
     store = get_store(api.settings)
-    adapter = store.local_path(f"jobs/{job_id}/run/adapter")
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text("{}")
-    (adapter / "adapter_model.safetensors").write_bytes(os.urandom(nbytes))
+    files = []
+    for name, data in (("adapter_config.json", b"{}"),
+                       ("adapter_model.safetensors", os.urandom(nbytes))):
+        key = f"jobs/{job_id}/attempt-1/adapter/{name}"
+        store.put_stream(key, io.BytesIO(data))
+        files.append((name, key, len(data), hashlib.sha256(data).hexdigest()))
     with api.sessions() as session:
         job = jobs.claim(session, job_id, owner="w", lease_seconds=60)
         assert job is not None
-        register_dir(session, store, job_id=job_id, kind="adapter", step=None,
-                     directory=adapter)
+        register_dir(session, job_id=job_id, kind="adapter", step=None, files=files)
         jobs.transition(session, job, to="succeeded", expect_owner="w")
         session.commit()
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.core.storage import get_store
 from lorajobs.worker.runspec import RunPaths
 from tests.client.live import Live, alpaca_records, start_live
 from tests.servicefixtures import wait_for
@@ -78,7 +77,7 @@ def _at_first_checkpoint(live: Live, *, total: int, save_steps: int) -> str:
 def _frozen_until_asked_to_stop(live: Live, job_id: str, total: int) -> Iterator[None]:
     """The trainer frozen (SIGSTOP) while the block makes the worker ask it to stop, and until
     the stop file is there: however fast it trains, it cannot finish before the request."""
-    paths = RunPaths.for_attempt(get_store(live.svc.settings), job_id, 1)
+    paths = RunPaths.for_attempt(live.svc.settings, job_id, 1)
     group = wait_for(lambda: _trainer_group(paths.run_dir.resolve()), timeout=10,
                      what="the trainer's process group")
     os.killpg(group, signal.SIGSTOP)

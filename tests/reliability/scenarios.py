@@ -17,17 +17,17 @@ import time
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.queue import enqueue_job
-from lorajobs.core.storage import get_store
-from lorajobs.core.tables import JobMetric
+from lorajobs.core.tables import Checkpoint, JobMetric
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import (
     events,
     get_job,
     make_job,
+    trainer_checkpoints,
     trainer_pids,
     trainer_starts,
     trainer_steps,
@@ -54,6 +54,14 @@ def metric_steps(svc: LiveService, job_id: str) -> list[int]:
                                     .order_by(JobMetric.step)).all())
 
 
+def newest_recorded_checkpoint(svc: LiveService, job_id: str) -> int:
+    """The step a new attempt resumes from: the newest checkpoint uploaded and recorded."""
+    with get_sessionmaker(svc.settings)() as session:
+        return session.scalar(select(func.max(Checkpoint.step)).where(
+            Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True),
+            Checkpoint.manifest.is_not(None))) or 0
+
+
 def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
           save_steps: int = 5) -> dict[str, Any]:
     """N jobs, each SIGKILLed once mid-training: the trainer (the worker requeues it) or the
@@ -78,23 +86,29 @@ def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
                  max(trainer_steps(svc.settings, j, 1), default=0) >= k,
                  timeout=30, what="training to the kill step")
         target = rng.choice(["trainer", "worker"])
+        # The resume point is the newest checkpoint recorded (uploaded) when the attempt
+        # ended: a killed trainer's worker uploads every checkpoint the trainer reported before
+        # it settles (one sealed but not yet reported when the kill landed is not resumed
+        # from); a killed worker's upload thread dies with it (its newest sealed one may be
+        # lost).
         if target == "trainer":
             os.kill(trainer_pids(svc.settings, job_id)[-1], signal.SIGKILL)
             figures["trainer_kills"] += 1
+            killed_at = max(trainer_steps(svc.settings, job_id, 1))
+            expected = max(trainer_checkpoints(svc.settings, job_id, 1), default=0)
         else:
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             figures["worker_kills"] += 1
+            killed_at = max(trainer_steps(svc.settings, job_id, 1))
+            expected = newest_recorded_checkpoint(svc, job_id)  # nobody records until requeued
             worker = svc.start_worker(f"worker-k{i + 1}")
         figures["killed"] += 1
         outcome = _wait_end(svc, job_id)
         figures["completed"] += outcome == "succeeded"
         figures["lost"] += outcome != "succeeded"
-        killed_at = max(trainer_steps(svc.settings, job_id, 1))
-        ckpt_dir = get_store(svc.settings).local_path(f"jobs/{job_id}/run/checkpoints")
-        sealed_before = (killed_at // save_steps) * save_steps
         starts = trainer_starts(svc.settings, job_id)
-        if len(starts) == 2 and starts[1] == sealed_before and ckpt_dir.is_dir():
+        if len(starts) == 2 and starts[1] == expected and expected > 0:
             figures["resumed_from_checkpoint"] += 1
         if len(starts) == 2:
             figures["max_steps_redone"] = max(figures["max_steps_redone"], killed_at - starts[1])

@@ -1,16 +1,18 @@
 """Disk full while the real trainer writes a checkpoint, and while it writes the merged model.
 
-The jobs directory of the artifact store is a small tmpfs, sized from what the tiny model's run
-writes (a checkpoint with optimizer state is ~190 KB, the merged model ~810 KB), so the disk
-fills at a known point without racing the trainer. Expected: the job fails with a clear
-storage error (a system fault), and the newest sealed checkpoint before it is intact (its files
-match the digests recorded when it was made) and is what a resume would pick.
+The jobs directory of the node-local scratch (where the trainer writes) is a small tmpfs,
+sized from what the tiny model's run writes (a checkpoint with optimizer state is ~190 KB, the
+merged model ~810 KB), so the disk fills at a known point without racing the trainer.
+Expected: the job fails with a clear storage error (a system fault), and the newest checkpoint
+before it is uploaded and recorded, intact in the store (its files match the digests recorded
+with it), and is what a resume would pick.
 
 Mounting needs root (CAP_SYS_ADMIN); elsewhere this is `service_missing` (a failure in CI).
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +21,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from lora_core.model_files.manifest import sha256_file
-from lora_core.training.callbacks import find_resumable_checkpoint
 from lorajobs.core.db import get_sessionmaker
-from lorajobs.core.tables import Artifact
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Artifact, Checkpoint
 from tests.dbfixtures import service_missing
 from tests.reliability.conftest import api_with_tiny_model, submit_real_job
 from tests.servicefixtures import LiveService, wait_for
@@ -47,7 +48,7 @@ def _mount_tmpfs(path: Path, size: int) -> None:
 def api(tmp_path: Path, tiny_model_dir: Path,
         request: pytest.FixtureRequest) -> Iterator[tuple[LiveService, httpx.Client]]:
     svc = LiveService(tmp_path, "sqlite", trainer=None)
-    jobs_dir = svc.settings.resolved_artifact_root / "jobs"
+    jobs_dir = svc.settings.resolved_scratch_dir / "jobs"  # where the trainer writes
     _mount_tmpfs(jobs_dir, request.param)
     try:
         with api_with_tiny_model(svc, tiny_model_dir) as client:
@@ -62,17 +63,23 @@ def _wait_end(client: httpx.Client, job_id: str) -> dict:
 
 
 def _assert_checkpoint_intact(svc: LiveService, job_id: str, step: int) -> None:
-    """Sealed, the one a resume picks, and byte-identical to what was registered."""
-    root = svc.settings.resolved_artifact_root / f"jobs/{job_id}/run/checkpoints"
-    resumable = find_resumable_checkpoint(root)
-    assert resumable is not None and resumable.name == f"checkpoint-{step}"
+    """Uploaded and recorded: the one a resume picks, byte-identical in the store to what was
+    registered (the node's scratch is gone with the failed job)."""
+    store = get_store(svc.settings)
     with get_sessionmaker(svc.settings)() as session:
+        newest = session.scalar(select(Checkpoint).where(
+            Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True))
+            .order_by(Checkpoint.step.desc()).limit(1))
         arts = session.scalars(select(Artifact).where(
             Artifact.job_id == job_id, Artifact.kind == "adapter", Artifact.step == step)).all()
+    assert newest is not None and newest.step == step and newest.manifest
+    for f in newest.manifest["files"]:
+        with store.open(f"{newest.path}/{f['path']}") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == f["sha256"], f["path"]
     assert {a.name for a in arts} >= {"adapter_config.json", "adapter_model.safetensors"}
     for a in arts:
-        path = svc.settings.resolved_artifact_root / a.storage_key
-        assert sha256_file(path) == a.sha256, f"{a.name} changed after it was registered"
+        with store.open(a.storage_key) as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == a.sha256, f"{a.name} changed"
 
 
 def _assert_storage_error(job: dict) -> None:
@@ -101,8 +108,9 @@ def test_disk_full_while_writing_the_merged_model(api: tuple[LiveService, httpx.
                              examples=32)
     job = _wait_end(client, job_id)
     _assert_storage_error(job)
-    run_dir = svc.settings.resolved_artifact_root / f"jobs/{job_id}/run"
-    assert not (run_dir / "merged" / "final").exists(), "a partial merge must not be published"
-    assert not list((run_dir / "merged").glob(".*partial*")), "partial merge left behind"
+    with get_sessionmaker(svc.settings)() as session:  # a partial merge is never published
+        assert not session.scalars(select(Artifact).where(Artifact.job_id == job_id,
+                                                          Artifact.kind == "merged")).all()
+    assert not (svc.settings.resolved_scratch_dir / f"jobs/{job_id}").exists()  # cleaned
     assert "merged model" in job["error"]["message"]  # lora_core's own StorageError
     _assert_checkpoint_intact(svc, job_id, 4)  # the final step is also a sealed checkpoint

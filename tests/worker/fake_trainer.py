@@ -5,7 +5,10 @@ Invoked exactly like the real one (`<python> -m lora_core run --spec S --events-
 --stop-file F`): the worker's `trainer_python` points here. It trains nothing: it sleeps per
 step, writes checkpoint/adapter/merged directories with small files, resumes from the newest
 complete checkpoint, stops cooperatively on the stop file or SIGTERM, and misbehaves on
-request. Behaviour comes from `<output_dir>/fake_control.json` (written by the test):
+request. Behaviour comes from `<fake dir>/<job_id>.control.json` (written by the test; the fake
+dir is $LORAJOBS_FAKE_TRAINER_DIR, else `<data_dir>/fake-trainer` for the default scratch
+layout `<data_dir>/scratch/jobs/<job_id>/run`): the worker removes a job's scratch directory
+when the job settles, so what tests read afterwards lives outside it.
 
     step_seconds   sleep per step (default 0.1)
     crash_at_step  SIGKILL itself when reaching this step ...
@@ -13,7 +16,7 @@ request. Behaviour comes from `<output_dir>/fake_control.json` (written by the t
     error_at_step  emit an error event (user fault) and exit 2
     ignore_stop    ignore the stop file and SIGTERM (the worker must escalate to SIGKILL)
 
-Every start is appended to `<output_dir>/fake_starts.log`, so tests count training runs.
+Every start is appended to `<fake dir>/<job_id>.starts`, so tests count training runs.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def _save_checkpoint(out: Path, step: int) -> Path:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     _write_adapter(tmp / "adapter", step)
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp / "COMPLETE").write_text(f"{step}\n")  # sealed, as lora_core's CheckpointCallback
     if ckpt.exists():
         import shutil
 
@@ -70,7 +74,11 @@ def main() -> int:
     spec = json.loads(Path(args.spec).read_text())
     out = Path(spec["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    control_file = out / "fake_control.json"
+    job_id = out.parent.name
+    fake_dir = Path(os.environ.get("LORAJOBS_FAKE_TRAINER_DIR")
+                    or out.parents[3] / "fake-trainer")
+    fake_dir.mkdir(parents=True, exist_ok=True)
+    control_file = fake_dir / f"{job_id}.control.json"
     control = json.loads(control_file.read_text()) if control_file.exists() else {}
     training = spec.get("training") or {}
     total = int(training.get("max_steps") or 10)
@@ -82,7 +90,7 @@ def main() -> int:
     else:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     start = _newest_checkpoint(out) if spec.get("resume", True) else 0
-    with open(out / "fake_starts.log", "a") as log:
+    with open(fake_dir / f"{job_id}.starts", "a") as log:
         log.write(f"{os.getpid()} {start}\n")
     print(f"fake trainer pid {os.getpid()} starting at step {start}", flush=True)
     with open(args.events_file, "a", encoding="utf-8") as ev:

@@ -3,6 +3,7 @@ test here): a tenant, a registered model directory, a dataset file, and the job 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -45,7 +46,7 @@ def ensure_model_and_dataset(settings: Settings, model_src: Path | None = None
         store.put_stream(key, io.BytesIO(DATA))
         session.add(Dataset(id=dataset_id, tenant_id=tenant.id, filename="train.jsonl",
                             format="alpaca", num_examples=4, size_bytes=len(DATA),
-                            sha256="0" * 64, storage_key=key))
+                            sha256=hashlib.sha256(DATA).hexdigest(), storage_key=key))
         session.commit()
         return tenant.id, dataset_id
 
@@ -61,14 +62,26 @@ def make_job(settings: Settings, *, max_steps: int = 10, save_steps: int = 2,
             "training": {"max_steps": max_steps, "save_steps": save_steps, "seed": 7},
             "distributed": {"num_processes": 1, "zero_stage": 0}, "merge": merge}
     if control:
-        run_dir = get_store(settings).local_path(f"jobs/{job_id}/run")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "fake_control.json").write_text(json.dumps(control))
+        fake_dir(settings).mkdir(parents=True, exist_ok=True)
+        (fake_dir(settings) / f"{job_id}.control.json").write_text(json.dumps(control))
     with get_sessionmaker(settings)() as session:
         session.add(Job(id=job_id, tenant_id=tenant_id, base_model=MODEL_NAME,
                         training_file=dataset_id, spec=spec, max_attempts=max_attempts))
         session.commit()
     return job_id
+
+
+def fake_dir(settings: Settings) -> Path:
+    """Where the fake trainer keeps its control and starts files (tests/worker/fake_trainer.py:
+    outside the job's scratch directory, which the worker removes when the job settles)."""
+    return settings.data_dir / "fake-trainer"
+
+
+def run_dir(settings: Settings, job_id: str) -> Path:
+    """The trainer's output dir on the (one) worker's node-local scratch."""
+    from lorajobs.worker.runspec import job_scratch_dir
+
+    return job_scratch_dir(settings, job_id) / "run"
 
 
 def get_job(settings: Settings, job_id: str) -> Job:
@@ -88,7 +101,7 @@ def events(settings: Settings, job_id: str, type_: str | None = None) -> list[Jo
 
 def fake_starts(settings: Settings, job_id: str) -> list[tuple[int, int]]:
     """(pid, resume step) of every fake-trainer start for this job, in order."""
-    path = get_store(settings).local_path(f"jobs/{job_id}/run/fake_starts.log")
+    path = fake_dir(settings) / f"{job_id}.starts"
     if not path.exists():
         return []
     return [(int(pid), int(step)) for pid, step in
@@ -106,13 +119,22 @@ def trainer_pids(settings: Settings, job_id: str) -> list[int]:
 
 
 def trainer_steps(settings: Settings, job_id: str, attempt: int) -> list[int]:
-    """Steps the trainer reached in one attempt, from its own events file (not the database,
-    which lags a killed worker or a database outage)."""
-    path = get_store(settings).local_path(f"jobs/{job_id}/run/events-attempt{attempt}.jsonl")
+    """Steps the trainer reached in one attempt, from its own events file in scratch (not the
+    database, which lags a killed worker or a database outage); empty once the job settled."""
+    path = run_dir(settings, job_id) / f"events-attempt{attempt}.jsonl"
     if not path.exists():
         return []
     return [int(e["step"]) for e in map(json.loads, path.read_text().splitlines())
             if e.get("type") == "progress"]
+
+
+def trainer_checkpoints(settings: Settings, job_id: str, attempt: int) -> list[int]:
+    """Steps of the checkpoints the trainer reported in one attempt (its events file)."""
+    path = run_dir(settings, job_id) / f"events-attempt{attempt}.jsonl"
+    if not path.exists():
+        return []
+    return [int(e["step"]) for e in map(json.loads, path.read_text().splitlines())
+            if e.get("type") == "checkpoint"]
 
 
 def status_history(settings: Settings, job_id: str) -> list[str]:

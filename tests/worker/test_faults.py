@@ -9,11 +9,13 @@ import time
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.queue import enqueue_job
-from lorajobs.core.tables import Job
+from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Checkpoint, Job
 from lorajobs.worker import tasks
 from lorajobs.worker.process_control import pid_alive
 from tests.servicefixtures import LiveService, wait_for
@@ -77,8 +79,13 @@ def test_cancel_stops_trainer_fast_and_keeps_checkpoint(service: LiveService) ->
     assert "SIGTERM" not in service.log("worker")
     ckpts = [e.data["step"] for e in events(settings, job_id, "checkpoint")]
     assert max(ckpts) > 0
-    ckpt_dir = service.settings.resolved_artifact_root / f"jobs/{job_id}/run/checkpoints"
-    assert (ckpt_dir / f"checkpoint-{max(ckpts)}" / "adapter").is_dir()
+    with get_sessionmaker(settings)() as session:  # kept = uploaded and recorded, resumable
+        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                             .order_by(Checkpoint.step.desc()).limit(1))
+    assert row is not None and row.step == max(ckpts) and row.resumable
+    store = get_store(settings)
+    assert all(store.size(f"{row.path}/{f['path']}") == f["size"] for f in row.manifest["files"])
+    assert any(f["path"].startswith("adapter/") for f in row.manifest["files"])
     assert events(settings, job_id, "finished")[-1].data["status"] == "stopped"
 
 

@@ -14,7 +14,14 @@ from lorajobs.core.queue import broker_ok, enqueue_job
 from lorajobs.core.storage import get_store
 from lorajobs.core.tables import Artifact, Checkpoint, JobMetric
 from tests.servicefixtures import LiveService, wait_for
-from tests.worker.jobfactory import events, get_job, make_job, status_history, trainer_starts
+from tests.worker.jobfactory import (
+    events,
+    get_job,
+    make_job,
+    run_dir,
+    status_history,
+    trainer_starts,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,8 +67,16 @@ def test_job_runs_to_success_with_rows_and_artifacts(live_service: LiveService) 
     assert by_kind[("merged", None)] == {"config.json", "model.safetensors"}
     assert by_kind[("manifest", None)] == {"reproducibility.json"}
     assert {"events-attempt1.jsonl", "trainer-attempt1.log"} <= by_kind[("log", None)]
-    manifest = json.loads(get_store(settings).local_path(
-        f"jobs/{job_id}/reproducibility.json").read_text())
+    # uploaded under the attempt's keys; checkpoints recorded with their sha256 manifest
+    assert all(a.storage_key.startswith(f"jobs/{job_id}/attempt-1/") for a in arts)
+    assert all(c.resumable and c.attempt == 1 and c.path.endswith(f"step-{c.step}")
+               and {f["path"] for f in c.manifest["files"]} >= {"COMPLETE",
+                                                                "adapter/adapter_config.json"}
+               for c in ckpts)
+    assert not run_dir(settings, job_id).parent.exists()  # scratch removed once settled
+    key = next(a.storage_key for a in arts if a.name == "reproducibility.json")
+    with get_store(settings).open(key) as fh:
+        manifest = json.loads(fh.read())
     assert manifest["seed"] == 7 and manifest["world_size"] == 1
     assert manifest["base_model"]["weights_sha256"].keys() == {"model.safetensors"}
     assert {"torch", "transformers", "peft", "deepspeed"} <= manifest["libraries"].keys()

@@ -8,7 +8,6 @@ import pytest
 
 from lora_core.spec import RunSpec
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import LocalArtifactStore
 from lorajobs.worker.runspec import RunPaths, trainer_command, trainer_env, visible_gpus
 
 
@@ -21,13 +20,14 @@ def _spec(tmp_path: Path, nproc: int) -> RunSpec:
 def test_single_process_and_torchrun_commands(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, trainer_python="/opt/py", torchrun="/opt/torchrun",
                         trainer_threads=1)
-    paths = RunPaths.for_attempt(LocalArtifactStore(tmp_path / "a"), "job_x", 2)
+    paths = RunPaths.for_attempt(settings, "job_x", 2)
     tail = ["-m", "lora_core", "run", "--spec", str(paths.spec_file), "--events-file",
             str(paths.events_file), "--stop-file", str(paths.stop_file)]
     assert trainer_command(settings, _spec(tmp_path, 1), paths) == ["/opt/py", *tail]
     assert trainer_command(settings, _spec(tmp_path, 2), paths) == [
         "/opt/torchrun", "--standalone", "--nproc_per_node", "2", *tail]
     assert paths.events_file.name == "events-attempt2.jsonl"
+    assert paths.run_dir == tmp_path / "scratch" / "jobs" / "job_x" / "run"  # node-local
     env = trainer_env(settings)
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
 

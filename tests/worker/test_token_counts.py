@@ -59,8 +59,7 @@ def test_trainer_count_is_recorded_once_and_reused(env) -> None:  # type: ignore
     session.commit()
     started = StartedEvent(total_steps=2, world_size=1, resumed_from_step=0, num_examples=10,
                            num_tokens=150, num_truncated=3, num_dropped=0)
-    recorder = EventRecorder(get_sessionmaker(settings), get_store(settings), job_id=first.id,
-                             owner=owner)
+    recorder = EventRecorder(get_sessionmaker(settings), job_id=first.id, owner=owner)
     recorder.apply([started])
     recorder.apply([started])  # a resumed attempt reports it again: nothing doubles
     session.expire_all()

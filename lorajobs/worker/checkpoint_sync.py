@@ -1,0 +1,370 @@
+"""Checkpoints between node-local scratch and the store: background upload, fenced recording,
+and the resume point of a new attempt on any node.
+
+    trainer seals checkpoint-<S>/ ──event──▶ recorder ──▶ CheckpointUploader.submit
+        snapshot: hard links into <job scratch>/upload/step-<S>/ (microseconds; the trainer may
+                  rotate or delete its dir meanwhile, the links keep the bytes)
+        thread:   every file ──put_file(immutable)──▶ jobs/<job>/attempt-<N>/checkpoints/step-<S>/
+                  + manifest.json {files: [{path, size, sha256}]}; retried with backoff
+        then, in ONE transaction fenced by the lease (`jobs.hold_lease`: still running under
+        our owner and attempt): Checkpoint row resumable with its prefix + manifest, the
+        adapter files as Artifacts (kind adapter, step S), the job's "checkpoint" event (and
+        with it the job.checkpoint webhook).
+        A worker that lost its lease writes nothing (what it uploaded is under its own
+        attempt's keys and is deleted again).
+
+The trainer never waits for any of this: it runs in another process; its only stall is its
+own save (`CheckpointEvent.save_seconds`, bench/checkpoint_bench.py).
+
+At the start of an attempt, `prepare_resume` makes the run dir hold exactly the newest
+checkpoint the database records as resumable: a local copy verified against the manifest, or
+one downloaded from the store and verified; every other local checkpoint dir (an upload that
+never completed, a stale attempt's) is deleted, so the trainer (which resumes from its newest
+sealed dir) can only resume from a recorded checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, stop_after_delay, wait_exponential
+
+from lora_core.events import CheckpointEvent
+from lora_core.model_files.manifest import MANIFEST_NAME, sha256_file
+from lorajobs.core import jobs
+from lorajobs.core.storage import ArtifactStore
+from lorajobs.core.tables import Artifact, Checkpoint, new_id
+
+__all__ = ["attempt_prefix", "checkpoint_prefix", "snapshot", "upload_dir", "upload_file",
+           "known_digests", "UploadedFile",
+           "CheckpointUploader", "record_checkpoint", "prepare_resume", "ADAPTER_SUBDIR"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_SUBDIR = "adapter"  # lora_core.training.callbacks: checkpoint-<S>/adapter/
+COMPLETE_MARKER = "COMPLETE"  # lora_core.training.callbacks.COMPLETE_MARKER (torch-free here)
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Backoff between tries of one upload: 0.5, 1, 2, ... capped at 10 s.
+RETRY_WAIT = wait_exponential(multiplier=0.5, max=10)
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """Everything one attempt uploads lives under this prefix: a late worker of an earlier
+    attempt can never overwrite the objects of the attempt that replaced it."""
+    return f"jobs/{job_id}/attempt-{attempt}"
+
+
+def checkpoint_prefix(job_id: str, attempt: int, step: int) -> str:
+    return f"{attempt_prefix(job_id, attempt)}/checkpoints/step-{step}"
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """One stored file: `path` relative to the uploaded directory."""
+
+    path: str
+    key: str
+    size: int
+    sha256: str
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+def snapshot(src: Path, dest: Path) -> Path:
+    """Hard-link every file of the sealed dir `src` into `dest` (a copy across filesystems).
+
+    Raises FileNotFoundError if `src` is not sealed or vanished while we linked (rotated by
+    the trainer): a partial snapshot is never uploaded.
+    """
+    if not (src / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"{src} is not a sealed checkpoint")
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        for p in sorted(src.rglob("*")):
+            target = dest / p.relative_to(src)
+            if p.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError):
+                    raise
+                shutil.copy2(p, target)
+        if not (dest / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(f"{src} vanished while it was snapshotted")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest
+
+
+def _retrying(seconds: float) -> Retrying:
+    return Retrying(stop=stop_after_delay(seconds), wait=RETRY_WAIT, reraise=True)
+
+
+def known_digests(directory: Path) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) from a trainer-written manifest.json, to avoid hashing GBs twice."""
+    try:
+        doc = json.loads((directory / MANIFEST_NAME).read_text())
+        return {f["path"]: (int(f["size"]), f["sha256"]) for f in doc["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def upload_dir(store: ArtifactStore, directory: Path, prefix: str, *,
+               retry_seconds: float, manifest: bool = True) -> list[UploadedFile]:
+    """Upload every file under `directory` to `prefix/<relative path>`, each retried with
+    backoff for up to `retry_seconds`. `manifest`: then write `prefix/manifest.json` of what
+    was sent (a checkpoint); else a manifest.json the trainer wrote is uploaded as a file like
+    the others and its digests are reused (an adapter, a merged model)."""
+    known = {} if manifest else known_digests(directory)
+    uploaded = []
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if not p.is_file() or p.name.endswith(".part") or (manifest and rel == MANIFEST_NAME):
+            continue
+        size, sha = known.get(rel, (None, None))
+        uploaded.append(upload_file(store, p, f"{prefix}/{rel}", rel, retry_seconds=retry_seconds,
+                                    sha256=sha if size == p.stat().st_size else None))
+    if manifest:
+        body = json.dumps({"files": [f.manifest_entry() for f in uploaded]}, indent=2).encode()
+        for attempt in _retrying(retry_seconds):
+            with attempt:
+                store.put_stream(f"{prefix}/{MANIFEST_NAME}", io.BytesIO(body))
+    return uploaded
+
+
+def upload_file(store: ArtifactStore, path: Path, key: str, name: str, *,
+                retry_seconds: float, sha256: str | None = None) -> UploadedFile:
+    """One file to `key` (retried with backoff); its size and sha256."""
+    size = path.stat().st_size
+    digest = sha256 or sha256_file(path)
+    for attempt in _retrying(retry_seconds):
+        with attempt:
+            store.put_file(key, path, immutable=True)
+    return UploadedFile(path=name, key=key, size=size, sha256=digest)
+
+
+def record_checkpoint(session: Session, *, job_id: str, owner: str, attempt: int, step: int,
+                      prefix: str, files: list[UploadedFile], metrics: dict[str, Any],
+                      save_seconds: float | None = None) -> bool:
+    """The uploaded checkpoint becomes resumable, its adapter files downloadable: one
+    transaction, written only while the lease is ours. Commits; False if the lease is lost
+    (nothing written)."""
+    if not jobs.hold_lease(session, job_id, owner=owner, attempt=attempt):
+        session.rollback()
+        return False
+    row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                  Checkpoint.step == step))
+    if row is None:
+        row = Checkpoint(job_id=job_id, step=step)
+        session.add(row)
+    has_adapter = any(f.path.startswith(ADAPTER_SUBDIR + "/") for f in files)
+    row.resumable = True
+    row.path = prefix
+    row.adapter_key = f"{prefix}/{ADAPTER_SUBDIR}" if has_adapter else None
+    row.manifest = {"files": [f.manifest_entry() for f in files]}
+    row.attempt = attempt
+    row.metrics = {k: v for k, v in metrics.items() if v is not None}
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "adapter",
+                                           Artifact.step == step))
+    for f in files:
+        if f.path.startswith(ADAPTER_SUBDIR + "/"):
+            session.add(Artifact(id=new_id("art"), job_id=job_id, kind="adapter", step=step,
+                                 name=f.path[len(ADAPTER_SUBDIR) + 1:], storage_key=f.key,
+                                 size=f.size, sha256=f.sha256))
+    jobs.add_event(session, job_id, "checkpoint",
+                   f"checkpoint step {step} uploaded; resumable on any node",
+                   data={"step": step, "resumable": True, "attempt": attempt,
+                         "files": len(files), "bytes": sum(f.size for f in files),
+                         "save_seconds": save_seconds})
+    session.commit()
+    return True
+
+
+@dataclass
+class _Pending:
+    step: int
+    snapshot: Path
+    metrics: dict[str, Any]
+    save_seconds: float | None
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class CheckpointUploader:
+    """Uploads sealed checkpoints of one attempt in a background thread, in order, and records
+    each one once it is whole in the store (see the module docstring)."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, *, job_id: str,
+                 attempt: int, owner: str, upload_dir_root: Path, retry_seconds: float,
+                 on_lease_lost: Callable[[], None] | None = None) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.job_id = job_id
+        self.attempt = attempt
+        self.owner = owner
+        self.root = upload_dir_root
+        self.retry_seconds = retry_seconds
+        self.on_lease_lost = on_lease_lost
+        self.recorded: list[int] = []
+        self.failed: list[int] = []
+        self.upload_seconds: dict[int, float] = {}
+        self.lease_lost = False
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._thread = threading.Thread(target=self._run, name=f"upload-{job_id}", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: CheckpointEvent, metrics: dict[str, Any]) -> bool:
+        """Snapshot the sealed dir now (cheap) and queue its upload; False if it is gone."""
+        if self.lease_lost:
+            return False
+        dest = self.root / f"step-{event.step}"
+        try:
+            snapshot(Path(event.path), dest)
+        except FileNotFoundError as exc:
+            log.warning("job %s: checkpoint step %d not uploaded: %s", self.job_id, event.step,
+                        exc)
+            self.failed.append(event.step)
+            return False
+        with self._idle:
+            self._outstanding += 1
+        self._queue.put(_Pending(event.step, dest, dict(metrics), event.save_seconds))
+        return True
+
+    def pending(self) -> int:
+        with self._idle:
+            return self._outstanding
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted checkpoint is recorded or given up; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._outstanding:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Stop the thread (after what is queued; `drain` first to bound the wait)."""
+        self._queue.put(None)
+        self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if not self.lease_lost:
+                    self._upload(item)
+            except Exception:  # noqa: BLE001 - one checkpoint lost, never the thread
+                log.exception("job %s: checkpoint step %d upload failed; it is not resumable",
+                              self.job_id, item.step)
+                self.failed.append(item.step)
+            finally:
+                shutil.rmtree(item.snapshot, ignore_errors=True)
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+    def _upload(self, item: _Pending) -> None:
+        prefix = checkpoint_prefix(self.job_id, self.attempt, item.step)
+        started = time.monotonic()
+        files = upload_dir(self.store, item.snapshot, prefix, retry_seconds=self.retry_seconds)
+        self.upload_seconds[item.step] = time.monotonic() - started
+        for attempt in _retrying(self.retry_seconds):  # a database restart
+            with attempt, self.sessions() as session:
+                ours = record_checkpoint(session, job_id=self.job_id, owner=self.owner,
+                                         attempt=self.attempt, step=item.step, prefix=prefix,
+                                         files=files, metrics=item.metrics,
+                                         save_seconds=item.save_seconds)
+        if ours:
+            self.recorded.append(item.step)
+            log.info("job %s: checkpoint step %d uploaded in %.2f s and recorded", self.job_id,
+                     item.step, self.upload_seconds[item.step])
+            return
+        log.warning("job %s: lease lost; checkpoint step %d not recorded (its upload is "
+                    "deleted)", self.job_id, item.step)
+        self.lease_lost = True
+        try:
+            self.store.delete_prefix(prefix)
+        except Exception:  # noqa: BLE001 - under our own attempt's keys: harmless garbage
+            log.exception("job %s: deleting %s failed", self.job_id, prefix)
+        if self.on_lease_lost is not None:
+            self.on_lease_lost()
+
+
+def _local_checkpoints(root: Path) -> dict[int, Path]:
+    found = {}
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _CKPT_RE.match(d.name)
+            if m and d.is_dir():
+                found[int(m.group(1))] = d
+    return found
+
+
+def _matches(directory: Path, manifest: dict[str, Any]) -> bool:
+    """Every file of the manifest, and nothing else, with its size and sha256."""
+    expected = {f["path"]: f for f in manifest.get("files", [])}
+    actual = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
+    if set(expected) != set(actual):
+        return False
+    return all(actual[name].stat().st_size == f["size"] and sha256_file(actual[name]) == f["sha256"]
+               for name, f in expected.items())
+
+
+def prepare_resume(sessions: sessionmaker[Session], store: ArtifactStore, *, job_id: str,
+                   checkpoints_dir: Path, retry_seconds: float) -> int | None:
+    """Leave in `checkpoints_dir` only the newest recorded resumable checkpoint (verified,
+    downloaded if this node lacks it); returns its step, or None (the run starts at 0)."""
+    with sessions() as session:
+        row = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True),
+                                     Checkpoint.manifest.is_not(None))
+            .order_by(Checkpoint.step.desc()).limit(1))
+        newest = (row.step, row.path, row.manifest or {}) if row is not None else None
+    local = _local_checkpoints(checkpoints_dir)
+    for step, path in local.items():
+        if newest is None or step != newest[0]:
+            log.info("job %s: removing local checkpoint step %d (not the newest recorded one)",
+                     job_id, step)
+            shutil.rmtree(path, ignore_errors=True)
+    if newest is None:
+        return None
+    step, prefix, manifest = newest
+    target = checkpoints_dir / f"checkpoint-{step}"
+    if target.is_dir() and _matches(target, manifest):
+        return step
+    shutil.rmtree(target, ignore_errors=True)
+    part = checkpoints_dir / f".download-{step}"
+    shutil.rmtree(part, ignore_errors=True)
+    for f in manifest["files"]:
+        for attempt in _retrying(retry_seconds):
+            with attempt:
+                store.get_file(f"{prefix}/{f['path']}", part / f["path"])
+    if not _matches(part, manifest):
+        shutil.rmtree(part, ignore_errors=True)
+        raise ValueError(f"checkpoint step {step} downloaded from {prefix} does not match its "
+                         "recorded sha256 manifest")
+    part.rename(target)
+    log.info("job %s: checkpoint step %d downloaded from the store", job_id, step)
+    return step
