@@ -14,6 +14,8 @@ tails it. Each line is one `TrainerEvent`, told apart by its `type` (every event
                                   adds rewards_chosen, rewards_rejected, reward_margin,
                                   reward_accuracy}
     eval        EvalEvent        {step, eval_loss}
+    evaluation  EvaluationEvent  {step, scores, samples, best_step, best_metric, best_value,
+                                  selection_reason, stop, stop_reason}  (graded generations)
     checkpoint  CheckpointEvent  {step, path, adapter_path, resumable, save_seconds}
     stage       StageEvent       {stage: Stage}  preparing | training | saving | merging |
                                                  verifying
@@ -52,6 +54,7 @@ __all__ = [
     "StartedEvent",
     "ProgressEvent",
     "EvalEvent",
+    "EvaluationEvent",
     "CheckpointEvent",
     "StageEvent",
     "MergedEvent",
@@ -132,6 +135,23 @@ class EvalEvent(_Event):
     eval_loss: float | None = None
 
 
+class EvaluationEvent(_Event):
+    """Graded generations (lora_core.evaluation): step 0 = the base model, else the checkpoint
+    of that step. `scores`: mean per grader (+ valid_loss when known); `samples`: [{index,
+    prompt, reference, base_output, output, scores}]; best_* and stop: the selection so far."""
+
+    type: Literal["evaluation"] = "evaluation"
+    step: int
+    scores: dict[str, float | None] = Field(default_factory=dict)
+    samples: list[dict[str, Any]] = Field(default_factory=list)
+    best_step: int | None = None
+    best_metric: str | None = None
+    best_value: float | None = None
+    selection_reason: str | None = None
+    stop: bool = False
+    stop_reason: str | None = None
+
+
 class CheckpointEvent(_Event):
     type: Literal["checkpoint"] = "checkpoint"
     step: int
@@ -190,7 +210,7 @@ class ErrorEvent(_Event):
 
 TrainerEvent = Annotated[
     StartedEvent | ProgressEvent | EvalEvent | CheckpointEvent | StageEvent | MergedEvent
-    | WarningEvent | FinishedEvent | ErrorEvent,
+    | WarningEvent | FinishedEvent | ErrorEvent | EvaluationEvent,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[TrainerEvent] = TypeAdapter(TrainerEvent)

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_core.evaluation.spec import EvaluationSpec
+
 __all__ = [
     "LoraSpec",
     "TrainingSpec",
@@ -135,6 +137,17 @@ class RunSpec(_Strict):
     merge: MergeMode = "final"
     merge_shard_size: str = "2GB"
     resume: bool = True
+    # graded generations at step 0 and every checkpoint, best checkpoint, early stopping
+    # (lora_core.evaluation); `evaluation.file` is a path here, else the validation file
+    evaluation: EvaluationSpec | None = None
+
+    @model_validator(mode="after")
+    def _evaluation_has_prompts(self) -> RunSpec:
+        if (self.evaluation is not None and self.evaluation.file is None
+                and self.validation_file is None):
+            raise ValueError("evaluation needs held-out prompts: set validation_file or "
+                             "evaluation.file")
+        return self
 
     @model_validator(mode="after")
     def _method_fits(self) -> RunSpec:
@@ -143,7 +156,8 @@ class RunSpec(_Strict):
         if self.data_format is not None and self.data_format not in formats:
             raise ValueError(f"data_format {self.data_format!r} does not train with method "
                              f"{self.method!r} (it takes {', '.join(formats)})")
-        if self.method == "dpo" and self.distributed.num_processes > 1:
-            raise ValueError("method 'dpo' runs in one process: set distributed.num_processes "
-                             "to 1")
+        if self.method == "dpo" and (self.distributed.num_processes > 1
+                                     or self.distributed.zero_stage):
+            raise ValueError("method 'dpo' runs in one process without ZeRO for now: set "
+                             "distributed.num_processes 1 and zero_stage 0")
         return self

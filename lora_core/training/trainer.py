@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.errors import ModelError, SpecError
-from lora_core.spec import RunSpec
+from lora_core.spec import SFT_FORMATS, RunSpec
 
 __all__ = [
     "TrainResult",
@@ -77,7 +77,7 @@ class TrainResult:
     status: str  # "completed" | "stopped"
     adapter_path: Path
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float | None] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     global_step: int = 0
     resumed_from_step: int | None = None
 
@@ -212,6 +212,9 @@ def load_features(
     if hit is not None:
         return hit
     found_fmt, examples = load_examples(path, fmt)  # the path: errors name the file
+    if found_fmt not in SFT_FORMATS:
+        raise SpecError(f"{Path(path).name} holds {found_fmt} data, which trains with method "
+                        "'dpo'", param="method", value="sft")
     features, stats = tokenize_examples(examples, tokenizer, max_len)
     cache.save(key, found_fmt, features, stats)
     return found_fmt, features, stats
@@ -232,9 +235,12 @@ def _split(feats: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def build_training_args(
     spec: RunSpec, precision: str, *, has_eval: bool, packing: bool,
-    deepspeed: dict[str, Any] | None = None,
+    deepspeed: dict[str, Any] | None = None, args_class: type | None = None, **extra: Any,
 ) -> Any:  # -> transformers.TrainingArguments
-    """TrainingArguments from the spec: saves to output_dir/checkpoints, no hub, no tqdm."""
+    """TrainingArguments from the spec: saves to output_dir/checkpoints, no hub, no tqdm.
+
+    `args_class` (a TrainingArguments subclass, e.g. TRL's DPOConfig) with its own `extra`
+    fields."""
     import torch
     from transformers import TrainingArguments
 
@@ -243,7 +249,7 @@ def build_training_args(
     if has_eval:
         eval_kw = {"eval_strategy": "steps" if t.eval_steps else "epoch",
                    "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.batch_size}
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(Path(spec.output_dir) / CHECKPOINTS_DIR),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -274,6 +280,7 @@ def build_training_args(
         disable_tqdm=True,
         deepspeed=deepspeed,
         **eval_kw,
+        **extra,
     )
 
 
@@ -366,6 +373,10 @@ def train(
         uses_deepspeed,
     )
 
+    if spec.method == "dpo":
+        from lora_core.training.dpo import train_dpo
+
+        return train_dpo(spec, on_event=on_event, should_stop=should_stop)
     emit = on_event if on_event is not None and rank() == 0 else _noop
     precision = resolve_precision(spec.training.precision)
     if not torch.cuda.is_available():
@@ -430,6 +441,7 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     from lora_core.data.collate import PaddingCollator
+    from lora_core.evaluation.callback import copy_adapter, evaluation_callback
     from lora_core.training.attention import use_varlen_attention
     from lora_core.training.callbacks import (
         CheckpointCallback,
@@ -459,27 +471,40 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
         "num_tokens": data.num_tokens, "num_truncated": data.num_truncated,
         "num_dropped": data.num_dropped})
     stop = StopCallback(should_stop)
+    evaluation = evaluation_callback(spec, data, emit, precision=args_precision(args), root=root,
+                                     stopped=lambda: stop.stopped, zero3=_is_zero3(spec))
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collator, processing_class=data.tokenizer,
-        callbacks=[events, stop, CheckpointCallback(root, emit)],
+        callbacks=[events, stop, CheckpointCallback(root, emit),
+                   *([evaluation] if evaluation is not None else [])],
     )
     trainer.remove_callback(PrinterCallback)  # progress is reported through events, not stdout
     output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if data.eval and not stop.stopped and _last_eval_step(trainer) != trainer.state.global_step:
         trainer.evaluate()  # the final eval loss, whatever eval_steps was
     adapter = Path(spec.output_dir) / ADAPTER_DIR
-    export_adapter(trainer.model, adapter, is_main=rank() == 0)
+    best = evaluation.best_checkpoint() if evaluation is not None else None
+    if best is not None:  # the selected checkpoint is the result (lora_core.evaluation)
+        if rank() == 0:
+            copy_adapter(best / "adapter", adapter)
+    else:
+        export_adapter(trainer.model, adapter, is_main=rank() == 0)
     _barrier()
     return TrainResult(
         status="stopped" if stop.stopped else "completed",
         adapter_path=adapter,
         checkpoints=list_checkpoints(root),
         metrics={"train_loss": events.train_loss or output.training_loss,
-                 "final_loss": events.last_loss, "eval_loss": events.last_eval_loss},
+                 "final_loss": events.last_loss, "eval_loss": events.last_eval_loss,
+                 **(evaluation.summary() if evaluation is not None else {})},
         global_step=trainer.state.global_step,
         resumed_from_step=ckpt_step,
     )
+
+
+def _is_zero3(spec: RunSpec) -> bool:
+    return spec.distributed.zero_stage == 3
 
 
 def args_precision(args: Any) -> str:
