@@ -126,3 +126,13 @@ def test_store_outage_is_503(private_s3: S3Target, tmp_path: Path, tiny_model_di
         assert api.upload("alice", jsonl(alpaca_lines(3))).status_code == 201
         now = api.client.get("/v1/datasets", headers=api.h("alice")).json()["data"]
         assert len(now) == len(listed) + 1  # the failed upload left no row
+
+
+def test_delete_artifacts_empties_the_prefix(s3_api: Api, s3_bucket: S3Target) -> None:
+    job_id, _ = _artifact(s3_api)
+    assert any(k.startswith(f"lorajobs/jobs/{job_id}/") for k in s3_bucket.keys())
+    assert s3_api.client.post(f"/v1/jobs/{job_id}/cancel",
+                              headers=s3_api.h("alice")).status_code == 200
+    resp = s3_api.client.delete(f"/v1/jobs/{job_id}/artifacts", headers=s3_api.h("alice"))
+    assert resp.status_code == 200 and resp.json()["files"] == len(FILES)
+    assert not any(k.startswith(f"lorajobs/jobs/{job_id}/") for k in s3_bucket.keys())
