@@ -70,6 +70,7 @@ __all__ = [
     "rotate_secret",
     "delete_endpoint",
     "emit",
+    "event_body",
     "on_status_change",
     "on_job_event",
     "list_deliveries",

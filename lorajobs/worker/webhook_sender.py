@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,24 +35,13 @@ from lorajobs.core import webhooks
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from lorajobs.core.tables import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
-from lorajobs.core.webhook_guard import (
-    UnsafeURL,
-    connect_host,
-    host_header,
-    reason_text,
-    resolve_target,
-)
+from lorajobs.core.webhook_http import MAX_RESPONSE_BYTES, Result, make_client, post_event
 
 __all__ = ["deliver_once", "run_webhook_loop", "claim_due", "start_webhook_thread",
            "MAX_RESPONSE_BYTES"]
 
 log = logging.getLogger(__name__)
 
-# Bytes of a receiver's answer read (and the first EXCERPT_CHARS kept on the attempt row): a
-# receiver must not make the sender read (or store) a large body.
-MAX_RESPONSE_BYTES = 4096
-EXCERPT_CHARS = 512
-USER_AGENT = "lorajobs-webhooks/1"
 
 Clock = Callable[[], datetime]
 
@@ -67,19 +55,6 @@ class Claimed:
     attempts: int
     first_attempt_at: datetime | None
     token: str
-
-
-@dataclass(frozen=True)
-class Result:
-    started_at: datetime
-    duration_ms: float
-    status_code: int | None = None
-    error: str | None = None
-    excerpt: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
 
 
 def claim_seconds(settings: Settings) -> float:
@@ -108,51 +83,6 @@ def claim_due(session: Session, *, now: datetime, limit: int, settings: Settings
     session.commit()
     return [Claimed(r.id, r.endpoint_id, r.event_id, r.payload, r.attempts,
                     r.first_attempt_at, token) for r in rows]
-
-
-def send(client: httpx.Client, endpoint: WebhookEndpoint, claimed: Claimed,
-         settings: Settings, *, now: Clock) -> Result:
-    """One attempt: re-check the URL (DNS now), sign, POST to the checked address."""
-    started = now()
-    t0 = time.monotonic()
-
-    def took() -> float:
-        return round((time.monotonic() - t0) * 1000, 1)
-
-    try:
-        target = resolve_target(endpoint.url, settings)
-    except UnsafeURL as exc:
-        return Result(started, took(), error=f"refused: {exc.message}")
-    body = claimed.payload.encode()
-    timestamp = int(time.time())  # the receiver's clock judges it: real time, not `now`
-    headers = {
-        "content-type": "application/json", "user-agent": USER_AGENT,
-        "host": host_header(target),
-        "webhook-id": claimed.event_id, "webhook-timestamp": str(timestamp),
-        "webhook-signature": webhooks.signature_header(endpoint, claimed.event_id, timestamp,
-                                                       body, now=utcnow()),
-    }
-    url = httpx.URL(target.url).copy_with(host=connect_host(target).strip("[]"))
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    try:
-        with client.stream("POST", url, content=body, headers=headers,
-                           extensions=extensions) as response:
-            received = bytearray()
-            for chunk in response.iter_raw():
-                received += chunk
-                if len(received) >= MAX_RESPONSE_BYTES:
-                    break
-            excerpt = bytes(received[:MAX_RESPONSE_BYTES]).decode("utf-8", "replace")
-            error = None
-            if response.is_redirect:
-                error = (f"redirect not followed ({response.status_code} to "
-                         f"{response.headers.get('location', '?')[:200]})")
-            return Result(started, took(), status_code=response.status_code, error=error,
-                          excerpt=excerpt[:EXCERPT_CHARS] or None)
-    except httpx.TimeoutException as exc:
-        return Result(started, took(), error=f"timeout: {type(exc).__name__}")
-    except httpx.HTTPError as exc:
-        return Result(started, took(), error=reason_text(exc)[:500])
 
 
 def record(session: Session, claimed: Claimed, result: Result, settings: Settings,
@@ -210,7 +140,8 @@ def deliver_once(settings: Settings, *, now: Clock = utcnow,
         endpoint = endpoints.get(item.endpoint_id)
         if endpoint is None:  # deleted since the claim: its rows went with it
             return
-        result = send(client, endpoint, item, settings, now=now)
+        result = post_event(client, endpoint, event_id=item.event_id, payload=item.payload,
+                            settings=settings, now=now)
         with sessions() as session:
             status = record(session, item, result, settings, now=now())
         log.info("webhook %s (%s) to %s: attempt %d %s -> %s", item.id, item.event_id,
@@ -225,18 +156,6 @@ def deliver_once(settings: Settings, *, now: Clock = utcnow,
         if own_client:
             client.close()
     return len(claimed)
-
-
-def make_client(settings: Settings) -> httpx.Client:
-    """No redirects, no proxies from the environment (they would bypass the address check),
-    connect/read timeouts from the settings."""
-    timeout = httpx.Timeout(connect=settings.webhook_connect_timeout_seconds,
-                            read=settings.webhook_read_timeout_seconds,
-                            write=settings.webhook_read_timeout_seconds,
-                            pool=settings.webhook_connect_timeout_seconds)
-    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False,
-                        limits=httpx.Limits(max_connections=settings.webhook_concurrency,
-                                            max_keepalive_connections=0))
 
 
 def run_webhook_loop(settings: Settings, stop_event: threading.Event) -> None:
