@@ -174,3 +174,21 @@ def test_checkpoint_event_emits_job_checkpoint(db_settings: Settings) -> None:  
     body = json.loads(row.payload)
     assert body["type"] == "job.checkpoint"
     assert body["data"] == {"id": job_id, "step": 4, "resumable": True}
+
+
+def test_pausing_emits_job_paused(db_settings: Settings) -> None:  # noqa: F811
+    """Both ways into `paused`: a queued job paused at once, a running one whose attempt ends
+    paused (the worker's PAUSE_STOP)."""
+    queued, _ = _tenant_with_endpoint(db_settings, ["job.paused"])
+    running = make_job(db_settings)
+    with get_sessionmaker(db_settings)() as session:
+        jobs.request_pause(session, session.get(Job, queued))
+        assert jobs.claim(session, running, owner="w1", lease_seconds=60) is not None
+        jobs.request_pause(session, session.get(Job, running))  # flagged
+        jobs.end_attempt(session, session.get(Job, running), jobs.Outcome.PAUSE_STOP,
+                         owner="w1")
+        session.commit()
+        assert session.get(Job, running).status == JobStatus.PAUSED
+    bodies = [json.loads(r.payload) for r in _deliveries(db_settings)]
+    assert [(b["type"], b["data"]["id"], b["data"]["status"]) for b in bodies] == [
+        ("job.paused", queued, "paused"), ("job.paused", running, "paused")]
