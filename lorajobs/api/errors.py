@@ -188,6 +188,8 @@ _DESCRIPTIONS = {
     409: "the object's state forbids it (e.g. cancel a finished job), or the name is taken",
     413: "request body or upload over the limit", 422: "invalid parameters or body",
     429: "a per-tenant quota is reached",
+    503: "the object store is unreachable or failing (storage_unavailable); retry after "
+         "Retry-After seconds",
 }
 _API_PREFIXES = ("/v1/", "/openai/")
 _REF = "#/components/schemas/"
@@ -198,7 +200,7 @@ def _depends_on(dependant: Any, call: Any) -> bool:
 
 
 def _error_codes(route: APIRoute) -> list[int]:
-    from lorajobs.api.deps import get_admin
+    from lorajobs.api.deps import get_admin, get_store
 
     methods = route.methods or set()  # typed Optional; APIRoute always fills it
     codes = [401, 404, 422]
@@ -212,6 +214,8 @@ def _error_codes(route: APIRoute) -> list[int]:
         codes.append(409)  # DELETE: a dataset in use, a job not finished
         if "POST" in methods and route.path.rstrip("/").endswith("/jobs"):
             codes.append(429)
+    if _depends_on(route.dependant, get_store):
+        codes.append(503)  # the object store is down (an S3 store; never the local one)
     return codes
 
 
