@@ -303,11 +303,16 @@ def on_job_event(session: Session, job_id: str, type_: str, data: dict[str, Any]
     transaction that writes the Checkpoint row.)"""
     if type_ != "checkpoint":
         return
-    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
-    if tenant_id is None:
+    job = session.execute(select(Job.tenant_id, Job.base_model, Job.suffix)
+                          .where(Job.id == job_id)).first()
+    if job is None:
         return
-    emit(session, tenant_id=tenant_id, job_id=job_id, event_type="job.checkpoint",
-         data={"id": job_id, "step": data.get("step"), "resumable": data.get("resumable")})
+    step = data.get("step")
+    # The name a new job may train on from (api/openai_objects.py, core/lineage.py).
+    name = f"ft:{job.base_model}:{job.suffix or 'lorajobs'}:{job_id}:ckpt-step-{step}"
+    emit(session, tenant_id=job.tenant_id, job_id=job_id, event_type="job.checkpoint",
+         data={"id": job_id, "step": step, "resumable": data.get("resumable"),
+               "fine_tuned_model_checkpoint": name})
 
 
 # --- reads and replay --------------------------------------------------------------------

@@ -173,7 +173,9 @@ def test_checkpoint_event_emits_job_checkpoint(db_settings: Settings) -> None:  
     (row,) = _deliveries(db_settings)
     body = json.loads(row.payload)
     assert body["type"] == "job.checkpoint"
-    assert body["data"] == {"id": job_id, "step": 4, "resumable": True}
+    assert body["data"] == {"id": job_id, "step": 4, "resumable": True,
+                            "fine_tuned_model_checkpoint":
+                                f"ft:fake-tiny:lorajobs:{job_id}:ckpt-step-4"}
 
 
 def test_pausing_emits_job_paused(db_settings: Settings) -> None:  # noqa: F811
