@@ -159,18 +159,24 @@ def test_upload_over_max_model_bytes_is_413(api_settings, tiny_model_dir) -> Non
     from lorajobs.core import keys
     from lorajobs.core.db import get_sessionmaker
 
-    settings = api_settings.model_copy(update={"max_model_bytes": 4096})
-    with get_sessionmaker(settings)() as session:
+    total = sum(p.stat().st_size for p in tiny_model_dir.iterdir())
+    with get_sessionmaker(api_settings)() as session:
         tenant = keys.create_tenant(session, name="root")
         _, key = keys.create_key(session, tenant_id=tenant.id, name="root", is_admin=True)
         session.commit()
-    with TestClient(create_app(settings)) as client:
-        resp = client.post("/v1/models", headers={"Authorization": f"Bearer {key}"},
-                           data={"name": "big"}, files=_files(tiny_model_dir))
-        assert resp.status_code == 413, resp.text
-        assert list(client.app.state.store.list("models")) == []  # type: ignore[attr-defined]
-    staging = settings.resolved_model_staging_dir
-    assert not staging.exists() or not any(staging.iterdir())
+    # 4096: the declared Content-Length is refused before a byte is read (BodyLimit);
+    # total - 1000: the body fits the limit plus multipart framing, the files are counted
+    # as they stream and refused the moment they pass it.
+    for limit in (4096, total - 1000):
+        settings = api_settings.model_copy(update={"max_model_bytes": limit})
+        with TestClient(create_app(settings)) as client:
+            resp = client.post("/v1/models", headers={"Authorization": f"Bearer {key}"},
+                               data={"name": "big"}, files=_files(tiny_model_dir))
+            assert resp.status_code == 413, resp.text
+            assert resp.json()["error"]["code"] == "payload_too_large"
+            assert list(client.app.state.store.list("models")) == []  # type: ignore[attr-defined]
+        staging = settings.resolved_model_staging_dir
+        assert not staging.exists() or not any(staging.iterdir())
 
 
 def test_json_body_names_the_bad_field(api: Api) -> None:

@@ -157,14 +157,20 @@ async def _from_source(request: Request, body: ModelCreate, settings: Settings,
     # An abandoned fetch's outcome is read here, so asyncio does not log it as unretrieved.
     future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
+    def to_loop(*call: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(*call)
+        except RuntimeError:  # the app shut down while the fetch ran: nobody is waiting
+            pass
+
     def run() -> None:
         try:
             result: Any = fetch_and_store()
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            to_loop(_settle, future, result, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
-            loop.call_soon_threadsafe(_settle, future, None, exc)
+            to_loop(_settle, future, None, exc)
         finally:
-            loop.call_soon_threadsafe(slots.release)
+            to_loop(slots.release)
 
     threading.Thread(target=run, name=f"model-fetch-{body.name}", daemon=True).start()
     try:
