@@ -66,6 +66,10 @@ MAX_ATTEMPTS = 4
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30  # a hung store (SIGSTOPped, partitioned) fails a call within 4 x 30 s
 DELETE_BATCH = 1000  # DeleteObjects' maximum
+# Kept-alive connections: a download holds one while its body streams, after its request slot
+# is free (api.limits), so an API process may stream many at once; more than this still work,
+# their connections are just not reused.
+POOL_CONNECTIONS = 64
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -163,7 +167,7 @@ class S3ArtifactStore(ArtifactStore):
             signature_version="s3v4",
             # MinIO and most self-hosted servers serve buckets as paths, not subdomains
             s3={"addressing_style": "path" if endpoint_url else "auto"},
-            max_pool_connections=2 * MAX_CONCURRENCY + 2,
+            max_pool_connections=POOL_CONNECTIONS,
         )
         session = boto3.session.Session()
         return session.client("s3", endpoint_url=endpoint_url, region_name=region,
