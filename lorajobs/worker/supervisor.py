@@ -200,11 +200,16 @@ class Supervisor:
             job = session.get(Job, self.job_id)
             assert job is not None
             try:
+                t0 = time.monotonic()
                 run_spec, model, dataset = build_run_spec(session, job, self.settings,
                                                           self.store, paths)
-                prepare_resume(self.sessions, self.store, job_id=self.job_id,
-                               checkpoints_dir=paths.checkpoints_dir,
-                               retry_seconds=self.settings.store_retry_seconds)
+                t1 = time.monotonic()
+                step = prepare_resume(self.sessions, self.store, job_id=self.job_id,
+                                      checkpoints_dir=paths.checkpoints_dir,
+                                      retry_seconds=self.settings.store_retry_seconds)
+                log.info("job %s: inputs ready in %.2f s (model + dataset %.2f s, resume "
+                         "point step %s %.2f s)", self.job_id, time.monotonic() - t0, t1 - t0,
+                         step, time.monotonic() - t1)
             except PrepareError as exc:
                 outcome = settle.fail(session, job, owner=self.owner, error=exc.error,
                                       settings=self.settings)

@@ -21,6 +21,7 @@ from lorajobs.client import AsyncClient, Client
 from tests.cli.runcli import cli
 from tests.client.live import Live
 from tests.servicefixtures import wait_for
+from tests.worker.jobfactory import fake_dir
 
 pytestmark = pytest.mark.timeout(150)
 STEPS = 60  # fake trainer: 0.1 s a step, a checkpoint every 2
@@ -133,9 +134,8 @@ def test_a_failed_job_reports_an_openai_error_object(client: OpenAI, live: Live)
     _at_step(live, job_id, 2)
     client.fine_tuning.jobs.pause(job_id)
     live.wait_status(job_id, "paused")
-    [run_dir] = {p.parent for p in Path(live.svc.tmp_path).rglob("fake_starts.log")
-                 if job_id in str(p)}
-    (run_dir / "fake_control.json").write_text(json.dumps({"error_at_step": STEPS - 1}))
+    control = fake_dir(live.svc.settings) / f"{job_id}.control.json"  # tests/worker/fake_trainer
+    control.write_text(json.dumps({"error_at_step": STEPS - 1}))
     client.fine_tuning.jobs.resume(job_id)
     failed = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status
                       == "failed" and j, timeout=60, what="failed")

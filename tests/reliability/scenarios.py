@@ -54,12 +54,13 @@ def metric_steps(svc: LiveService, job_id: str) -> list[int]:
                                     .order_by(JobMetric.step)).all())
 
 
-def newest_recorded_checkpoint(svc: LiveService, job_id: str) -> int:
-    """The step a new attempt resumes from: the newest checkpoint uploaded and recorded."""
+def recorded_by_attempt(svc: LiveService, job_id: str, attempt: int) -> int:
+    """The newest checkpoint an attempt uploaded and recorded (0: none): where the next
+    attempt resumes from."""
     with get_sessionmaker(svc.settings)() as session:
         return session.scalar(select(func.max(Checkpoint.step)).where(
-            Checkpoint.job_id == job_id, Checkpoint.resumable.is_(True),
-            Checkpoint.manifest.is_not(None))) or 0
+            Checkpoint.job_id == job_id, Checkpoint.attempt == attempt,
+            Checkpoint.resumable.is_(True))) or 0
 
 
 def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
@@ -68,15 +69,23 @@ def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
     whole worker (the reaper requeues it after the lease, a new worker resumes it), chosen
     at random, at a random step past the first checkpoint.
 
-    Figures: jobs, killed, completed, resumed_from_checkpoint (resume step == newest sealed
-    checkpoint at the kill), max_steps_redone (kill step - resume step), loss_curve_complete.
+    A checkpoint is resumable once uploaded and recorded (issue 12). A killed trainer's
+    worker records every checkpoint the trainer reported before it settles; a killed worker's
+    upload thread dies with it, so the checkpoints it had not recorded yet are lost (how many
+    depends on how far its uploads lagged: a few on a loaded machine).
+
+    Figures: jobs, killed, completed, resumed_from_checkpoint (resume step == the newest
+    checkpoint attempt 1 recorded, and for a trainer kill == the newest one the trainer
+    reported), max_steps_redone_trainer_kill / _worker_kill (kill step - resume step),
+    loss_curve_complete.
     """
     rng = random.Random(seed)
     worker = svc.start_worker("worker-k0")
     svc.start_reaper()
     figures: dict[str, Any] = {"jobs": n_jobs, "killed": 0, "completed": 0, "lost": 0,
-                               "resumed_from_checkpoint": 0, "max_steps_redone": 0,
-                               "loss_curve_complete": 0, "trainer_kills": 0, "worker_kills": 0}
+                               "resumed_from_checkpoint": 0, "max_steps_redone_trainer_kill": 0,
+                               "max_steps_redone_worker_kill": 0, "loss_curve_complete": 0,
+                               "trainer_kills": 0, "worker_kills": 0}
     for i in range(n_jobs):
         job_id = make_job(svc.settings, max_steps=total, save_steps=save_steps,
                           control={"step_seconds": 0.05})
@@ -86,32 +95,28 @@ def kill9(svc: LiveService, n_jobs: int, *, seed: int = 0, total: int = 30,
                  max(trainer_steps(svc.settings, j, 1), default=0) >= k,
                  timeout=30, what="training to the kill step")
         target = rng.choice(["trainer", "worker"])
-        # The resume point is the newest checkpoint recorded (uploaded) when the attempt
-        # ended: a killed trainer's worker uploads every checkpoint the trainer reported before
-        # it settles (one sealed but not yet reported when the kill landed is not resumed
-        # from); a killed worker's upload thread dies with it (its newest sealed one may be
-        # lost).
+        reported = None
         if target == "trainer":
             os.kill(trainer_pids(svc.settings, job_id)[-1], signal.SIGKILL)
             figures["trainer_kills"] += 1
-            killed_at = max(trainer_steps(svc.settings, job_id, 1))
-            expected = max(trainer_checkpoints(svc.settings, job_id, 1), default=0)
+            reported = max(trainer_checkpoints(svc.settings, job_id, 1), default=0)
         else:
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             figures["worker_kills"] += 1
-            killed_at = max(trainer_steps(svc.settings, job_id, 1))
-            expected = newest_recorded_checkpoint(svc, job_id)  # nobody records until requeued
             worker = svc.start_worker(f"worker-k{i + 1}")
+        killed_at = max(trainer_steps(svc.settings, job_id, 1))
         figures["killed"] += 1
         outcome = _wait_end(svc, job_id)
         figures["completed"] += outcome == "succeeded"
         figures["lost"] += outcome != "succeeded"
         starts = trainer_starts(svc.settings, job_id)
-        if len(starts) == 2 and starts[1] == expected and expected > 0:
+        expected = recorded_by_attempt(svc, job_id, 1)
+        if len(starts) == 2 and starts[1] == expected and reported in (None, expected):
             figures["resumed_from_checkpoint"] += 1
         if len(starts) == 2:
-            figures["max_steps_redone"] = max(figures["max_steps_redone"], killed_at - starts[1])
+            key = f"max_steps_redone_{target}_kill"
+            figures[key] = max(figures[key], killed_at - starts[1])
         figures["loss_curve_complete"] += metric_steps(svc, job_id) == list(range(1, total + 1))
     return figures
 

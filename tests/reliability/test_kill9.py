@@ -1,8 +1,8 @@
 """kill -9 N times across N jobs (trainer or whole worker, at random steps): every job goes
 back to queued, resumes from its newest recorded (uploaded) checkpoint, and succeeds with a
-complete loss curve; at most `save_steps` steps are redone after a trainer kill, 2 x
-`save_steps` after a worker kill (the upload of a checkpoint sealed within one poll of the
-kill dies with the worker). Small N here; `bench/reliability.py` runs more.
+complete loss curve; after a trainer kill at most `save_steps` steps are redone (one more
+interval if the kill fell between a seal and its event); a killed worker loses the uploads it
+had not recorded yet. Small N here; `bench/reliability.py` runs more.
 
 tests/worker/test_faults.py covers the single cases in detail (self-crash of the trainer,
 worker killed with the reaper's timing, max_attempts); this is the repeated, mixed figure.
@@ -39,10 +39,11 @@ def test_kill9_across_jobs(service: LiveService, n_jobs: int) -> None:
     assert figures["killed"] == n_jobs
     assert figures["completed"] == n_jobs and figures["lost"] == 0
     assert figures["resumed_from_checkpoint"] == n_jobs
-    # a killed trainer's worker records its newest sealed checkpoint before it settles (at most
-    # save_steps redone); a worker killed within one poll of a seal loses that upload, and the
-    # job resumes from the one before (at most 2 x save_steps redone)
-    assert figures["max_steps_redone"] <= 2 * SAVE_STEPS
+    # a killed trainer's worker records every checkpoint the trainer reported before it
+    # settles: at most save_steps redone (+ one more interval if the kill fell between a seal
+    # and its event); a killed worker loses the uploads it had not recorded (no bound asserted:
+    # resumed_from_checkpoint checks it resumed from the newest one recorded)
+    assert figures["max_steps_redone_trainer_kill"] <= 2 * SAVE_STEPS
     assert figures["loss_curve_complete"] == n_jobs
 
 
