@@ -66,6 +66,7 @@ MAX_ATTEMPTS = 4
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30  # a hung store (SIGSTOPped, partitioned) fails a call within 4 x 30 s
 DELETE_BATCH = 1000  # DeleteObjects' maximum
+PROBE_TIMEOUT_S = 2  # /readyz's check: one attempt, connect and read within this
 # Kept-alive connections: a download holds one while its body streams, after its request slot
 # is free (api.limits), so an API process may stream many at once; more than this still work,
 # their connections are just not reused.
@@ -152,6 +153,8 @@ class S3ArtifactStore(ArtifactStore):
         public = public_endpoint_url or endpoint_url
         self._signer = (self._client if public == endpoint_url
                         else self._make_client(public, region))
+        self._endpoint_url, self._region = endpoint_url, region
+        self._probe: S3Client | None = None
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=part_bytes,
             max_concurrency=MAX_CONCURRENCY, use_threads=True,
@@ -160,10 +163,12 @@ class S3ArtifactStore(ArtifactStore):
         self._transfer.max_in_memory_upload_chunks = MAX_STREAM_PARTS_IN_MEMORY
 
     @staticmethod
-    def _make_client(endpoint_url: str | None, region: str | None) -> S3Client:
+    def _make_client(endpoint_url: str | None, region: str | None, *,
+                     attempts: int = MAX_ATTEMPTS, connect_timeout: float = CONNECT_TIMEOUT_S,
+                     read_timeout: float = READ_TIMEOUT_S) -> S3Client:
         config = Config(
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
             signature_version="s3v4",
             # MinIO and most self-hosted servers serve buckets as paths, not subdomains
             s3={"addressing_style": "path" if endpoint_url else "auto"},
@@ -262,6 +267,17 @@ class S3ArtifactStore(ArtifactStore):
                 first = result["Errors"][0]
                 raise StorageUnavailable(f"object store refused to delete {first.get('Key')}: "
                                          f"{first.get('Code')} {first.get('Message', '')}")
+
+    def reachable(self) -> bool:
+        if self._probe is None:
+            self._probe = self._make_client(self._endpoint_url, self._region, attempts=1,
+                                            connect_timeout=PROBE_TIMEOUT_S,
+                                            read_timeout=PROBE_TIMEOUT_S)
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError):
+            return False
+        return True
 
     def presigned_url(self, key: str, *, expires_seconds: int,
                       filename: str | None = None) -> str | None:

@@ -159,6 +159,10 @@ class ArtifactStore(ABC):
         """True for the embedded local directory (one node)."""
         return False
 
+    def reachable(self) -> bool:
+        """A quick check (seconds at most) that the store answers, for /readyz; never raises."""
+        return True
+
 
 class LocalArtifactStore(ArtifactStore):
     """A directory: the embedded default (one node), or a shared volume."""

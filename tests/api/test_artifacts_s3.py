@@ -112,7 +112,10 @@ def test_store_outage_is_503(private_s3: S3Target, tmp_path: Path, tiny_model_di
     SDK retries those), nothing staged is left; once it is back, the same requests work."""
     with _api_on(private_s3, tmp_path, tiny_model_dir) as api:
         job_id, art = _artifact(api)
+        assert api.client.get("/readyz").json()["checks"]["store"] == "ok"
         private_s3.server.stop()  # refused connections, as from a dead store node
+        ready = api.client.get("/readyz")  # reported, still in rotation: the rest works
+        assert ready.status_code == 200 and ready.json()["checks"]["store"] == "unreachable"
         for url in (art["url"], f"/v1/jobs/{job_id}/adapter"):
             resp = api.client.get(url, headers=api.h("alice"))
             assert resp.status_code == 503, resp.text

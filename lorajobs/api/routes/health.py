@@ -49,15 +49,20 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Ready (200) when the database (and the broker, if checkable) answers and a request
     slot is free; 503 otherwise: `unavailable` (a dependency is down) or `degraded` (every
-    slot busy: requests here wait). Answers while the API is saturated (no slot of its own)."""
+    slot busy: requests here wait). Answers while the API is saturated (no slot of its own).
+    `checks.store` reports the object store but does not change the status: its outage fails
+    downloads and uploads only (503 each), and every replica sees it alike, so taking them all
+    out of rotation would fail every other request too."""
     app = request.app
     async with app.state.lookups:  # the database check only: a broker that is down makes
         database = await run_in_threadpool(_database_ok, app.state.sessionmaker)
     broker = await run_in_threadpool(_broker_ok, app.state.settings)  # its check wait
+    store = await run_in_threadpool(app.state.store.reachable)
     checks = {"database": "ok" if database else "unreachable",
               "broker": {None: "unchecked", True: "ok", False: "unreachable"}[broker]}
     slots = app.state.request_slots
     checks["requests"] = "saturated" if slots.saturated else "ok"
+    checks["store"] = "ok" if store else "unreachable"
     down = not database or broker is False
     status = "unavailable" if down else "degraded" if slots.saturated else "ok"
     body = {"status": status, "checks": checks,
