@@ -33,8 +33,13 @@ __all__ = ["main", "run_child", "train_from_file", "validate_data_cmd", "load_sp
 EXIT_OK, EXIT_USER, EXIT_SYSTEM = 0, 2, 3
 
 
-def load_spec(path: str | os.PathLike[str]) -> Any:  # -> RunSpec
-    """A RunSpec from a JSON or YAML file; SpecError naming every bad field."""
+def load_spec(
+    path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
+) -> Any:  # -> RunSpec
+    """A RunSpec from a JSON or YAML file, top-level `overrides` (the CLI's flags) applied
+    over it (a dict value is merged into the file's); SpecError naming every bad field."""
+    import json
+
     from pydantic import ValidationError
 
     from lora_core.spec import RunSpec
@@ -48,12 +53,19 @@ def load_spec(path: str | os.PathLike[str]) -> Any:  # -> RunSpec
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            return RunSpec.model_validate(yaml.safe_load(text) or {})
-        return RunSpec.model_validate_json(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if overrides and isinstance(data, dict):
+            for key, value in overrides.items():
+                old = data.get(key)
+                data[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) \
+                    else value
+        return RunSpec.model_validate(data)
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors())
         raise SpecError(f"invalid spec {p.name}: {problems}", param=param) from exc
-    except ValueError as exc:  # YAML errors
+    except ValueError as exc:  # YAML and JSON syntax errors
         raise SpecError(f"invalid spec {p.name}: {exc}", param="spec") from exc
 
 
@@ -114,8 +126,11 @@ def format_event(type_: str, fields: dict[str, Any]) -> str | None:
     if type_ == "progress":
         eta = f.get("eta_seconds")
         lr, tps = f.get("learning_rate") or 0, f.get("tokens_per_second") or 0
+        dpo = (f"  margin {f['reward_margin']:.3f}  acc {f['reward_accuracy']:.2f}"
+               if f.get("reward_margin") is not None and f.get("reward_accuracy") is not None
+               else "")
         return (f"step {f['step']}/{f['total_steps']}  loss {f['loss']:.4f}  lr {lr:.2e}  "
-                f"tok/s {tps:,.0f}" + (f"  eta {eta:.0f}s" if eta is not None else ""))
+                f"tok/s {tps:,.0f}" + dpo + (f"  eta {eta:.0f}s" if eta is not None else ""))
     if type_ == "eval":
         return f"step {f['step']}  eval_loss {f['eval_loss']:.4f}"
     if type_ == "stage":
@@ -136,7 +151,8 @@ def format_event(type_: str, fields: dict[str, Any]) -> str | None:
 
 
 def train_from_file(
-    spec_path: str | os.PathLike[str], console_printer: Callable[[str], Any] = print
+    spec_path: str | os.PathLike[str], console_printer: Callable[[str], Any] = print,
+    overrides: dict[str, Any] | None = None,
 ) -> Any:  # -> PipelineResult
     """Local training from a YAML/JSON RunSpec, printing one line per event.
 
@@ -145,7 +161,7 @@ def train_from_file(
     """
     from lora_core.workflow import run
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides)
 
     def on_event(type_: str, **fields: Any) -> None:
         line = format_event(type_, fields)
@@ -197,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-file", default=None)
     v = sub.add_parser("validate-data", help="validate a training data file")
     v.add_argument("file")
-    v.add_argument("--format", default=None, choices=["alpaca", "completion", "chat", "text"])
+    v.add_argument("--format", default=None,
+                   choices=["alpaca", "completion", "chat", "text", "preference"])
     v.add_argument("--model-dir", default=None, help="count tokens with this model's tokenizer")
     t = sub.add_parser("train", help="train locally from a YAML/JSON RunSpec")
     t.add_argument("spec")

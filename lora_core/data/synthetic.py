@@ -10,6 +10,13 @@ by the sequence, not by the word), so exact-match accuracy measures the learnt r
 
 `evaluate_exact_match` greedily generates a response per example and compares it, stripped,
 with the expected output; the random-init base scores ~0.
+
+Preference pairs (method "dpo"), `make_preference_pairs`: OpenAI's preference records for the
+animal task, `{"input": {"messages": [user: "Name the animal in the list: red fox tree"]},
+"preferred_output": [assistant: "fox"], "non_preferred_output": [assistant: "tree"]}`: the
+preferred answer follows the rule, the rejected one is another word of the same list.
+`preference_accuracy` is the fraction of pairs whose preferred answer the model gives the higher
+log-probability; a random-init base is near 0.5 (it prefers no word for the right reason).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ __all__ = [
     "make_examples",
     "write_demo_files",
     "evaluate_exact_match",
+    "make_preference_pairs",
+    "completion_logps",
+    "preference_accuracy",
 ]
 
 # From lora_core/assets/corpus.txt (colours, animals, things): the tiny tokenizer knows them.
@@ -143,3 +153,72 @@ def evaluate_exact_match(
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         hits += int(text.strip() == ex["completion"].strip())
     return hits / max(1, len(examples))
+
+
+PREFERENCE_PROMPT = "Name the animal in the list: {words}"
+
+
+def make_preference_pairs(
+    n: int, *, seed: int = 0, exclude: set[str] | None = None, words: int = 3,
+    token_count: Callable[[str], int] | None = None,
+) -> list[dict[str, Any]]:
+    """`n` preference records with distinct word lists (those in `exclude` skipped: a held-out
+    split); see the module docstring.
+
+    `token_count(word)`: the rejected word is one with as many tokens as the animal, so that
+    a model's ranking is not decided by length (each token costs a random-init model ~ln V
+    nats: without this the base "prefers" the shorter word, not nothing)."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        listed, animal = _one_animal(rng, words)
+        text = " ".join(listed)
+        others = [w for w in listed if w != animal and (
+            token_count is None or token_count(w) == token_count(animal))]
+        if text in seen or not others:
+            continue
+        seen.add(text)
+        wrong = rng.choice(others)
+        out.append({
+            "input": {"messages": [{"role": "user",
+                                    "content": PREFERENCE_PROMPT.format(words=text)}]},
+            "preferred_output": [{"role": "assistant", "content": animal}],
+            "non_preferred_output": [{"role": "assistant", "content": wrong}],
+        })
+    return out
+
+
+def completion_logps(model: Any, tokenizer: Any, prompt: list[dict[str, str]],
+                     completions: list[list[dict[str, str]]]) -> list[float]:
+    """log p(completion | prompt) of each completion, summed over its tokens, rendered as TRL's
+    DPO renders a pair: the chat template with the generation prompt, then the rest. One
+    right-padded batch."""
+    import torch
+
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+    rows = [tokenizer.apply_chat_template(prompt + c, tokenize=True, return_dict=False)
+            for c in completions]
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+    keep = mask[:, 1:].clone()
+    keep[:, :len(prompt_ids) - 1] = 0  # position t predicts token t+1: completion tokens only
+    return (logp * keep).sum(dim=1).tolist()
+
+
+def preference_accuracy(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> float:
+    """Fraction of preference records whose preferred output the model scores higher."""
+    model.eval()
+    hits = 0
+    for r in records:
+        chosen, rejected = completion_logps(model, tokenizer, r["input"]["messages"],
+                                            [r["preferred_output"], r["non_preferred_output"]])
+        hits += int(chosen > rejected)
+    return hits / max(1, len(records))

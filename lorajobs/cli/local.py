@@ -29,7 +29,8 @@ def make_tiny_model(
 
 def validate_data(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL or JSON list"),
-    format: str | None = typer.Option(None, "--format", help="alpaca|completion|chat|text"),
+    format: str | None = typer.Option(None, "--format",
+                                      help="alpaca|completion|chat|text|preference"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Validate every line of a training file and print a report."""
@@ -47,12 +48,22 @@ def validate_data(
         raise typer.Exit(1)
 
 
-def train(spec: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                      help="RunSpec as YAML or JSON")) -> None:
+def train(
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="RunSpec as YAML or JSON"),
+    method: str | None = typer.Option(
+        None, "--method", help="sft | dpo (over the spec's `method`; dpo trains on preference "
+        "data)"),
+    beta: float | None = typer.Option(None, "--beta", help="DPO beta (over the spec's dpo.beta)"),
+) -> None:
     """Run the whole workflow locally: validate, train, merge, verify."""
     from lora_core.child_process import train_from_file
 
-    result = train_from_file(spec, lambda line: console.print(line, markup=False))
+    overrides: dict[str, object] = {}
+    if method is not None:
+        overrides["method"] = method
+    if beta is not None:
+        overrides["dpo"] = {"beta": beta}
+    result = train_from_file(spec, lambda line: console.print(line, markup=False), overrides)
     console.print(f"{result.status} at step {result.global_step}: "
                   f"train_loss={result.metrics.get('train_loss')} "
                   f"eval_loss={result.metrics.get('eval_loss')}")
