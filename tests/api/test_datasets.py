@@ -180,3 +180,18 @@ def test_format_field_after_the_file_and_malformed_bodies(api: Api) -> None:
                                headers={**api.h("alice"), "Content-Type": content_type})
         assert resp.status_code == 422, (content[:60], resp.text)
     assert _staged_and_stored(api) == []
+
+
+def test_preference_file_is_detected_and_its_bad_lines_named(api: Api) -> None:
+    """OpenAI's DPO format (method "dpo"), validated at upload like the others."""
+    from lora_core.data.synthetic import make_preference_pairs
+
+    pairs: list = make_preference_pairs(4, seed=0)
+    ok = api.upload("alice", jsonl(pairs))
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["format"] == "preference" and ok.json()["num_examples"] == 4
+    pairs[2] = {**pairs[2], "non_preferred_output": [{"role": "user", "content": "x"}]}
+    bad = api.upload("alice", jsonl(pairs), fmt="preference")
+    assert bad.status_code == 422
+    assert [(e["line"], e["field"]) for e in bad.json()["errors"]] == [
+        (3, "non_preferred_output"), (3, "non_preferred_output[0].role")]
