@@ -15,13 +15,13 @@ tensor `<module>.weight`; `base_model.model.<name>` without lora_A/B (modules_to
 the base tensor `<name>`. Every adapter key must be consumed, else MergeError.
 
 The output is built in a hidden sibling directory and renamed at the end: a failed or
-unverified merge leaves nothing at `out_dir`.
+unverified merge leaves nothing at `out_dir`. Verification (verify.py) streams too: one decoder
+layer in memory at a time.
 """
 
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import math
 import os
@@ -42,7 +42,6 @@ __all__ = [
     "MergeResult",
     "merge_adapter",
     "merge_with_peft",
-    "verify_merge",
     "parse_size",
     "default_tolerance",
     "COPIED_FILES",
@@ -60,11 +59,6 @@ COPIED_FILES = (
 # differs (~1e-6 seen). bf16/fp16: the merged weight is rounded once (half an ulp, ~2e-3
 # relative) where the unmerged model adds BA in higher precision.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
-# Verify in fp32 up to this many parameters (4 bytes each, one model loaded at a time);
-# larger models are verified in their own dtype so the check fits in memory.
-VERIFY_FP32_MAX_PARAMS = 1_000_000_000
-PROBE_SHAPE = (2, 16)  # probe batch: 2 rows x 16 tokens, deterministic ids
-PROBE_STRIDE = 7919  # a prime: spreads probe ids across the vocabulary
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 COPY_CHUNK_BYTES = 64 * 2**20  # per copy_file_range call / fallback read
 # copy_file_range refused for reasons a plain read/write avoids (cross-fs, unsupported fs).
@@ -376,85 +370,6 @@ def _copy_side_files(base_dir: Path, out: Path) -> None:
             shutil.copy2(base_dir / fname, out / fname)
 
 
-# ---------------------------------------------------------------- verification
-
-
-def _probe_ids(vocab_size: int, probe_tokens: list[list[int]] | None) -> torch.Tensor:
-    """(batch, seq) token ids: the caller's, or a fixed spread over the vocabulary."""
-    if probe_tokens is not None:
-        return torch.tensor(probe_tokens, dtype=torch.long)
-    n = PROBE_SHAPE[0] * PROBE_SHAPE[1]
-    return (torch.arange(1, n + 1) * PROBE_STRIDE % vocab_size).reshape(PROBE_SHAPE)
-
-
-@torch.no_grad()
-def _logits(
-    model_dir: Path, dtype: torch.dtype, ids: torch.Tensor, adapter_dir: Path | None
-) -> torch.Tensor:
-    """Logits (batch, seq, vocab) in fp32 of a model (+ adapter) loaded on CPU, then freed."""
-    from transformers import AutoModelForCausalLM
-
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
-    )
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    logits = model.eval()(input_ids=ids).logits.float()
-    del model
-    gc.collect()
-    return logits
-
-
-def verify_merge(
-    base_dir: str | os.PathLike[str],
-    adapter_dir: str | os.PathLike[str],
-    merged_dir: str | os.PathLike[str],
-    probe_tokens: list[list[int]] | None = None,
-) -> float:
-    """Max |logits(merged) - logits(base + adapter via PEFT)| on a fixed probe batch.
-
-    One model in memory at a time; fp32 up to VERIFY_FP32_MAX_PARAMS, else the base dtype.
-    """
-    _unset_zero3()
-    info = inspect_model_dir(base_dir)
-    name = info.dtype if info.num_parameters > VERIFY_FP32_MAX_PARAMS else "float32"
-    dtype = getattr(torch, name or "float32")
-    ids = _probe_ids(int(info.config.get("vocab_size", 2)), probe_tokens)
-    return _compare_logits(base_dir, adapter_dir, merged_dir, dtype, ids)[0]
-
-
-def _compare_logits(base_dir: Any, adapter_dir: Any, merged_dir: Any, dtype: torch.dtype,
-                    ids: torch.Tensor) -> tuple[float, float]:
-    """(max |merged - reference|, max |reference|) over the probe batch's logits."""
-    merged = _logits(Path(merged_dir), dtype, ids, None)
-    reference = _logits(Path(base_dir), dtype, ids, Path(adapter_dir))
-    return (merged - reference).abs().max().item(), reference.abs().max().item()
-
-
-def _verify(base: Path, adapter_dir: Any, merged_dir: Path, probe_tokens: Any,
-            tolerance: float | None) -> float:
-    """Compare logits; over `tolerance x max(1, max|logits|)` raises MergeError.
-
-    Relative, because fp32 rounding of W + s·BA vs Wx + s·B(Ax) grows with the logits'
-    magnitude: a confident fine-tuned model (|logits| ~ 30) differs by ~1e-3 in fp32 while a
-    broken merge (wrong scaling or module) differs by O(|logits|).
-    """
-    _unset_zero3()
-    info = inspect_model_dir(base)
-    name = info.dtype if info.num_parameters > VERIFY_FP32_MAX_PARAMS else "float32"
-    dtype = getattr(torch, name or "float32")
-    ids = _probe_ids(int(info.config.get("vocab_size", 2)), probe_tokens)
-    diff, scale = _compare_logits(base, adapter_dir, merged_dir, dtype, ids)
-    limit = (tolerance if tolerance is not None else default_tolerance(info.dtype)) * max(
-        1.0, scale)
-    if not diff <= limit:  # also catches NaN
-        raise MergeError(f"merged logits differ by {diff:.3g} > tolerance {limit:.3g} "
-                         f"(max |logits| {scale:.3g})")
-    return diff
-
-
 # ---------------------------------------------------------------- public entry points
 
 
@@ -492,7 +407,9 @@ def merge_adapter(
         _copy_side_files(base, tmp)
         diff = None
         if verify:
-            diff = _verify(base, adapter_dir, tmp, probe_tokens, tolerance)
+            from lora_core.merging.verify import check_merge  # imports this module
+
+            diff = check_merge(base, Path(adapter_dir), tmp, probe_tokens, tolerance)
         files = write_manifest(tmp)["files"]
         _replace_dir(tmp, out)
     except OSError as exc:
