@@ -39,7 +39,7 @@ from tests.client.live import REAL_TRAINING, alpaca_records
 from tests.s3fixtures import S3Target
 from tests.servicefixtures import LiveService, wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.timeout(600)]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
