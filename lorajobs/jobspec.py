@@ -8,8 +8,9 @@ pydantic and `lora_core.spec`, both torch- and SQL-free, so the client-only inst
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_core.evaluation.spec import EvaluationSpec
 from lora_core.spec import DistributedSpec, LoraSpec, MergeMode, TrainingSpec
 
 __all__ = ["JobRequest", "MAX_METADATA_KEYS", "MAX_METADATA_KEY_CHARS",
@@ -34,6 +35,17 @@ class JobRequest(BaseModel):
     merge: MergeMode = "final"
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
+    # graded generations, best checkpoint, early stopping (lora_core.evaluation.spec);
+    # `evaluation.file` is a dataset id, the validation file by default
+    evaluation: EvaluationSpec | None = None
+
+    @model_validator(mode="after")
+    def _evaluation_has_prompts(self) -> JobRequest:
+        ev = self.evaluation
+        if ev is not None and ev.file is None and self.validation_file is None:
+            raise ValueError("evaluation needs held-out prompts: set validation_file or "
+                             "evaluation.file (a dataset id)")
+        return self
 
     @field_validator("metadata")
     @classmethod

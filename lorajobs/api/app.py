@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from lorajobs.api import openai_compat, openai_webhooks
+from lorajobs.api import openai_compat, openai_graders, openai_webhooks
 from lorajobs.api.auth import LOOKUPS_IN_FLIGHT, AuthMiddleware
 from lorajobs.api.errors import document_error_responses, install_error_handlers
 from lorajobs.api.limits import (
@@ -41,6 +41,7 @@ from lorajobs.api.routes import (
     artifacts,
     checkpoints,
     datasets,
+    evaluations,
     events,
     health,
     jobs,
@@ -59,7 +60,7 @@ from lorajobs.core.storage import get_store
 __all__ = ["create_app"]
 
 ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           usage, webhooks, openai_compat, openai_webhooks, ui)
+           usage, webhooks, evaluations, openai_compat, openai_graders, openai_webhooks, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

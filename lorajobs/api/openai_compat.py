@@ -51,6 +51,7 @@ from lorajobs.api.schemas import MAX_EVENT_ID, MAX_STEP
 from lorajobs.api.uploads import receive_upload
 from lorajobs.core import datasets, jobs, submit
 from lorajobs.core.errors import InvalidRequest, NotFound
+from lorajobs.core.evaluations import scores_by_step
 from lorajobs.core.tables import Job, JobEvent, JobMetric, JobStatus
 from lorajobs.jobspec import MAX_METADATA_KEYS
 
@@ -390,7 +391,9 @@ def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, principal: Pr
         before = int(step)
     rows, has_more = queries.list_checkpoints(session, job_id=job_id, after=before,
                                               limit=limit, newest_first=True)
-    data = [checkpoint_object(job, c, f"{CHECKPOINT_PREFIX}{job.id}-{c.step}") for c in rows]
+    scores = scores_by_step(session, job.id)  # graders' scores in `metrics` (issue 14)
+    data = [checkpoint_object(job, c, f"{CHECKPOINT_PREFIX}{job.id}-{c.step}",
+                              scores=scores.get(c.step)) for c in rows]
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}

@@ -125,7 +125,9 @@ def checkpoint_model_name(job: Job, step: int) -> str:
     return f"ft:{job.base_model}:{job.suffix or 'lorajobs'}:{job.id}:ckpt-step-{step}"
 
 
-def checkpoint_object(job: Job, row: Checkpoint, object_id: str) -> dict[str, Any]:
+def checkpoint_object(job: Job, row: Checkpoint, object_id: str,
+                      scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`scores`: the step's grader scores (lorajobs.core.evaluations), under metrics.scores."""
     metrics = row.metrics or {}
     valid = metrics.get("eval_loss")
     return {"object": "fine_tuning.job.checkpoint", "id": object_id,
@@ -134,5 +136,6 @@ def checkpoint_object(job: Job, row: Checkpoint, object_id: str) -> dict[str, An
             "metrics": {"step": row.step, "train_loss": metrics.get("train_loss"),
                         "train_mean_token_accuracy": None, "valid_loss": valid,
                         "valid_mean_token_accuracy": None, "full_valid_loss": valid,
-                        "full_valid_mean_token_accuracy": None},
+                        "full_valid_mean_token_accuracy": None,
+                        **({"scores": scores} if scores else {})},
             "step_number": row.step}

@@ -10,6 +10,7 @@ import typer
 import yaml
 
 from lorajobs.cli.errors import UserError, dataset_problems, spec_problems
+from lorajobs.cli.evaluations import print_scores, samples
 from lorajobs.cli.output import console, print_json
 from lorajobs.client import Client, Event, Job
 
@@ -180,6 +181,8 @@ def jobs_show(job_id: str, url: str | None = URL, api_key: str | None = KEY,
         return print_json(job)
     console.print(f"[bold]{job.id}[/]  {_progress_line(job)}  attempt {job.attempt}")
     console.print_json(data=job.model_dump(mode="json"))
+    with _client(url, api_key) as client:  # graded generations, if the job has them
+        print_scores(client, job.id, job.metrics or {})
 
 
 def logs(job_id: str, follow: bool = typer.Option(False, "-f", "--follow"),
@@ -385,6 +388,7 @@ def register(app: typer.Typer) -> None:
     app.command("resume")(resume)
     app.command("download")(download)
     app.command("plot")(plot)
+    app.command("samples")(samples)
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(datasets_app, name="datasets")
     app.add_typer(models_app, name="models")

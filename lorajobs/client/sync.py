@@ -312,6 +312,24 @@ class _Jobs(_Resource):
         return [Checkpoint.model_validate(c) for c in self._c.paginate(
             f"/v1/jobs/{job_id}/checkpoints", limit=LIST_PAGE)]
 
+    def evaluations(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The score curve: [{step, scores: {grader: mean}}], step 0 = the base model."""
+        data: builtins.list[dict[str, Any]] = self._c.get_json(
+            f"/v1/jobs/{job_id}/evaluations")["data"]
+        return data
+
+    def samples(self, job_id: str, step: int | None = None) -> dict[str, Any]:
+        """{step, scores, base_scores, samples: [{prompt, reference, base_output, output,
+        scores}]} of `step` (default: the job's best step, else its last evaluated one)."""
+        if step is None:
+            job = self._c.get_json(f"/v1/jobs/{job_id}")
+            best = (job.get("metrics") or {}).get("best_step")
+            steps = [e["step"] for e in self.evaluations(job_id)]
+            step = best if best is not None else (steps[-1] if steps else 0)
+        result: dict[str, Any] = self._c.get_json(
+            f"/v1/jobs/{job_id}/checkpoints/{step}/samples")
+        return result
+
     def artifacts(self, job_id: str) -> builtins.list[Artifact]:
         return [Artifact.model_validate(a) for a in self._c.paginate(
             f"/v1/jobs/{job_id}/artifacts", limit=LIST_PAGE)]

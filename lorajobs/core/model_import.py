@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.model_files.headers import PICKLE_SUFFIXES
-from lorajobs.core.errors import InvalidRequest, PayloadTooLarge, StorageUnavailable
+from lorajobs.core.errors import InvalidRequest, PayloadTooLarge
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, private_dir
 
@@ -42,6 +42,7 @@ HF_ALLOW_PATTERNS = [f"*{suffix}" for suffix in ALLOWED_SUFFIXES]
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_FILES = 1000  # a 400B model in 5 GB shards is ~200 files
 S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,62})/?(.*)$")
+HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
@@ -124,6 +125,15 @@ def _flat_names(members: list[tarfile.TarInfo]) -> list[str]:
     return flat
 
 
+def _unavailable(message: str, param: str) -> InvalidRequest:
+    """The source the request names cannot be read now (unreachable, failing, not cached
+    offline): 422 naming the field, like any source we cannot use. Not a 503: that status
+    says *our* store is down, and this server is healthy; the client decides whether to retry
+    (the message says it may be transient)."""
+    return InvalidRequest(f"{message}; it may be temporary: retry later or use another source",
+                          param=param, code="model_source_unavailable")
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket/prefix` -> (bucket, prefix without trailing '/')."""
     match = S3_URL.match(url) if isinstance(url, str) else None
@@ -157,11 +167,9 @@ def fetch_s3(settings: Settings, url: str, dest: Path) -> str:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "AccessDenied", "403", "404", "NoSuchKey"):
             raise InvalidRequest(f"cannot read {url}: {code}", param="source.s3") from exc
-        raise StorageUnavailable(f"the S3 source {url} failed: {exc}", param="source.s3",
-                                 code="model_source_unavailable") from exc
+        raise _unavailable(f"the S3 source {url} failed: {exc}", "source.s3") from exc
     except BotoCoreError as exc:
-        raise StorageUnavailable(f"the S3 source {url} is unreachable: {exc}",
-                                 param="source.s3", code="model_source_unavailable") from exc
+        raise _unavailable(f"the S3 source {url} is unreachable: {exc}", "source.s3") from exc
     return url
 
 
@@ -196,14 +204,19 @@ def fetch_hf(settings: Settings, repo: str, revision: str | None, dest: Path) ->
         DryRunError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    if not isinstance(repo, str) or not HF_REPO.match(repo) or ".." in repo:
+    if (not isinstance(repo, str) or not HF_REPO.match(repo) or ".." in repo or "--" in repo
+            or any(part[-1] in ".-" for part in repo.split("/"))):
         raise InvalidRequest(f"invalid Hugging Face repo id {repo!r}: 'org/name'",
                              param="source.hf_repo")
+    if revision is not None and (not HF_REVISION.match(revision) or ".." in revision):
+        raise InvalidRequest(f"invalid revision {revision!r}: a branch, tag or commit",
+                             param="source.revision")
     where = f"hf://{repo}@{revision or 'main'}"
     try:
         try:  # sizes first (one tree listing): refuse an oversized repo before downloading
@@ -219,14 +232,14 @@ def fetch_hf(settings: Settings, repo: str, revision: str | None, dest: Path) ->
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise InvalidRequest(f"{where}: no such repository, or it needs a token this server "
                              "lacks", param="source.hf_repo", code="model_not_found") from exc
+    except HFValidationError as exc:  # what our patterns let through and the client refuses
+        raise InvalidRequest(f"{where}: {exc}", param="source.hf_repo") from exc
     except RevisionNotFoundError as exc:
         raise InvalidRequest(f"{where}: no such revision", param="source.revision",
                              code="model_not_found") from exc
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise StorageUnavailable(f"{where}: the hub is unreachable and the snapshot is not "
-                                 f"in the local cache ({type(exc).__name__})",
-                                 param="source.hf_repo",
-                                 code="model_source_unavailable") from exc
+        raise _unavailable(f"{where}: the hub is unreachable and the snapshot is not in the "
+                           f"local cache ({type(exc).__name__})", "source.hf_repo") from exc
     files = [(p.name, p.stat().st_size) for p in snapshot.iterdir() if p.is_file()]
     for name in _select(iter(files), settings.max_model_bytes, where):
         (dest / name).symlink_to((snapshot / name).resolve())

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # kept checkpoint + the final one): each merged model is a full copy of the base weights.
     max_checkpoints_per_job: int = Field(100, ge=1)
     max_merges_per_job: int = Field(8, ge=1)
+    # Graded generations (`evaluation` in a job, lora_core.evaluation): per evaluation at most
+    # this many prompts and new tokens each; they run in the job's own time at every checkpoint.
+    evaluation_max_samples: int = Field(256, ge=1)
+    evaluation_max_new_tokens: int = Field(256, ge=1)
     # Wall time of one attempt; then the trainer is stopped (it checkpoints) and the job fails
     # with `max_runtime_exceeded` (not retried). 72 h.
     max_job_runtime_seconds: float = Field(72 * 3600, gt=0)

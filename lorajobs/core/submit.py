@@ -36,6 +36,7 @@ from lorajobs.core import jobs, tokencounts
 from lorajobs.core.bounds import JobShape, check_job_bounds, spread_checkpoints
 from lorajobs.core.datasets import get_dataset
 from lorajobs.core.errors import InvalidRequest, LimitExceeded, NotFound
+from lorajobs.core.evaluations import check_evaluation_bounds
 from lorajobs.core.registry import get_model, inspect_registered
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore
@@ -234,6 +235,10 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
     count = inputs.token_count
     if request.validation_file is not None:
         _tenant_dataset(session, tenant_id, request.validation_file, "validation_file")
+    if request.evaluation is not None:
+        if request.evaluation.file is not None:
+            _tenant_dataset(session, tenant_id, request.evaluation.file, "evaluation.file")
+        check_evaluation_bounds(request.evaluation, settings)
     info = inspect_registered(settings, model)
     try:
         targets = validate_lora_spec(request.lora, info)

@@ -261,6 +261,22 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobEvaluation(Base):
+    """Graded generations of one step (0: the base model): `scores` {grader: mean} (+
+    valid_loss), `samples` [{index, prompt, reference, base_output, output, scores}]
+    (lorajobs/core/evaluations.py writes them; migration 0009)."""
+
+    __tablename__ = "job_evaluations"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_evaluations_step"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    samples: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Artifact(Base):
     """One downloadable file with its size and sha256. `kind`: adapter | merged | manifest | ..."""
 

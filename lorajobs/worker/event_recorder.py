@@ -35,6 +35,7 @@ from lora_core.events import (
     CheckpointEvent,
     ErrorEvent,
     EvalEvent,
+    EvaluationEvent,
     FinishedEvent,
     JobError,
     MergedEvent,
@@ -45,7 +46,7 @@ from lora_core.events import (
     TrainerEvent,
     WarningEvent,
 )
-from lorajobs.core import jobs, tokencounts
+from lorajobs.core import evaluations, jobs, tokencounts
 from lorajobs.core.tables import Artifact, Job, JobMetric, JobStatus, new_id
 
 __all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for",
@@ -183,6 +184,8 @@ class EventRecorder:
                         progress = self._on_progress(session, event)
                     case EvalEvent():
                         self._on_eval(session, event)
+                    case EvaluationEvent():  # graded generations (issue 14)
+                        evaluations.record(session, self.job_id, event, self._metrics)
                     case StageEvent():
                         stage = event.stage
                     case StartedEvent():

@@ -134,6 +134,20 @@ def _dataset_file(session: Session, settings: Settings, store: ArtifactStore, da
                            param=param) from exc
 
 
+def _evaluation(session: Session, settings: Settings, store: ArtifactStore, job: Job,
+                evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's `evaluation` with its `file` (a dataset id of the job's tenant) as a
+    node-local path."""
+    if not evaluation or not evaluation.get("file"):
+        return evaluation
+    dataset = session.get(Dataset, evaluation["file"])
+    if dataset is None or dataset.tenant_id != job.tenant_id:
+        raise PrepareError("dataset_missing", f"dataset {evaluation['file']} no longer exists",
+                           param="evaluation.file", user_fault=True)
+    _, path = _dataset_file(session, settings, store, dataset.id, "evaluation.file")
+    return {**evaluation, "file": str(path)}
+
+
 def build_run_spec(session: Session, job: Job, settings: Settings, store: ArtifactStore,
                    paths: RunPaths) -> tuple[RunSpec, RegisteredModel, Dataset]:
     """Resolve names to node-local paths (fetching inputs from the store) and validate;
@@ -150,13 +164,14 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: Artifa
         _, validation_file = _dataset_file(session, settings, store, job.validation_file,
                                            "validation_file")
     spec: dict[str, Any] = job.spec or {}
+    evaluation = _evaluation(session, settings, store, job, spec.get("evaluation"))
     try:
         run_spec = RunSpec.model_validate({
             "model_dir": model_dir, "train_file": train_file, "validation_file": validation_file,
             "data_format": dataset.format, "output_dir": paths.run_dir,
             "lora": spec.get("lora") or {}, "training": spec.get("training") or {},
             "distributed": spec.get("distributed") or {}, "merge": spec.get("merge") or "final",
-            "resume": True,
+            "resume": True, **({"evaluation": evaluation} if evaluation is not None else {}),
         })
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors())

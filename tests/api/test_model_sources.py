@@ -135,6 +135,9 @@ def test_hf_source_through_the_hub_client_then_offline(
         assert pinned.status_code == 201 and pinned.json()["revision"] == commit
         assert hub.file_gets() == fetched  # the hub client's cache: nothing fetched again
         for name, src, param in [("a", {"hf_repo": "org/nope"}, "source.hf_repo"),
+                                 ("c", {"hf_repo": "org/ends-."}, "source.hf_repo"),
+                                 ("d", {"hf_repo": "org/tiny", "revision": "../../x"},
+                                  "source.revision"),
                                  ("b", {"hf_repo": "org/tiny", "revision": "v9"},
                                   "source.revision")]:
             resp = register(name, **src)
@@ -152,8 +155,9 @@ def test_hf_source_through_the_hub_client_then_offline(
         assert offline.status_code == 201, offline.text
         assert offline.json()["content_sha256"] == body["content_sha256"]
         uncached = register("hub-uncached", hf_repo="org/other")
-        assert uncached.status_code == 503
+        assert uncached.status_code == 422
         assert uncached.json()["error"]["code"] == "model_source_unavailable"
+        assert uncached.json()["error"]["param"] == "source.hf_repo"
         names = [m["name"] for m in httpx.get(f"{base}/v1/models", headers=admin).json()["data"]]
         assert sorted(names) == ["hub-offline", "hub-pinned", "hub-tiny"]
         staging = service.settings.resolved_model_staging_dir

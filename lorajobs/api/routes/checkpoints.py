@@ -16,6 +16,7 @@ from lorajobs.api.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
 )
+from lorajobs.core.evaluations import with_scores
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
@@ -41,10 +42,11 @@ def list_checkpoints(job_id: str, session: SessionDep, principal: PrincipalDep,
         return ArtifactSet(files=found, url=f"/v1/jobs/{job_id}/{kind}?step={step}") \
             if found else None
 
+    metrics = with_scores(session, job_id, rows)  # + graded-generation scores (issue 14)
     return CheckpointsPublic(data=[
         CheckpointPublic(step=c.step, resumable=c.resumable,
                          adapter=artifact_set("adapter", c.step),
-                         merged=artifact_set("merged", c.step), metrics=c.metrics or {},
+                         merged=artifact_set("merged", c.step), metrics=metrics[c.step],
                          created_at=c.created_at)
         for c in rows
     ], has_more=has_more, next_cursor=rows[-1].step if rows else after)

@@ -6,7 +6,7 @@
 - JSON `{"name", "source": {"s3": ...} | {"hf_repo", "revision"}}`: fetched on a worker
   thread (the event loop never waits on it), at most max_concurrent_model_fetches at once
   (else 429), answered 503 after model_fetch_timeout_seconds (the fetch is then abandoned:
-  it stores nothing and registers nothing);
+  it stores nothing and registers nothing); a source that cannot be read is a 422 naming it;
 - JSON `{"name", "path"}`: a directory under the model root (the embedded default).
 Synchronous in every case: 201 means the model is in the store and jobs may name it.
 """
@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep, StoreDep
+from lorajobs.api.errors import ErrorResponse
 from lorajobs.api.model_uploads import receive_model_upload
 from lorajobs.api.schemas import ModelCreate, ModelPublic, ModelsPublic
 from lorajobs.core import model_import, registry
@@ -57,7 +58,8 @@ def get_model(name: str, session: SessionDep, _: PrincipalDep) -> ModelPublic:
 
 
 @router.post("", status_code=201, response_model=ModelPublic, openapi_extra=_REGISTER_BODY,
-             responses={201: {"model": ModelPublic}})
+             responses={429: {"model": ErrorResponse, "description": "max_concurrent_model_"
+                              "fetches registrations are fetching (model_fetches_busy)"}})
 async def register_model(request: Request, settings: SettingsDep, store: StoreDep,
                          _: AdminDep) -> ModelPublic:
     """Register a base model: upload its files, or copy them from s3:// or a hub (admin)."""
