@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(8, ge=1, le=64)
     # Endpoints one tenant may register.
     webhook_max_endpoints_per_tenant: int = Field(16, ge=1)
+    # Delivered and failed deliveries (with their attempts) are deleted this long after they
+    # finished (the sender sweeps hourly); pending ones are never.
+    webhook_retention_seconds: float = Field(30 * 24 * 3600, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

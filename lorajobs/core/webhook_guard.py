@@ -6,8 +6,8 @@ link-local such as the cloud metadata address 169.254.169.254, multicast, reserv
 unspecified, CGNAT, IPv4-mapped forms of these ...), unless
 `settings.webhook_allow_private_addresses` (a lab network, the tests' loopback receiver).
 It is checked at registration and again before every attempt, because DNS can change, and the
-attempt then connects to the address that was checked (`Target.address`), not to a second
-lookup's answer (DNS rebinding). `https` only, unless `settings.webhook_allow_http`; no
+attempt then connects to the addresses that were checked (`Target.addresses`, in order), not
+to a second lookup's answer (DNS rebinding). `https` only, unless `settings.webhook_allow_http`; no
 credentials in the URL (they would be logged and shown to every key of the tenant).
 """
 
@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 from lorajobs.core.errors import InvalidRequest
 from lorajobs.core.settings import Settings
 
-__all__ = ["UnsafeURL", "Target", "check_url", "resolve_target", "connect_host", "host_header",
-           "reason_text", "MAX_URL_LENGTH"]
+__all__ = ["UnsafeURL", "Target", "check_url", "resolve_target", "host_header", "reason_text",
+           "MAX_URL_LENGTH"]
 
 MAX_URL_LENGTH = 2048  # webhook_endpoints.url
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,7 +42,11 @@ class Target:
     scheme: str
     host: str  # as written (a name, or an address without brackets)
     port: int
-    address: str  # the checked IP address to connect to
+    addresses: tuple[str, ...]  # every address the name resolved to, all checked, in order
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
 
 
 def check_url(url: str, settings: Settings) -> tuple[str, str, int]:
@@ -112,7 +116,8 @@ def resolve_target(url: str, settings: Settings) -> Target:
                     f"url host {host!r} resolves to {address}, a {reason} address; webhooks "
                     "may only call public addresses (LORAJOBS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES)",
                     param="url")
-    return Target(url=url, scheme=scheme, host=host, port=port, address=str(addresses[0]))
+    return Target(url=url, scheme=scheme, host=host, port=port,
+                  addresses=tuple(str(a) for a in addresses))
 
 
 def _is_ip(host: str) -> bool:
@@ -123,10 +128,6 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def connect_host(target: Target) -> str:
-    """The host to put in the URL of the request: the checked address, bracketed if IPv6."""
-    address = target.address
-    return f"[{address}]" if ":" in address else address
 
 
 def host_header(target: Target) -> str:

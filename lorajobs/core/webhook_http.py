@@ -2,7 +2,8 @@
 `POST /openai/v1/webhook_endpoints/{id}/test` does once.
 
     resolve + check the URL now (webhook_guard) -> sign (webhooks.signature_header)
-    -> POST to the checked address (Host and TLS SNI: the name) -> read <= MAX_RESPONSE_BYTES
+    -> POST to a checked address (the next one if it refuses; Host and TLS SNI: the name)
+    -> read <= MAX_RESPONSE_BYTES
 
 No redirects are followed, no proxy from the environment is used (it would bypass the address
 check), connect and read timeouts come from the settings; the result never raises.
@@ -14,19 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import httpx
 
 from lorajobs.core import webhooks
 from lorajobs.core.settings import Settings
 from lorajobs.core.tables import WebhookEndpoint, utcnow
-from lorajobs.core.webhook_guard import (
-    UnsafeURL,
-    connect_host,
-    host_header,
-    reason_text,
-    resolve_target,
-)
+from lorajobs.core.webhook_guard import UnsafeURL, host_header, reason_text, resolve_target
 
 __all__ = ["Result", "post_event", "make_client", "MAX_RESPONSE_BYTES", "EXCERPT_CHARS",
            "USER_AGENT"]
@@ -74,27 +70,38 @@ def post_event(client: httpx.Client, endpoint: WebhookEndpoint, *, event_id: str
         "webhook-signature": webhooks.signature_header(endpoint, event_id, timestamp, body,
                                                        now=utcnow()),
     }
-    url = httpx.URL(target.url).copy_with(host=connect_host(target).strip("[]"))
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     try:
-        with client.stream("POST", url, content=body, headers=headers,
-                           extensions=extensions) as response:
-            received = bytearray()
-            for chunk in response.iter_raw():
-                received += chunk
-                if len(received) >= MAX_RESPONSE_BYTES:
-                    break
-            excerpt = bytes(received[:MAX_RESPONSE_BYTES]).decode("utf-8", "replace")
-            error = None
-            if response.is_redirect:
-                error = (f"redirect not followed ({response.status_code} to "
-                         f"{response.headers.get('location', '?')[:200]})")
-            return Result(started, took(), status_code=response.status_code, error=error,
-                          excerpt=excerpt[:EXCERPT_CHARS] or None)
+        for i, address in enumerate(target.addresses):  # the next only if this one is unreachable
+            url = httpx.URL(target.url).copy_with(host=address)
+            try:
+                return _post(client, url, body, headers, extensions, started, took)
+            except httpx.ConnectError:
+                if i == len(target.addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: a Target has at least one address")
     except httpx.TimeoutException as exc:
         return Result(started, took(), error=f"timeout: {type(exc).__name__}")
     except httpx.HTTPError as exc:
         return Result(started, took(), error=reason_text(exc)[:500])
+
+
+def _post(client: httpx.Client, url: httpx.URL, body: bytes, headers: dict[str, str],
+          extensions: dict[str, Any], started: datetime, took: Callable[[], float]) -> Result:
+    with client.stream("POST", url, content=body, headers=headers,
+                       extensions=extensions) as response:
+        received = bytearray()
+        for chunk in response.iter_raw():
+            received += chunk
+            if len(received) >= MAX_RESPONSE_BYTES:
+                break
+        excerpt = bytes(received[:MAX_RESPONSE_BYTES]).decode("utf-8", "replace")
+        error = None
+        if response.is_redirect:
+            error = (f"redirect not followed ({response.status_code} to "
+                     f"{response.headers.get('location', '?')[:200]})")
+        return Result(started, took(), status_code=response.status_code, error=error,
+                      excerpt=excerpt[:EXCERPT_CHARS] or None)
 
 
 def make_client(settings: Settings, *, max_connections: int | None = None) -> httpx.Client:

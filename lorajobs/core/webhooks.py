@@ -76,6 +76,7 @@ __all__ = [
     "list_deliveries",
     "attempts_of",
     "replay",
+    "purge_finished",
     "retry_delay",
     "PENDING",
     "DELIVERED",
@@ -368,6 +369,19 @@ def replay(session: Session, *, by: ApiKey, endpoint_id: str,
     session.add(row)
     session.flush()
     return row
+
+
+def purge_finished(session: Session, *, before: datetime) -> int:
+    """Delete delivered and failed deliveries that finished before `before`, with their
+    attempts (retention; pending ones are kept whatever their age). Commits. Returns how many."""
+    done = select(WebhookDelivery.id).where(WebhookDelivery.status.in_((DELIVERED, FAILED)),
+                                            WebhookDelivery.finished_at < before)
+    ids = list(session.scalars(done))
+    if ids:
+        session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids)))
+        session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+    session.commit()
+    return len(ids)
 
 
 # --- the retry schedule ------------------------------------------------------------------

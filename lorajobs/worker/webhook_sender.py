@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 
 Clock = Callable[[], datetime]
+PURGE_SECONDS = 3600.0  # how often the loop deletes deliveries past webhook_retention_seconds
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,13 @@ def deliver_once(settings: Settings, *, now: Clock = utcnow,
             return
         result = post_event(client, endpoint, event_id=item.event_id, payload=item.payload,
                             settings=settings, now=now)
-        with sessions() as session:
-            status = record(session, item, result, settings, now=now())
+        try:
+            with sessions() as session:
+                status = record(session, item, result, settings, now=now())
+        except Exception:  # noqa: BLE001 - e.g. the endpoint deleted meanwhile (FK): the
+            # others' results are still recorded; an unrecorded one is due again
+            log.exception("webhook %s: recording attempt %d failed", item.id, item.attempts + 1)
+            return
         log.info("webhook %s (%s) to %s: attempt %d %s -> %s", item.id, item.event_id,
                  endpoint.id, item.attempts + 1, result.status_code or result.error, status)
 
@@ -160,11 +167,18 @@ def deliver_once(settings: Settings, *, now: Clock = utcnow,
 
 def run_webhook_loop(settings: Settings, stop_event: threading.Event) -> None:
     """Sweep until `stop_event`: at once again after a sweep that found work, else after
-    `webhook_poll_seconds`. Never dies on an error (a database outage: next interval)."""
+    `webhook_poll_seconds`; purge finished deliveries past retention every PURGE_SECONDS.
+    Never dies on an error (a database outage: next interval)."""
     client = make_client(settings)
+    purged_at = float("-inf")
     try:
         while not stop_event.is_set():
             try:
+                if time.monotonic() - purged_at >= PURGE_SECONDS:
+                    purged_at = time.monotonic()
+                    with get_sessionmaker(settings)() as session:
+                        webhooks.purge_finished(session, before=utcnow() - timedelta(
+                            seconds=settings.webhook_retention_seconds))
                 busy = deliver_once(settings, client=client)
             except Exception:  # noqa: BLE001 - the loop must outlive a DB outage
                 log.exception("webhook sweep failed; retrying next interval")

@@ -27,7 +27,7 @@ from lorajobs.core.tables import Job, JobStatus, WebhookAttempt, WebhookDelivery
 from lorajobs.worker.webhook_sender import MAX_RESPONSE_BYTES, deliver_once
 from tests.dbfixtures import db_settings  # noqa: F401 - the parametrized fixture
 from tests.servicefixtures import LiveService, wait_for
-from tests.webhook_receiver import Received, Receiver
+from tests.webhook_receiver import Received, Receiver, self_signed
 from tests.worker.jobfactory import make_job
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -283,3 +283,77 @@ def test_two_beats_never_send_the_same_delivery_twice(beat_service: LiveService,
              what="12 deliveries delivered")
     ids = [r.headers["webhook-id"] for r in receiver.received]
     assert len(ids) == len(set(ids)) == 12 and all(r.verified for r in receiver.received)
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(lab: Settings,
+                                                                     tmp_path: Path) -> None:
+    """The request goes to the resolved address (no second lookup), with the name as Host and
+    TLS SNI, so the receiver's certificate for "localhost" verifies; a certificate the sender
+    does not trust is an error, not a delivery."""
+    import ssl
+
+    import httpx
+
+    from lorajobs.core.webhook_http import make_client
+
+    context, cert = self_signed(tmp_path)
+    receiver = Receiver(tls=context).start()
+    try:
+        https_only = lab.model_copy(update={"webhook_allow_http": False})
+        _, receiver.secret, job_id = register(https_only, receiver.url, ["job.running"])
+        finish(https_only, job_id)
+        deliver_once(https_only)  # the default trust store: this certificate is unknown
+        (row,) = deliveries(lab)
+        assert row.status == "pending" and "CERTIFICATE_VERIFY_FAILED" in (row.last_error or "")
+        assert receiver.received == []
+        default = make_client(https_only)
+        trusting = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)),
+                                follow_redirects=False, trust_env=False, timeout=default.timeout)
+        default.close()
+        with trusting:
+            deliver_once(https_only, client=trusting, now=lambda: utcnow() + timedelta(hours=1))
+        (row,) = deliveries(lab)
+        assert row.status == "delivered", row.last_error
+        (got,) = receiver.received
+        assert got.verified and got.headers["host"] == f"localhost:{receiver.port}"
+    finally:
+        receiver.stop()
+
+
+def test_finished_deliveries_are_purged_after_retention(lab: Settings,
+                                                        receiver: Receiver) -> None:
+    _, receiver.secret, job_id = register(lab, receiver.url)
+    finish(lab, job_id)
+    deliver_once(lab)
+    pending_job = make_job(lab)
+    with get_sessionmaker(lab)() as session:
+        assert jobs.claim(session, pending_job, owner="w", lease_seconds=60)  # job.running
+        assert webhooks.purge_finished(session, before=utcnow() - timedelta(days=1)) == 0
+        assert webhooks.purge_finished(session, before=utcnow() + timedelta(days=31)) == 2
+    (left,) = deliveries(lab)
+    assert left.status == "pending" and left.job_id == pending_job
+
+
+def test_the_next_checked_address_is_tried_when_one_refuses(
+        lab: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name with two records: the first refuses connections, the second is the receiver;
+    the Host header keeps the name."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def fake(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host == "hook.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                    for ip in ("127.0.0.9", "127.0.0.1")]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr("lorajobs.core.webhook_guard.socket.getaddrinfo", fake)
+    url = f"http://hook.test:{receiver.port}/hook"
+    _, receiver.secret, job_id = register(lab, url, ["job.running"])
+    finish(lab, job_id)
+    deliver_once(lab)
+    (row,) = deliveries(lab)
+    assert row.status == "delivered", row.last_error
+    (got,) = receiver.received
+    assert got.verified and got.headers["host"] == f"hook.test:{receiver.port}"
