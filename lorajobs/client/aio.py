@@ -15,8 +15,15 @@ from lorajobs.client._retry import RETRYABLE_STATUS, RetryableStatus, retry_kwar
 from lorajobs.client.config import resolve_api_key, resolve_url
 from lorajobs.client.errors import APIConnectionError, raise_for_response
 from lorajobs.client.model_files import model_upload_files
-from lorajobs.client.sync import MODEL_TIMEOUT
-from lorajobs.client.types import Dataset, Job, Model
+from lorajobs.client.sync import (
+    LIST_PAGE,
+    MODEL_TIMEOUT,
+    download_headers,
+    finish_download,
+    safe_destination,
+    select_artifacts,
+)
+from lorajobs.client.types import Artifact, Dataset, Job, Model
 
 __all__ = ["AsyncClient"]
 
@@ -30,6 +37,9 @@ class AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                        timeout=timeout, transport=transport)
+        # presigned store URLs (a 307 from a download) go through a pool with no default
+        # headers: the API key never reaches the store's host
+        self._store_http = httpx.AsyncClient(timeout=timeout)
         self.max_retries = max_retries
 
     async def __aenter__(self) -> AsyncClient:
@@ -40,6 +50,7 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._store_http.aclose()
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -123,6 +134,57 @@ class AsyncClient:
         r = await self.request("POST", f"/v1/jobs/{job_id}/resume")
         return Job.model_validate(r.json())
 
+    async def artifacts(self, job_id: str) -> list[Artifact]:
+        out: list[Artifact] = []
+        after: str | None = None
+        while True:
+            params = {"limit": LIST_PAGE, **({"after": after} if after else {})}
+            page = (await self.request("GET", f"/v1/jobs/{job_id}/artifacts",
+                                       params=params)).json()
+            out += [Artifact.model_validate(a) for a in page["data"]]
+            if not page.get("has_more"):
+                return out
+            after = page.get("next_cursor") or page["data"][-1]["id"]
+
+    async def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
+                       step: int | None = None, kind: str | None = None) -> list[Path]:
+        """`Client.jobs.download`: file by file, resumed with Range, sha256 verified; a 307 to
+        the object store is followed without the API key."""
+        kind = kind or ("merged" if merged else "adapter")
+        wanted = select_artifacts(await self.artifacts(job_id), job_id=job_id, kind=kind,
+                                  step=step)
+        dests = [safe_destination(Path(out_dir), a.name) for a in wanted]  # before any write
+        return [await self.download_artifact(job_id, a, d)
+                for a, d in zip(wanted, dests, strict=True)]
+
+    async def download_artifact(self, job_id: str, artifact: Artifact, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        last_error: httpx.TransportError | None = None
+        for _ in range(self.max_retries + 1):
+            try:
+                await self._fetch_into(job_id, artifact, part, download_headers(part))
+                last_error = None
+                break
+            except httpx.TransportError as exc:
+                last_error = exc  # resume from what we have
+        if last_error is not None:
+            raise APIConnectionError(f"{artifact.name}: download kept failing ({last_error}); "
+                                     f"run it again to resume from {part}") from last_error
+        return finish_download(artifact, part, dest)
+
+    async def _fetch_into(self, job_id: str, artifact: Artifact, part: Path,
+                          headers: dict[str, str]) -> None:
+        async with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact.id}",
+                                     headers=headers) as r:
+            if r.status_code in (301, 302, 303, 307, 308) and "location" in r.headers:
+                location = r.headers["location"]
+            else:
+                await _write_body(r, part)
+                return
+        async with self._store_http.stream("GET", location, headers=headers) as r:
+            await _write_body(r, part)
+
     async def wait(self, job_id: str, *,
                    on_progress: Callable[[Job], Awaitable[None] | None] | None = None,
                    poll_interval: float = 1.0) -> Job:
@@ -135,3 +197,17 @@ class AsyncClient:
             if job.is_terminal:
                 return job
             await asyncio.sleep(poll_interval)
+
+
+async def _write_body(r: httpx.Response, part: Path) -> None:
+    """206 appends to the part, 200 rewrites it, 416 leaves it (already complete)."""
+    if r.status_code == 416:
+        return
+    if r.status_code >= 400:
+        await r.aread()
+        raise_for_response(r)
+    if r.status_code not in (200, 206):
+        raise APIConnectionError(f"unexpected HTTP {r.status_code} for a download")
+    with open(part, "ab" if r.status_code == 206 else "wb") as fh:
+        async for chunk in r.aiter_raw():
+            fh.write(chunk)

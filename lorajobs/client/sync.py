@@ -340,17 +340,7 @@ class _Jobs(_Resource):
         file by file, verifying each sha256. Without a final one (a cancelled job), the newest
         checkpoint's."""
         kind = kind or ("merged" if merged else "adapter")
-        arts = self.artifacts(job_id)
-        wanted = [a for a in arts if a.kind == kind and a.step == step]
-        if not wanted and step is None:
-            steps = [a.step for a in arts if a.kind == kind and a.step]
-            if steps:
-                wanted = [a for a in arts if a.kind == kind and a.step == max(steps)]
-        if not wanted:
-            from lorajobs.client.errors import NotFoundError
-
-            raise NotFoundError(404, "not_found", f"job {job_id} has no {kind} artifact"
-                                + (f" at step {step}" if step is not None else ""))
+        wanted = select_artifacts(self.artifacts(job_id), job_id=job_id, kind=kind, step=step)
         out = Path(out_dir)
         # Every name is checked before the first byte is written: a hostile or broken server
         # must not get a file outside `out` (nor half a download inside it).
@@ -368,12 +358,8 @@ class _Jobs(_Resource):
         part = dest.with_name(dest.name + ".part")
         last_error: httpx.TransportError | None = None
         for _ in range(self._c.max_retries + 1):
-            have = part.stat().st_size if part.exists() else 0
-            # identity: Range offsets and our bytes on disk must both be the file's own bytes
-            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"}
-                                                         if have else {})}
             try:
-                self._fetch_into(job_id, artifact, part, headers)
+                self._fetch_into(job_id, artifact, part, download_headers(part))
                 last_error = None
                 break
             except httpx.TransportError as exc:
@@ -381,12 +367,7 @@ class _Jobs(_Resource):
         if last_error is not None:
             raise APIConnectionError(f"{artifact.name}: download kept failing ({last_error}); "
                                      f"run it again to resume from {part}") from last_error
-        digest = _sha256(part)
-        if digest != artifact.sha256:
-            part.unlink(missing_ok=True)
-            raise ChecksumError(f"{artifact.name}: sha256 {digest} != expected {artifact.sha256}")
-        part.replace(dest)
-        return dest
+        return finish_download(artifact, part, dest)
 
     def _fetch_into(self, job_id: str, artifact: Artifact, part: Path,
                     headers: dict[str, str]) -> None:
@@ -402,6 +383,39 @@ class _Jobs(_Resource):
                 return
         with self._c._store_http.stream("GET", location, headers=headers) as r:
             _write_body(r, part)
+
+
+def select_artifacts(arts: builtins.list[Artifact], *, job_id: str, kind: str,
+                     step: int | None) -> builtins.list[Artifact]:
+    """The files of one artifact set: `kind` at `step`; with no step, the final set, else the
+    newest checkpoint's (a cancelled job). NotFoundError when there is none."""
+    wanted = [a for a in arts if a.kind == kind and a.step == step]
+    if not wanted and step is None:
+        steps = [a.step for a in arts if a.kind == kind and a.step]
+        if steps:
+            wanted = [a for a in arts if a.kind == kind and a.step == max(steps)]
+    if not wanted:
+        from lorajobs.client.errors import NotFoundError
+
+        raise NotFoundError(404, "not_found", f"job {job_id} has no {kind} artifact"
+                            + (f" at step {step}" if step is not None else ""))
+    return wanted
+
+
+def download_headers(part: Path) -> dict[str, str]:
+    """identity: Range offsets and our bytes on disk must both be the file's own bytes."""
+    have = part.stat().st_size if part.exists() else 0
+    return {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+
+
+def finish_download(artifact: Artifact, part: Path, dest: Path) -> Path:
+    """Verify the part's sha256 and rename it into place; a mismatch deletes it."""
+    digest = _sha256(part)
+    if digest != artifact.sha256:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{artifact.name}: sha256 {digest} != expected {artifact.sha256}")
+    part.replace(dest)
+    return dest
 
 
 def _write_body(r: httpx.Response, part: Path) -> None:

@@ -4,6 +4,7 @@ sends the API key to the store's host."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorajobs.client import ChecksumError, Client
+from lorajobs.client import AsyncClient, ChecksumError, Client
 from lorajobs.client.types import Artifact
 from lorajobs.core.storage import get_store
 from tests.api.conftest import Api, s3_api  # noqa: F401 - the S3-backed API fixture
@@ -37,6 +38,19 @@ class _InProcess(httpx.BaseTransport):
                                     follow_redirects=False)
         return httpx.Response(r.status_code, headers=list(r.headers.multi_items()),
                               stream=httpx.ByteStream(r.content))
+
+
+class _AsyncInProcess(httpx.AsyncBaseTransport):
+    """The same for the AsyncClient: the sync TestClient in a thread."""
+
+    def __init__(self, api: Api) -> None:
+        self.sync = _InProcess(api)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        inner = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+        r = await asyncio.to_thread(self.sync.handle_request, inner)
+        return httpx.Response(r.status_code, headers=r.headers, stream=httpx.ByteStream(r.read()))
 
 
 def _client(api: Api, who: str = "alice") -> Client:
@@ -68,6 +82,25 @@ def test_download_verified_and_resumed(s3_api: Api, tmp_path: Path) -> None:  # 
         done.parent.mkdir()
         done.with_name(done.name + ".part").write_bytes(DATA)
         assert client.jobs.download_artifact(job_id, art, done).read_bytes() == DATA
+
+
+def test_async_download_follows_either(s3_api: Api, tmp_path: Path) -> None:  # noqa: F811
+    job_id = _job_with_adapter(s3_api)
+
+    async def main() -> list[Path]:
+        async with AsyncClient("http://testserver", s3_api.keys["alice"],
+                               transport=_AsyncInProcess(s3_api), max_retries=1) as client:
+            files = await client.download(job_id, tmp_path / "out")
+            [art] = [a for a in await client.artifacts(job_id) if a.name == "adapter_config.json"]
+            get_store(s3_api.settings).put_stream(f"jobs/{job_id}/adapter/None/{art.name}",
+                                                  io.BytesIO(b"changed"))
+            with pytest.raises(ChecksumError):
+                await client.download_artifact(job_id, art, tmp_path / "bad" / art.name)
+            return files
+
+    files = asyncio.run(main())
+    assert {p.name: p.read_bytes() for p in files} == FILES
+    assert list((tmp_path / "bad").iterdir()) == []  # no file, no part
 
 
 def test_checksum_mismatch_leaves_nothing(s3_api: Api, tmp_path: Path) -> None:  # noqa: F811
