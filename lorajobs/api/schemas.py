@@ -64,8 +64,19 @@ class Progress(BaseModel):
 
 
 class JobMetricsSummary(BaseModel):
+    """Losses, and for a job with `evaluation` (lorajobs.core.evaluations): the latest and the
+    base model's grader scores, the step that is the job's result and why, early stopping."""
+
     train_loss: float | None = None
     eval_loss: float | None = None
+    scores: dict[str, float | None] | None = None
+    base_scores: dict[str, float | None] | None = None
+    best_step: int | None = None
+    best_metric: str | None = None
+    best_value: float | None = None
+    selection_reason: str | None = None
+    stopped_early: bool | None = None
+    stop_reason: str | None = None
 
 
 def fine_tuned_model_name(job: Job) -> str | None:
@@ -116,8 +127,8 @@ class JobPublic(BaseModel):
             max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
             progress=Progress(step=step, total_steps=total, epoch=raw.get("epoch"),
                               fraction=fraction, eta_seconds=raw.get("eta_seconds")),
-            metrics=JobMetricsSummary(train_loss=metrics.get("train_loss"),
-                                      eval_loss=metrics.get("eval_loss")),
+            metrics=JobMetricsSummary.model_validate(
+                {k: v for k, v in metrics.items() if k in JobMetricsSummary.model_fields}),
             error=JobError.model_validate(job.error) if job.error else None,
             created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at, base_model=job.base_model,
