@@ -4,9 +4,11 @@
     2. start the embedded service (`lorajobs serve`: API + worker + reaper, SQLite, no Redis)
     3. over HTTP: register the model, upload the bundled train/eval files, submit a job,
        follow its progress, download the adapter and the merged model (sha256-verified)
-    4. load them with PEFT / transformers: merged logits == base+adapter logits; eval loss and
-       held-out exact-match accuracy of the base vs the fine-tuned model
-    5. print a summary and stop the service
+    4. load them with PEFT / transformers: merged logits == base+adapter logits; eval loss of
+       the base vs the fine-tuned model
+    5. the exact-match curve the job graded itself (`evaluation` with a string_check grader:
+       the base at step 0, then every checkpoint; the best checkpoint is the job's result)
+    6. print a summary and stop the service
 
 The task (bundled in lora_core/assets): "Name the animal in the list. Input: road house table
 deer. Output: deer" — a random-init base cannot do it, a LoRA adapter learns it.
@@ -29,7 +31,8 @@ from lorajobs.localserver import ServerStartError, free_port, http_ok, start_ser
 
 MODEL_NAME = "tiny-llama"
 READY_TIMEOUT_S = 90
-EVAL_EXAMPLES = 100  # held-out records scored by greedy exact match
+EVAL_EXAMPLES = 100  # held-out records scored by the loss check
+EVAL_SAMPLES = 64  # held-out prompts the job's own grader scores at step 0 and each checkpoint
 # The recipe measured to learn the task on 2 CPU cores in about a minute: lm_head is a target
 # because a random-init base's output layer otherwise caps how confident the logits can get.
 DEMO_JOB: dict[str, Any] = {
@@ -46,6 +49,12 @@ DEMO_JOB: dict[str, Any] = {
                  "precision": "fp32"},
     "merge": "final",
     "suffix": "animal-demo",
+    # graded generations inside the job: greedy answers to held-out prompts, exact match
+    "evaluation": {"num_samples": EVAL_SAMPLES, "max_new_tokens": 4, "batch_size": 32,
+                   "graders": [{"type": "string_check", "name": "exact_match",
+                                "operation": "eq", "input": "{{sample.output_text}}",
+                                "reference": "{{item.reference}}"}],
+                   "select": {"metric": "exact_match", "mode": "max"}},
 }
 
 
@@ -90,12 +99,10 @@ def run_job(client: Client, train_file: Path, eval_file: Path) -> tuple[str, flo
 
 def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, eval_file: Path
              ) -> dict[str, Any]:
-    """Logits check, eval loss and exact match: base vs base+adapter vs merged."""
+    """Logits check and eval loss: base vs base+adapter vs merged."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_core.data.synthetic import evaluate_exact_match
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -111,9 +118,6 @@ def evaluate(base_dir: Path, adapter_dir: Path, merged_dir: Path, eval_file: Pat
         "max_abs_logits_diff": diff,
         "eval_loss_base": _completion_loss(base, tok, records),
         "eval_loss_tuned": _completion_loss(merged, tok, records),
-        "exact_match_base": evaluate_exact_match(base, tok, records[:30]),
-        "exact_match_tuned": evaluate_exact_match(merged, tok, records),
-        "exact_match_adapter": evaluate_exact_match(tuned, tok, records[:30]),
     }
 
 
@@ -155,13 +159,27 @@ def main(argv: list[str] | None = None) -> None:
             adapter = client.jobs.download(job_id, workdir / "adapter")
             merged = client.jobs.download(job_id, workdir / "merged", merged=True)
             metrics = client.jobs.metrics(job_id)
+            curve = client.jobs.evaluations(job_id)
+            job = client.jobs.get(job_id)
     finally:
         stop_server(proc)
     print(f"downloaded {len(adapter)} adapter files and {len(merged)} merged-model files "
           "(sha256 verified)")
     figures = evaluate(data_dir / "models" / MODEL_NAME, workdir / "adapter",
                        workdir / "merged", eval_file)
+    figures.update(_grader_figures(curve, job.metrics or {}))
     _print_summary(job_id, job_seconds, metrics, figures, workdir, time.monotonic() - t0)
+
+
+def _grader_figures(curve: list[dict[str, Any]], job_metrics: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The job's own exact-match curve (step 0 = base) and the step it chose as its result."""
+    points = [(row["step"], row["scores"].get("exact_match")) for row in curve]
+    by_step = dict(points)
+    best = job_metrics.get("best_step")
+    return {"exact_match_curve": points, "best_step": best,
+            "exact_match_base": by_step.get(0) or 0.0,
+            "exact_match_tuned": by_step.get(best) or 0.0}
 
 
 def _print_summary(job_id: str, job_seconds: float, metrics: list[Any],
@@ -174,8 +192,11 @@ def _print_summary(job_id: str, job_seconds: float, metrics: list[Any],
     print(f"job                      {job_id} ({job_seconds:.0f}s from submit to succeeded)")
     print(f"eval loss (held out)     base {f['eval_loss_base']:.3f} -> fine-tuned "
           f"{f['eval_loss_tuned']:.4f}  (job's eval curve: {', '.join(f'{e:.3f}' for e in evals)})")
-    print(f"exact match (held out)   base {f['exact_match_base']:.0%} -> fine-tuned "
-          f"{f['exact_match_tuned']:.0%} (adapter on base: {f['exact_match_adapter']:.0%})")
+    curve = ", ".join(f"{step}: {'-' if v is None else f'{v:.0%}'}"
+                      for step, v in f["exact_match_curve"])
+    print(f"exact match (job grader) base {f['exact_match_base']:.0%} -> fine-tuned "
+          f"{f['exact_match_tuned']:.0%} at step {f['best_step']} (the job's result)")
+    print(f"  curve by step          {curve}")
     print(f"merged vs base+adapter   max |logits diff| = {f['max_abs_logits_diff']:.2e}")
     print(f"adapter                  {workdir / 'adapter'}")
     print(f"merged model             {workdir / 'merged'}")
