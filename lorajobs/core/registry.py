@@ -36,6 +36,8 @@ __all__ = [
     "check_name_free",
     "register_model",
     "register_stored_model",
+    "store_model_files",
+    "insert_stored_model",
     "get_model",
     "list_models",
     "resolve_model_path",
@@ -120,15 +122,16 @@ def _insert(session: Session, row: RegisteredModel) -> None:
                        code="model_exists") from exc
 
 
-def register_stored_model(session: Session, *, name: str, staged: Path, source: str,
-                          revision: str | None, store: ArtifactStore,
-                          param: str = "files") -> RegisteredModel:
-    """Validate a staged model directory (safetensors only, headers readable), put its files
-    in the store under `models/<content_sha256>/` and insert the row; commits.
+def store_model_files(staged: Path, *, store: ArtifactStore, param: str = "files"
+                      ) -> RegisteredModel:
+    """Validate a staged model directory (safetensors only, headers readable) and put its
+    files in the store under `models/<content_sha256>/`; no database work (a model's bytes
+    move without a connection held). Returns the row to insert (`insert_stored_model`),
+    without its name, source and revision.
 
-    Nothing is stored for a model that fails validation. A Conflict on insert (the name was
-    taken meanwhile) removes the stored files unless another row shares their content."""
-    check_name_free(session, name)
+    Nothing is stored for a model that fails validation. Objects are keyed by content, so
+    bytes already stored by an earlier registration are not sent again, and a registration
+    that loses a race for its name leaves them for the next one that has the same files."""
     try:
         info = inspect_model_dir(staged)
     except ModelError as exc:
@@ -139,23 +142,32 @@ def register_stored_model(session: Session, *, name: str, staged: Path, source: 
     prefix = f"{model_import.MODELS_PREFIX}/{digest}"
     model_import.store_files(store, prefix, staged, manifest)
     by_path = {e["path"]: e["sha256"] for e in manifest}
-    row = RegisteredModel(
-        id=new_id("mdl"), name=name,
-        architecture=info.architecture or info.model_type or "unknown",
+    return RegisteredModel(
+        id=new_id("mdl"), architecture=info.architecture or info.model_type or "unknown",
         num_parameters=info.num_parameters, dtype=info.dtype or "unknown",
         linear_modules=info.linear_names, path=None,
         weights_sha256={f: by_path[f] for f in info.weight_files},
-        source=source, storage_prefix=prefix, content_sha256=digest, files=manifest,
-        revision=revision, info=_info_dict(info),
+        storage_prefix=prefix, content_sha256=digest, files=manifest, info=_info_dict(info),
     )
-    try:
-        _insert(session, row)
-    except Conflict:
-        if not session.scalar(select(RegisteredModel.id)
-                              .where(RegisteredModel.content_sha256 == digest)):
-            store.delete_prefix(prefix)
-        raise
+
+
+def insert_stored_model(session: Session, row: RegisteredModel, *, name: str, source: str,
+                        revision: str | None) -> RegisteredModel:
+    """Register what `store_model_files` stored under `name`; commits. Conflict if taken."""
+    check_name_free(session, name)
+    row.name, row.source, row.revision = name, source, revision
+    _insert(session, row)
     return row
+
+
+def register_stored_model(session: Session, *, name: str, staged: Path, source: str,
+                          revision: str | None, store: ArtifactStore,
+                          param: str = "files") -> RegisteredModel:
+    """`check_name_free`, `store_model_files`, `insert_stored_model` in one session (tests,
+    scripts; the API holds no session while the files move)."""
+    check_name_free(session, name)
+    row = store_model_files(staged, store=store, param=param)
+    return insert_stored_model(session, row, name=name, source=source, revision=revision)
 
 
 def _info_dict(info: ModelInfo) -> dict[str, Any]:

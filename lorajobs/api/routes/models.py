@@ -105,18 +105,25 @@ async def _from_upload(request: Request, settings: Settings, store: ArtifactStor
             model_dir.mkdir(mode=0o700)
             await run_in_threadpool(model_import.extract_tar, staging / "in" / received.tar,
                                     model_dir, max_bytes=settings.max_model_bytes)
-        return await run_in_threadpool(_with_session, request, _store, name, model_dir,
-                                       "upload", None, store)
+        await run_in_threadpool(_with_session, request, _check_name, name)
+        return await run_in_threadpool(_store, request, name, model_dir, "upload", None, store)
 
 
-def _store(session: Any, name: str, staged: Path, source: str, revision: str | None,
+def _store(request: Request, name: str, staged: Path, source: str, revision: str | None,
            store: ArtifactStore, cancelled: threading.Event | None = None) -> RegisteredModel:
-    if cancelled is not None and cancelled.is_set():
-        raise StorageUnavailable("the model fetch ran past its time limit",
-                                 code="model_fetch_timeout")
-    return registry.register_stored_model(session, name=name, staged=staged, source=source,
-                                          revision=revision, store=store,
-                                          param="files" if source == "upload" else "source")
+    """Validate and store the files (no session held), then insert the row (one short one).
+    An abandoned fetch (`cancelled`) stops before each of the two."""
+    def check() -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise StorageUnavailable("the model fetch ran past its time limit",
+                                     code="model_fetch_timeout")
+
+    check()
+    row = registry.store_model_files(staged, store=store,
+                                     param="files" if source == "upload" else "source")
+    check()
+    return _with_session(request, lambda session: registry.insert_stored_model(
+        session, row, name=name, source=source, revision=revision))
 
 
 def _fetch_slots(request: Request, settings: Settings) -> asyncio.Semaphore:
@@ -149,8 +156,7 @@ async def _from_source(request: Request, body: ModelCreate, settings: Settings,
                 revision = model_import.fetch_hf(settings, source.hf_repo, source.revision,
                                                  staging)
                 kind = "hf"
-            return _with_session(request, _store, body.name, staging, kind, revision, store,
-                                 cancelled)
+            return _store(request, body.name, staging, kind, revision, store, cancelled)
 
     # A thread of our own, not the shared pool: a fetch may last minutes, and an abandoned
     # one (timeout) keeps its thread until it ends; the semaphore is released only then.
