@@ -44,6 +44,8 @@ __all__ = [
     "WebhookEndpoint",
     "WebhookDelivery",
     "WebhookAttempt",
+    "ServingTarget",
+    "Deployment",
     "new_id",
     "utcnow",
     "JobStatus",
@@ -385,3 +387,44 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     response_excerpt: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class ServingTarget(Base):
+    """A group of vLLM servers an admin registered (lorajobs/core/serving.py; migration 0010).
+
+    `adapter_dir`: where lorajobs writes adapters, a filesystem the servers also mount;
+    `server_adapter_dir`: the same directory as the servers see it (None: the same path).
+    `api_key` is sent to the servers as a bearer token, so it is stored as given (admin-only).
+    """
+
+    __tablename__ = "serving_targets"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    urls: Mapped[list[Any]] = mapped_column(default=list)
+    base_models: Mapped[list[Any]] = mapped_column(default=list)
+    api_key: Mapped[str | None] = mapped_column(String(500), default=None)
+    adapter_dir: Mapped[str] = mapped_column(String(1000))
+    server_adapter_dir: Mapped[str | None] = mapped_column(String(1000), default=None)
+    max_lora_rank: Mapped[int] = mapped_column(Integer, default=16)
+    supported_modules: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    """A job's adapter (final, or one checkpoint's) published on a target under `model_name`.
+
+    `servers`: {url: {"loaded": bool, "error": str | None, "at": iso time}} as last seen by a
+    deploy or by the reconciler, which loads it again on a server that forgot it."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("target", "model_name", name="uq_deployments_model"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    target: Mapped[str] = mapped_column(String(100))
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
+    model_name: Mapped[str] = mapped_column(String(300), index=True)
+    adapter_path: Mapped[str] = mapped_column(String(1000))
+    servers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
