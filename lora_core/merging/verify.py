@@ -5,17 +5,21 @@
                    dropped just after; the model skeleton lives on the meta device
 
 The probe runs through transformers' own forward of the architecture (any model class
-`AutoModelForCausalLM` builds from config.json), twice:
+`AutoModelForCausalLM` builds from config.json) once, on a doubled batch:
 
-1. merged pass: every weight from the merged files;
-2. reference pass: every weight from the base files, and the adapter added on the fly as
-   `Wx + s·B(Ax)` (PEFT's unmerged forward) at the module found in the model's module tree,
-   not through the merge's key mapping, so a delta merged into the wrong tensor shows in the
-   logits. The same pass checks each merged tensor against `round_once(W + s·BA)` (or the
-   untouched base bytes): the first line, which names the tensor of a corrupted layer.
+- rows [:n], the merged model: each module's merged tensors. Where a merged tensor equals the
+  base tensor byte for byte (all but the targeted ones) the two halves share it; a differing
+  one is swapped in for this half of its module's forward.
+- rows [n:], the reference: the base tensors, and the adapter added on the fly as
+  `Wx + s·B(Ax)` (PEFT's unmerged forward) at the module found in the model's module tree, not
+  through the merge's key mapping, so a delta merged into the wrong tensor shows in the logits.
+
+Before a unit runs, each merged tensor is checked against `round_once(W + s·BA)` (or the
+untouched base bytes): the first line, which names the tensor of a corrupted layer.
 
 Peak memory: the runtime + the largest unit (a decoder layer, or the embedding/LM head) at the
-verification dtype + one tensor of the per-tensor check, whatever the number of layers.
+verification dtype + its targeted tensors + one tensor being checked, whatever the number of
+layers.
 Checkpoints whose tensor names are not the model's parameter names (transformers renames some
 legacy layouts on load) cannot be streamed this way: they fall back to the whole-model check
 (`compare_whole`: one model in memory at a time), with a warning.
@@ -27,7 +31,7 @@ import ctypes
 import gc
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,42 +185,92 @@ def _resolve(slots: list[_Slot], files: _Files) -> list[tuple[_Slot, str]]:
     return found
 
 
-Loader = Callable[[str], torch.Tensor]  # file key -> tensor to install (any dtype)
+class _Pass:
+    """One forward over a doubled probe batch: rows [:n] are the merged model, rows [n:] base +
+    adapter. Each unit's base tensors are installed (shared by both halves); a merged tensor
+    that differs from its base tensor (the targeted ones) is kept aside and swapped in for the
+    merged half of its module's forward. Every merged tensor is first checked against what the
+    merge should have written (`tensor_check`)."""
+
+    def __init__(self, base: _Files, merged: _Files, adapter: _Adapter, dtype: torch.dtype,
+                 rows: int, tensor_check: bool) -> None:  # fmt: skip
+        self.base, self.merged, self.adapter = base, merged, adapter
+        self.dtype, self.rows, self.tensor_check = dtype, rows, tensor_check
+        self.merged_only: dict[int, dict[str, torch.Tensor]] = {}  # id(module) -> leaf -> tensor
+
+    def load(self, slot: _Slot, key: str) -> torch.Tensor:
+        w, have = self.base.read(key), self.merged.read(key)
+        ref = w
+        if key in self.adapter.replacements:
+            ref = _replacement(self.base.entries[key], self.adapter.replacements[key])
+        same = None  # does the merged tensor equal the one the reference half uses?
+        if self.tensor_check:
+            want = _expected(key, w, self.adapter, self.base)
+            if not torch.equal(want, have):
+                diff = (want.float() - have.float()).abs().max().item()
+                raise MergeError(
+                    f"merged tensor {key} is not base + adapter (max |diff| "
+                    f"{diff:.3g}): the file is corrupt or the merge mis-mapped it"
+                )
+            same = True if want is ref else None  # untouched: already compared
+            del want
+        if not (same or torch.equal(have, ref)):
+            value = have.to(self.dtype) if have.is_floating_point() else have
+            self.merged_only.setdefault(id(slot.module), {})[slot.leaf] = value
+        return ref
+
+    def install(self, slots: list[tuple[_Slot, str]]) -> None:
+        for slot, key in slots:
+            t = self.load(slot, key)
+            if list(t.shape) != list(slot.meta.shape):
+                raise MergeError(f"{key}: shape {list(t.shape)} != model's {list(slot.meta.shape)}")
+            value = t.to(self.dtype) if t.is_floating_point() else t
+            slot.module._parameters[slot.leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+    def release(self, slots: list[tuple[_Slot, str]]) -> None:
+        for slot, _ in slots:
+            slot.module._parameters[slot.leaf] = slot.meta
+            self.merged_only.pop(id(slot.module), None)
+        _trim_heap()
+
+    def merged_half(self, module: torch.nn.Module, args: Any, out: Any) -> Any:
+        """Forward hook: recompute rows [:n] with the module's merged tensors swapped in."""
+        swapped = self.merged_only.get(id(module))
+        if not swapped:
+            return None
+        if not isinstance(out, torch.Tensor) or out.shape[0] != 2 * self.rows:
+            raise _NotStreamable(f"{type(module).__name__} does not keep the batch first")
+        kept = {leaf: module._parameters[leaf] for leaf in swapped}
+        for leaf, t in swapped.items():
+            module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        try:
+            top = module.forward(args[0][: self.rows], *args[1:])
+        finally:
+            module._parameters.update(kept)
+        return torch.cat([top, out[self.rows :]])
 
 
 @contextmanager
-def _streamed(
-    model: torch.nn.Module, files: _Files, load: Loader, dtype: torch.dtype
-) -> Iterator[None]:
-    """Install each unit's weights right before its forward, put meta back right after."""
-    units = [(owner, _resolve(slots, files)) for owner, slots in _units(model)]
-
-    def install(owner: torch.nn.Module, slots: list[tuple[_Slot, str]]) -> None:
-        for slot, key in slots:
-            t = load(key)
-            if list(t.shape) != list(slot.meta.shape):
-                raise MergeError(f"{key}: shape {list(t.shape)} != model's {list(slot.meta.shape)}")
-            value = t.to(dtype) if t.is_floating_point() else t
-            slot.module._parameters[slot.leaf] = torch.nn.Parameter(value, requires_grad=False)
-
-    def release(slots: list[tuple[_Slot, str]]) -> None:
-        for slot, _ in slots:
-            slot.module._parameters[slot.leaf] = slot.meta
-        _trim_heap()
-
+def _hooks(model: torch.nn.Module, run: _Pass) -> Iterator[None]:
+    """Each unit's tensors installed right before its forward and put back to meta right after;
+    the merged-half swap on every module that owns parameters; LoRA on the targeted modules."""
+    units = [(owner, _resolve(slots, run.base)) for owner, slots in _units(model)]
     handles = []
     for owner, slots in units:
         handles.append(owner.register_forward_pre_hook(
-            lambda m, args, s=slots: install(m, s)))  # fmt: skip
+            lambda m, args, s=slots: run.install(s)))  # fmt: skip
         handles.append(owner.register_forward_hook(
-            lambda m, args, out, s=slots: release(s)))  # fmt: skip
+            lambda m, args, out, s=slots: run.release(s)))  # fmt: skip
+        for module in {id(slot.module): slot.module for slot, _ in slots}.values():
+            handles.append(module.register_forward_hook(run.merged_half))
+    handles += _lora_hooks(model, run.adapter, run.rows)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
         for _, slots in units:
-            release(slots)
+            run.release(slots)
 
 
 def _forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -227,11 +281,10 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-@contextmanager
-def _lora_hooks(model: torch.nn.Module, adapter: _Adapter) -> Iterator[None]:
-    """PEFT's unmerged forward on each targeted module: out + s·B(A x), in fp32 (PEFT casts x to
-    the fp32 adapter's dtype), cast back to the module's output dtype. Conv1D (fan_in_fan_out)
-    modules take x the same way: only their stored weight is transposed."""
+def _lora_hooks(model: torch.nn.Module, adapter: _Adapter, rows: int) -> list[Any]:
+    """PEFT's unmerged forward on rows [rows:] of each targeted module: out + s·B(A x), in fp32
+    (PEFT casts x to the fp32 adapter's dtype), cast back to the module's output dtype. Conv1D
+    (fan_in_fan_out) modules take x the same way: only their stored weight is transposed."""
     handles = []
     for module_name, (a, b) in adapter.pairs.items():
         try:
@@ -241,15 +294,12 @@ def _lora_hooks(model: torch.nn.Module, adapter: _Adapter) -> Iterator[None]:
         a32, b32 = a.float(), b.float()
 
         def add_lora(m: Any, args: Any, out: torch.Tensor, a32: Any = a32, b32: Any = b32) -> Any:
-            lora = (args[0].float() @ a32.T) @ b32.T
-            return (out.float() + lora * adapter.scaling).to(out.dtype)
+            lora = (args[0][rows:].float() @ a32.T) @ b32.T
+            ref = (out[rows:].float() + lora * adapter.scaling).to(out.dtype)
+            return torch.cat([out[:rows], ref])
 
         handles.append(module.register_forward_hook(add_lora))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return handles
 
 
 def _expected(name: str, base: torch.Tensor, adapter: _Adapter, files: _Files) -> torch.Tensor:
@@ -295,28 +345,11 @@ def compare_layerwise(
     when `tensor_check`, _NotStreamable when the checkpoint does not map onto the model."""
     base, merged = _Files.of(base_dir), _Files.of(merged_dir)
     _check_headers(base, merged)
-    adapter = _read_adapter(adapter_dir)
-    model = _skeleton(merged_dir, dtype)
-    with _streamed(model, merged, merged.read, dtype):
-        got = _forward(model, ids)
-
-    def reference(key: str) -> torch.Tensor:
-        w = base.read(key)
-        if tensor_check:
-            want, have = _expected(key, w, adapter, base), merged.read(key)
-            if not torch.equal(want, have):
-                diff = (want.float() - have.float()).abs().max().item()
-                raise MergeError(
-                    f"merged tensor {key} is not base + adapter (max |diff| "
-                    f"{diff:.3g}): the file is corrupt or the merge mis-mapped it"
-                )
-            del want, have
-        if key in adapter.replacements:
-            return _replacement(base.entries[key], adapter.replacements[key])
-        return w
-
-    with _streamed(model, base, reference, dtype), _lora_hooks(model, adapter):
-        want = _forward(model, ids)
+    run = _Pass(base, merged, _read_adapter(adapter_dir), dtype, ids.shape[0], tensor_check)
+    model = _skeleton(base_dir, dtype)
+    with _hooks(model, run):
+        logits = _forward(model, torch.cat([ids, ids]))
+    got, want = logits[: ids.shape[0]], logits[ids.shape[0] :]
     return (got - want).abs().max().item(), want.abs().max().item()
 
 
