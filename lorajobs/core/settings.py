@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # least-recently-used past model_cache_bytes.
     model_cache_dir: Path | None = None  # default: data_dir/model-cache
     model_cache_bytes: int = Field(200 * 1024 * MiB, ge=1)
+    # True: a cached model's files are hashed again (sha256) before every use. False: after
+    # its download, then again only when a file's size, mtime or inode differs from the last
+    # full check (sha256 runs at ~0.4-1.5 GB/s: re-reading a 140 GB model costs minutes).
+    model_cache_verify_every_use: bool = True
     # A worker's uploads (checkpoints while training, final artifacts) retry a failing store
     # with backoff for this long; a checkpoint that still fails is not resumable, and the
     # job's settle waits at most this long for pending checkpoint uploads.

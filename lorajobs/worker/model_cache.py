@@ -11,7 +11,9 @@
       .locks/evict                one eviction pass at a time
 
 Before every use the files are checked against the row's manifest (size and sha256): a
-corrupted or truncated cached file is detected and the model fetched again. A download goes
+corrupted or truncated cached file is detected and the model fetched again. With
+model_cache_verify_every_use off, a use after a full check re-hashes only when a file's
+(size, mtime, inode) differs from that check's stamp (`.locks/<sha>.verified`). A download goes
 into `.partial`, is verified, then renamed into place, so a crash leaves no half model that
 looks complete. Least recently used models (their directory's mtime, touched at each use) are
 evicted while the cache holds more than model_cache_bytes; models in use are skipped, so the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -131,6 +134,7 @@ class _Cache:
         self.root = private_dir(settings.resolved_model_cache_dir)
         self.locks = private_dir(self.root / LOCKS)
         self.budget = settings.model_cache_bytes
+        self.every_use = settings.model_cache_verify_every_use
 
     def acquire(self, store: ArtifactStore, model: RegisteredModel) -> Path:
         sha = model.content_sha256
@@ -146,14 +150,21 @@ class _Cache:
             _HELD[sha] = use
         try:
             with _flock(self.locks / f"{sha}.fetch", fcntl.LOCK_EX):
+                stamp = self.locks / f"{sha}.verified"
                 if target.is_dir():
+                    if not self.every_use and _read_stamp(stamp) == _stats(target):
+                        os.utime(target)  # last use, for the LRU order
+                        return target
                     problems = verify_dir(target, model.files)
                     if not problems:
-                        os.utime(target)  # last use, for the LRU order
+                        _write_stamp(stamp, _stats(target))
+                        os.utime(target)
                         return target
                     log.warning("cached model %s (%s) is corrupt, fetching it again: %s",
                                 model.name, sha[:12], "; ".join(problems[:5]))
+                stamp.unlink(missing_ok=True)
                 self._download(store, model, target)
+                _write_stamp(stamp, _stats(target))
                 return target
         except BaseException:
             release(model)
@@ -212,6 +223,26 @@ class _Cache:
             return True
         finally:
             os.close(fd)
+
+
+def _stats(path: Path) -> dict[str, list[int]]:
+    """{file: [size, mtime_ns, inode]}: what a rewrite, truncation or replacement changes."""
+    return {e.name: [e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ino]
+            for e in os.scandir(path)}
+
+
+def _read_stamp(path: Path) -> dict[str, list[int]] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_stamp(path: Path, stats: dict[str, list[int]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, path)
 
 
 def _dir_bytes(path: Path) -> int:

@@ -226,3 +226,34 @@ def test_legacy_path_model_is_used_in_place(tmp_path: Path) -> None:
     path = local_model_dir(settings, get_store(settings), model)
     assert path == (tmp_path / "models" / "tiny").resolve()
     assert not settings.resolved_model_cache_dir.exists()
+
+
+def test_verify_only_when_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_cache_verify_every_use off: a use after a full check hashes nothing while the
+    files' (size, mtime, inode) are unchanged; a rewritten file is still caught."""
+    settings = Settings(data_dir=tmp_path / "node", artifact_root=tmp_path / "store",
+                        model_cache_verify_every_use=False)
+    log = tmp_path / "gets.log"
+    store = CountingStore(get_store(settings), log)
+    model = put_model(store, tmp_path, "m", seed=7)
+    hashed: list[str] = []
+    real = model_cache._sha256
+    monkeypatch.setattr(model_cache, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    with model_cache.model_in_use(settings, store, model) as path:
+        assert len(hashed) == FILES  # the download, checked once
+    with model_cache.model_in_use(settings, store, model):
+        assert len(hashed) == FILES and len(downloads(log)) == FILES
+    victim = path / "model-0.safetensors"
+    old = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[7] ^= 1
+    victim.write_bytes(bytes(data))
+    if victim.stat().st_mtime_ns == old.st_mtime_ns:  # within one kernel timestamp tick
+        os.utime(victim, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000))
+    with model_cache.model_in_use(settings, store, model):
+        assert verify_dir(path, model.files or []) == []
+    assert len(downloads(log)) == 2 * FILES
+    every = settings.model_copy(update={"model_cache_verify_every_use": True})
+    before = len(hashed)
+    with model_cache.model_in_use(every, store, model):
+        assert len(hashed) == before + FILES  # the default: every use hashes every file
