@@ -256,14 +256,17 @@ def _hooks(model: torch.nn.Module, run: _Pass) -> Iterator[None]:
     the merged-half swap on every module that owns parameters; LoRA on the targeted modules."""
     units = [(owner, _resolve(slots, run.base)) for owner, slots in _units(model)]
     handles = []
+    for _, slots in units:
+        for module in {id(slot.module): slot.module for slot, _ in slots}.values():
+            handles.append(module.register_forward_hook(run.merged_half))
+    handles += _lora_hooks(model, run.adapter, run.rows)
+    # Registered last so that they run last: where a unit is one module (the LM head), its
+    # tensors must still be there for the merged-half and LoRA hooks above.
     for owner, slots in units:
         handles.append(owner.register_forward_pre_hook(
             lambda m, args, s=slots: run.install(s)))  # fmt: skip
         handles.append(owner.register_forward_hook(
             lambda m, args, out, s=slots: run.release(s)))  # fmt: skip
-        for module in {id(slot.module): slot.module for slot, _ in slots}.values():
-            handles.append(module.register_forward_hook(run.merged_half))
-    handles += _lora_hooks(model, run.adapter, run.rows)
     try:
         yield
     finally:
