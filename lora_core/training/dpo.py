@@ -5,7 +5,8 @@
            prompt; chosen/rejected = the rest of prompt+completion), truncates at max_seq_length
         -> each step: policy forward on [chosen; rejected] (one padded batch), reference forward
            on the same batch with the adapter DISABLED (no second copy of the weights: PEFT's
-           `disable_adapter`, through TRL's `use_adapter(model, None)`), then
+           `disable_adapter`, through TRL's `use_adapter(model, None)`; use_base_as_reference
+           removes the adapter copy TRL would otherwise score the reference with), then
            loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs summed over
            the completion tokens
 
@@ -50,10 +51,12 @@ from lora_core.training.trainer import (
     validate_model,
 )
 
-__all__ = ["PreferenceData", "prepare_preferences", "build_dpo_args", "train_dpo"]
+__all__ = ["PreferenceData", "prepare_preferences", "build_dpo_args", "train_dpo",
+           "use_base_as_reference"]
 
 OnEvent = Callable[..., None]
 LOSS_TYPE = "sigmoid"  # the DPO paper's loss; the one OpenAI's DPO method trains with
+REF_ADAPTER = "ref"  # the name TRL gives its copy of the starting adapter (use_base_as_reference)
 
 
 @dataclass
@@ -168,6 +171,19 @@ def _token_stats(dataset: Any, before: int, max_len: int) -> dict[str, int]:
             "num_dropped": before - len(dataset)}
 
 
+def use_base_as_reference(model: Any) -> None:
+    """Make the reference the base with the adapter disabled, as this module promises.
+
+    Given a PeftModel, TRL 1.16 copies its adapter into a frozen second adapter "ref" and
+    scores the reference with it: for a fresh adapter (B = 0) the same numbers at extra cost,
+    and PEFT would save the copy beside every adapter (`adapter/ref/`). Without "ref", TRL's
+    reference forward runs under `disable_adapter()`. A run that starts from an earlier
+    adapter (`init_adapter`) is then measured against the base too, so its step-0 loss is not
+    ln 2."""
+    if REF_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REF_ADAPTER)
+
+
 def train_dpo(
     spec: RunSpec, *, on_event: OnEvent | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -222,6 +238,7 @@ def _run(spec: RunSpec, args: Any, data: PreferenceData, emit: OnEvent,
         callbacks=[events, stop, CheckpointCallback(root, emit)],
     )
     trainer.remove_callback(PrinterCallback)
+    use_base_as_reference(trainer.model)
     counter.append(_CountingCollator(trainer.data_collator))
     trainer.data_collator = counter[0]
     if len(trainer.train_dataset) == 0:

@@ -201,6 +201,9 @@ def test_dpo_starts_at_ln2_reports_rewards_and_merges(straight: dict[str, Any]) 
     assert finished["status"] == "completed" and finished["metrics"]["reward_accuracy"] >= 0.9
     assert (straight["out"] / "merged" / "final" / "manifest.json").exists()
     assert not (straight["out"] / "checkpoints" / "README.md").exists()
+    for adapter in [straight["out"] / "adapter",
+                    *(straight["out"] / "checkpoints").glob("checkpoint-*/adapter")]:
+        assert not (adapter / "ref").exists()  # no copy of the adapter as the reference
 
 
 @pytest.mark.slow
@@ -248,3 +251,52 @@ def test_sigkill_then_restart_continues_the_same_run(
     assert sorted(after) == list(range(resumed + 1, STEPS + 1))
     for step, loss in {**before, **after}.items():
         assert loss == pytest.approx(straight["losses"][step], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_loss_is_sigmoid_dpo_against_the_adapter_disabled_base(
+    straight: dict[str, Any], task: dict[str, Any], tiny_model_dir: Path, one_thread: None,
+    tmp_path: Path,
+) -> None:
+    """TRL's loss on a batch of the trained adapter == -log sigmoid(beta * margin) computed
+    here, the reference being the same PeftModel under `disable_adapter()`; no ref copy."""
+    import datasets
+    import torch
+    from peft import PeftModel
+
+    from lora_core.data.synthetic import completion_logps
+    from lora_core.spec import RunSpec
+    from lora_core.training.dpo import _trainer_class, build_dpo_args, use_base_as_reference
+    from lora_core.training.peft_setup import load_base_model
+
+    pairs = task["held"][:8]
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(_jsonl(pairs))
+    spec = RunSpec.model_validate({**json.loads(_write_spec(task, tiny_model_dir, "x", "none")
+                                                .read_text()),
+                                   "train_file": str(data), "output_dir": str(tmp_path / "o")})
+    model = PeftModel.from_pretrained(load_base_model(tiny_model_dir, "float32"),
+                                      str(straight["out"] / "adapter"))
+    _, examples = load_examples(data)
+    trainer = _trainer_class()(model=model, args=build_dpo_args(spec, "fp32", has_eval=False),
+                               train_dataset=datasets.Dataset.from_list(examples),
+                               processing_class=task["tokenizer"])
+    use_base_as_reference(trainer.model)
+    assert trainer.ref_model is None and list(model.peft_config) == ["default"]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+    model.eval()
+    with torch.no_grad():
+        theirs = float(trainer.compute_loss(model, batch))
+
+    def logps(r: dict[str, Any]) -> list[float]:
+        return completion_logps(model, task["tokenizer"], r["input"]["messages"],
+                                [r["preferred_output"], r["non_preferred_output"]])
+
+    policy = [logps(r) for r in pairs]
+    with model.disable_adapter():
+        ref = [logps(r) for r in pairs]
+    margins = torch.tensor([(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(policy, ref,
+                                                                               strict=True)])
+    ours = float(-torch.nn.functional.logsigmoid(spec.dpo.beta * margins).mean())
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    assert float(margins.mean()) > 1.0  # a trained adapter: the check is not ln 2 vs ln 2
