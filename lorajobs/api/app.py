@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from lorajobs.api import openai_compat, openai_graders, openai_webhooks
+from lorajobs.api import openai_compat, openai_graders, openai_serving, openai_webhooks
 from lorajobs.api.auth import LOOKUPS_IN_FLIGHT, AuthMiddleware
 from lorajobs.api.errors import document_error_responses, install_error_handlers
 from lorajobs.api.limits import (
@@ -48,6 +48,7 @@ from lorajobs.api.routes import (
     keys,
     metrics,
     models,
+    serving,
     ui,
     usage,
     webhooks,
@@ -60,7 +61,8 @@ from lorajobs.core.storage import get_store
 __all__ = ["create_app"]
 
 ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           usage, webhooks, evaluations, openai_compat, openai_graders, openai_webhooks, ui)
+           usage, webhooks, evaluations, serving, openai_compat, openai_graders,
+           openai_webhooks, openai_serving, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -119,5 +121,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         gc.unfreeze()
         await asyncio.to_thread(app.state.job_sender.close)  # sends what it still holds
+        await openai_serving.close_http(app)
         if app.state.pg_reader is not None:
             await app.state.pg_reader.close()

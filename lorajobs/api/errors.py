@@ -36,6 +36,7 @@ from lorajobs.core.errors import (
     ServiceError,
     StorageUnavailable,
     Unauthorized,
+    UpstreamUnavailable,
 )
 
 __all__ = ["install_error_handlers", "error_body", "error_response", "status_for",
@@ -53,6 +54,7 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (InvalidRequest, 422),
     (LimitExceeded, 429),
     (StorageUnavailable, 503),
+    (UpstreamUnavailable, 502),
 )
 # A store outage is usually seconds (a restart, a failover): the client's retry policy waits.
 STORAGE_RETRY_AFTER_S = 5

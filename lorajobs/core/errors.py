@@ -28,6 +28,7 @@ __all__ = [
     "Unauthorized",
     "Forbidden",
     "StorageUnavailable",
+    "UpstreamUnavailable",
 ]
 
 
@@ -83,3 +84,9 @@ class StorageUnavailable(ServiceError):
     """The artifact store failed (down, timing out, refusing): the client may retry later."""
 
     code = "storage_unavailable"
+
+
+class UpstreamUnavailable(ServiceError):
+    """A serving target's vLLM servers did not answer (down, refusing): 502, retry later."""
+
+    code = "serving_unavailable"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -181,6 +182,16 @@ class Settings(BaseSettings):
     # Delivered and failed deliveries (with their attempts) are deleted this long after they
     # finished (the sender sweeps hourly); pending ones are never.
     webhook_retention_seconds: float = Field(30 * 24 * 3600, gt=0)
+
+    # Serving (lorajobs/core/serving.py): vLLM server groups finished adapters are published
+    # to. Targets here (JSON list of {name, urls, base_models, api_key?, adapter_dir,
+    # server_adapter_dir?, max_lora_rank?, supported_modules?}) come on top of those an admin
+    # registers with POST /v1/serving-targets. Beat (and `serve`) reloads a deployment on a
+    # server that forgot it (restarted) every serving_reconcile_seconds.
+    serving_targets: list[dict[str, Any]] = Field(default_factory=list)
+    serving_reconcile_seconds: float = Field(10, gt=0)
+    # The OpenAI proxy's wait for a server's first byte (generation can take long).
+    serving_read_timeout_seconds: float = Field(600, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

@@ -29,6 +29,7 @@ from lorajobs.core.settings import Settings, get_settings
 from lorajobs.core.storage import private_dir, use_private_umask
 from lorajobs.worker.main import settings_env
 from lorajobs.worker.reaper import run_reaper_loop
+from lorajobs.worker.serving_reconciler import start_serving_thread
 from lorajobs.worker.webhook_sender import start_webhook_thread
 
 __all__ = ["serve", "start_worker_process"]
@@ -94,6 +95,7 @@ def serve(settings: Settings | None = None, host: str | None = None,
                               name="lorajobs-reaper")
     reaper.start()
     sender = start_webhook_thread(settings, stop)
+    start_serving_thread(settings, stop)  # daemon: stops with `stop`
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with a handler of
     # ours installed that lands here instead of killing the process before the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,7 @@ process here creates files 0600 and directories 0700 (`use_private_umask`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -33,8 +34,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """`LORAJOBS_*` variables that reproduce `settings` in a child process."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"LORAJOBS_{name.upper()}"] = str(value)
+        if value is not None:  # lists (serving_targets) as JSON, as pydantic-settings reads them
+            env[f"LORAJOBS_{name.upper()}"] = (json.dumps(value) if isinstance(value, list | dict)
+                                               else str(value))
     return env
 
 
@@ -56,7 +58,8 @@ def run_worker(settings: Settings | None = None, *, pool: str = "solo",
 
 def run_beat(settings: Settings | None = None) -> None:
     """The maintenance process: a reaper sweep every `reaper_interval_seconds`, and the
-    webhook sender (worker/webhook_sender.py) in a thread beside it, in this process, until
+    webhook sender (worker/webhook_sender.py) and the serving reconciler
+    (worker/serving_reconciler.py) in threads beside it, in this process, until
     SIGTERM/SIGINT. Needs the database and the broker (to re-send), no worker."""
     settings = settings or get_settings()
     log.info("beat: reaper sweeping every %.1fs, webhooks sent, in process %d",
@@ -68,6 +71,7 @@ def run_reaper(settings: Settings | None = None, *, send_webhooks: bool = False)
     """The reaper loop in the foreground until SIGTERM/SIGINT (no broker consumer needed);
     with `send_webhooks`, the webhook sender's loop in a thread (beat)."""
     from lorajobs.worker.reaper import run_reaper_loop
+    from lorajobs.worker.serving_reconciler import start_serving_thread
     from lorajobs.worker.webhook_sender import start_webhook_thread
 
     settings = settings or get_settings()
@@ -80,6 +84,8 @@ def run_reaper(settings: Settings | None = None, *, send_webhooks: bool = False)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     sender = start_webhook_thread(settings, stop) if send_webhooks else None
+    if send_webhooks:  # beat: also keeps deployed adapters loaded on restarted vLLM servers
+        start_serving_thread(settings, stop)
     run_reaper_loop(settings, stop)
     if sender is not None:
         sender.join(timeout=settings.webhook_read_timeout_seconds + 5)
