@@ -84,7 +84,8 @@ def test_client_install_is_small_and_torch_free(client_venv: Path) -> None:
 
 
 def test_client_install_submits_and_names_the_missing_extra(client_venv: Path, live: Live,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path,
+                                                             tiny_model_dir: Path) -> None:
     env = _env(live, tmp_path / "home")
     write_jsonl(tmp_path / "train.jsonl", alpaca_records(8))
     spec = tmp_path / "job.yaml"
@@ -93,6 +94,10 @@ def test_client_install_submits_and_names_the_missing_extra(client_venv: Path, l
     done = _run(client_venv / "lorajobs", "submit", spec, "--wait", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout, done.stdout
+    uploaded = _run(client_venv / "lorajobs", "models", "upload", "from-client", tiny_model_dir,
+                    cwd=tmp_path, env=env)  # a base model from a machine without torch
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert uploaded.stdout.startswith("registered from-client ("), uploaded.stdout
 
     spec.write_text("base_model: tiny\ntraining_file: ./train.jsonl\ntraining: {max_step: 2}\n")
     typo = _run(client_venv / "lorajobs", "submit", spec, cwd=tmp_path, env=env)
