@@ -26,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lora_core.errors import DatasetError
+from lora_core.evaluation.formula import FormulaError
 from lora_core.evaluation.graders import GraderError, grade
 from lora_core.evaluation.selection import Selector
 from lora_core.evaluation.spec import VALID_LOSS, EvaluationSpec
@@ -131,7 +132,8 @@ class EvaluationCallback(TrainerCallback):
 
     def grade(self, outputs: list[str]) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
         """(mean score per grader, samples). A sample a grader cannot grade (a template
-        variable its item lacks) scores None there, with one warning per grader."""
+        variable its item lacks, a formula failing on its values) scores None there, with one
+        warning per grader; the mean is over the graded samples."""
         totals: dict[str, list[float]] = {g.name: [] for g in self.spec.graders}
         samples = []
         for i, (item, out) in enumerate(zip(self.items, outputs, strict=True)):
@@ -139,7 +141,7 @@ class EvaluationCallback(TrainerCallback):
             for g in self.spec.graders:
                 try:
                     score, _ = grade(g, item=item, sample={"output_text": out})
-                except GraderError as exc:
+                except (GraderError, FormulaError) as exc:
                     score = None
                     if g.name not in self._warned:
                         self._warned.add(g.name)
