@@ -198,6 +198,7 @@ class _Cache:
     def _evict_for(self, need: int, *, keep: str) -> None:
         """Evict least recently used, unused models until `need` more bytes fit the budget."""
         with _flock(self.locks / "evict", fcntl.LOCK_EX):
+            self._sweep_leftovers()
             entries = []
             for entry in os.scandir(self.root):
                 if entry.is_dir() and len(entry.name) == 64 and entry.name != keep:
@@ -209,6 +210,27 @@ class _Cache:
                     break
                 if self._evict(sha):
                     total -= size
+
+    def _sweep_leftovers(self) -> None:
+        """Remove what a process killed mid-way left: `.stale-*` copies (renamed away; a job
+        still reading one keeps its open files) and `.partial` downloads nobody is writing
+        (their fetch lock is free)."""
+        for entry in os.scandir(self.root):
+            name = entry.name
+            if not entry.is_dir() or name.startswith("."):
+                continue
+            if ".stale-" in name:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif name.endswith(".partial"):
+                fd = os.open(self.locks / f"{name.removesuffix('.partial')}.fetch",
+                             os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                except BlockingIOError:
+                    pass  # a download in progress
+                finally:
+                    os.close(fd)
 
     def _evict(self, sha: str) -> bool:
         """Remove one model unless a job on this node uses it (its use lock is held)."""

@@ -199,8 +199,13 @@ def test_lru_eviction_skips_a_model_in_use(store_settings: dict[str, Any],
     # A's job ended. Room for two and a half: C pushes out the least recently used (A), not B.
     os.utime(cache / str(b.content_sha256))  # B used after A
     roomier = Settings(**{**kw, "model_cache_bytes": 2 * one_model + one_model // 2})
+    crashed = [cache / f"{'d' * 64}.partial", cache / f"{b.content_sha256}.stale-0badc0de"]
+    for leftover in crashed:  # what a process killed mid-download or mid-swap leaves
+        leftover.mkdir()
+        (leftover / "model-0.safetensors").write_bytes(b"half")
     with model_cache.model_in_use(roomier, store, c):
         pass
+    assert not any(p.exists() for p in crashed)
     present = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
     assert present == sorted([str(b.content_sha256), str(c.content_sha256)])
 
