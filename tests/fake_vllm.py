@@ -142,3 +142,21 @@ class FakeVllm:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def main() -> None:
+    """`python -m tests.fake_vllm --model NAME --port N`: the fake in a process of its own
+    (bench/proxy_bench.py)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    server = FakeVllm(args.model)
+    uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,10 @@ CONNECT_TIMEOUT_S = 3.0
 # Response headers worth relaying; hop-by-hop ones and content-length (we re-chunk) are not.
 RELAYED_HEADERS = ("content-type", "content-encoding", "x-request-id")
 MAX_CONNECTIONS = 512  # to all servers together, per API process
+PROXY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the server's answer, relayed (JSON, or text/event-stream when "
+                         "`stream` is true)"},
+    502: {"description": "no server of the model's target answered (serving_unavailable)"}}
 
 
 def _http(app: FastAPI) -> httpx.AsyncClient:
@@ -120,13 +124,13 @@ async def _relay(resp: httpx.Response) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=PROXY_RESPONSES)
 async def chat_completions(request: Request, principal: PrincipalDep) -> Response:
     """Chat with a deployed `ft:` model (or a served base model); `stream` relayed as SSE."""
     return await _proxy(request, principal.tenant_id, "/v1/chat/completions")
 
 
-@router.post("/completions")
+@router.post("/completions", responses=PROXY_RESPONSES)
 async def completions(request: Request, principal: PrincipalDep) -> Response:
     """Text completion with a deployed `ft:` model (or a served base model)."""
     return await _proxy(request, principal.tenant_id, "/v1/completions")

@@ -235,6 +235,28 @@ def resume(job_id: str, url: str | None = URL, api_key: str | None = KEY,
     print_json(job) if json_out else console.print(f"{job.id}: {job.status}")
 
 
+def deploy(job_id: str, target: str = typer.Option("default", "--target",
+                                                  help="a serving target's name"),
+           checkpoint: int | None = typer.Option(None, "--checkpoint",
+                                                 help="a checkpoint's step (default: final)"),
+           remove: bool = typer.Option(False, "--remove", help="unload it instead"),
+           url: str | None = URL, api_key: str | None = KEY, json_out: bool = JSON) -> None:
+    """Publish a finished job's adapter on a target's vLLM servers (chat with the printed
+    model name through /openai/v1); --remove unloads it."""
+    with _client(url, api_key) as client:
+        if remove:
+            client.jobs.undeploy(job_id, target, checkpoint=checkpoint)
+            console.print(f"{job_id}: removed from {target}")
+            return
+        dep = client.jobs.deploy(job_id, target, checkpoint=checkpoint)
+    if json_out:
+        print_json(dep)
+        return
+    live = [s["url"] for s in dep["servers"] if s.get("loaded")]
+    console.print(f"{dep['model']} on {target}: live on {len(live)}/{len(dep['servers'])} "
+                  "server(s)")
+
+
 def download(job_id: str, out: Path = typer.Option(..., "-o", "--out"),
              merged: bool = typer.Option(False, "--merged", help="the merged model"),
              step: int | None = typer.Option(None, "--step", help="a checkpoint's step"),
@@ -387,6 +409,7 @@ def register(app: typer.Typer) -> None:
     app.command("pause")(pause)
     app.command("resume")(resume)
     app.command("download")(download)
+    app.command("deploy")(deploy)
     app.command("plot")(plot)
     app.command("samples")(samples)
     app.add_typer(jobs_app, name="jobs")

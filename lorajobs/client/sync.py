@@ -229,6 +229,25 @@ class _Jobs(_Resource):
         """A paused job back in the queue; training continues from its last checkpoint."""
         return Job.model_validate(self._c.request("POST", f"/v1/jobs/{job_id}/resume").json())
 
+    def deploy(self, job_id: str, target: str, *,
+               checkpoint: int | None = None) -> dict[str, Any]:
+        """Load the job's adapter (or a checkpoint's) on every vLLM server of `target`; the
+        answer's `model` is the name to chat with (idempotent: safe to retry)."""
+        body: dict[str, Any] = {"target": target, "checkpoint": checkpoint}
+        deployed: dict[str, Any] = self._c.request("POST", f"/v1/jobs/{job_id}/deploy",
+                                                   json=body).json()
+        return deployed
+
+    def undeploy(self, job_id: str, target: str, *, checkpoint: int | None = None) -> None:
+        params = {"target": target, **({"checkpoint": checkpoint} if checkpoint is not None
+                                       else {})}
+        self._c.request("DELETE", f"/v1/jobs/{job_id}/deploy", params=params)
+
+    def deployments(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        rows: builtins.list[dict[str, Any]] = self._c.get_json(
+            f"/v1/jobs/{job_id}/deployments")["data"]
+        return rows
+
     def wait(self, job_id: str, *, on_progress: Callable[[Job], None] | None = None,
              poll_interval: float = 1.0, timeout: float | None = None) -> Job:
         """Poll until the job is terminal; `on_progress` sees every poll's job."""
