@@ -133,12 +133,15 @@ def task(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
                                  exclude={s.split(": ", 1)[1] for s in seen})
     assert not seen & {r["input"]["messages"][0]["content"] for r in held}
     (root / "train.jsonl").write_bytes(_jsonl(train))
-    return {"root": root, "train": root / "train.jsonl", "held": held, "tokenizer": tokenizer}
+    (root / "valid.jsonl").write_bytes(_jsonl(held[:16]))
+    return {"root": root, "train": root / "train.jsonl", "valid": root / "valid.jsonl",
+            "held": held, "tokenizer": tokenizer}
 
 
 def _write_spec(task: dict[str, Any], model_dir: Path, name: str, merge: str) -> Path:
     spec = {"model_dir": str(model_dir), "train_file": str(task["train"]),
-            "output_dir": str(task["root"] / name), "method": "dpo", "dpo": {"beta": 0.1},
+            "validation_file": str(task["valid"]), "output_dir": str(task["root"] / name),
+            "method": "dpo", "dpo": {"beta": 0.1},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
             "training": {"max_steps": STEPS, "batch_size": 16, "gradient_accumulation_steps": 1,
                          "learning_rate": 5e-3, "save_steps": SAVE_STEPS, "precision": "fp32",
@@ -199,6 +202,9 @@ def test_dpo_starts_at_ln2_reports_rewards_and_merges(straight: dict[str, Any]) 
     assert "merged" in types and types[-1] == "finished"
     finished = straight["events"][-1]
     assert finished["status"] == "completed" and finished["metrics"]["reward_accuracy"] >= 0.9
+    evals = [e for e in straight["events"] if e["type"] == "eval"]  # each epoch (8 steps) + end
+    assert [e["step"] for e in evals] == [8, STEPS] and evals[-1]["eval_loss"] < math.log(2)
+    assert finished["metrics"]["eval_reward_accuracy"] >= 0.8
     assert (straight["out"] / "merged" / "final" / "manifest.json").exists()
     assert not (straight["out"] / "checkpoints" / "README.md").exists()
     for adapter in [straight["out"] / "adapter",
