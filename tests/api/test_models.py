@@ -192,3 +192,19 @@ def test_json_body_names_the_bad_field(api: Api) -> None:
         resp = api.client.post("/v1/models", headers=api.h("admin"), json=body)
         assert resp.status_code == 422, (body, resp.text)
         assert resp.json()["error"]["param"] == field, (body, resp.json())
+
+
+def test_sharded_upload_and_a_missing_shard(api: Api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lora_core.model_files.tiny import make_tiny_model
+
+    sharded = make_tiny_model(tmp_path / "sharded", seed=1, max_shard_size=300_000)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (sharded / "model.safetensors.index.json").is_file()
+    missing = api.client.post("/v1/models", headers=api.h("admin"), data={"name": "half"},
+                              files=[f for f in _files(sharded) if f[1][0] != shards[-1]])
+    assert missing.status_code == 422 and shards[-1] in missing.json()["error"]["message"]
+    assert _stored(api) == []
+    made = api.client.post("/v1/models", headers=api.h("admin"), data={"name": "sharded"},
+                           files=_files(sharded))
+    assert made.status_code == 201, made.text
+    assert sorted(made.json()["weights_sha256"]) == shards
