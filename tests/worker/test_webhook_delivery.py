@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -225,13 +226,14 @@ def test_beat_killed_mid_retry_every_event_arrives_once(beat_service: LiveServic
                                                         receiver: Receiver) -> None:
     settings = beat_service.settings
     phase = {"name": "failing"}
+    killed = threading.Event()
 
     def behaviour(item: Received) -> tuple[int, float, bytes]:
         if phase["name"] == "failing" or not item.verified:
             return 500, 0.0, b"not now"
         receiver.process(item)  # processed, then answered...
         if phase["name"] == "holding":
-            return 200, 2.5, b"ok"  # ...too late: the sender is killed before this answer
+            killed.wait(10)  # ...too late: the sender is killed before this answer
         return 200, 0.0, b"ok"
 
     receiver.behaviour = behaviour
@@ -251,6 +253,7 @@ def test_beat_killed_mid_retry_every_event_arrives_once(beat_service: LiveServic
     beat.send_signal(signal.SIGKILL)
     beat.wait(timeout=10)
     in_flight = set(receiver.processed)
+    killed.set()
     assert {d.status for d in deliveries(settings)} == {"pending"}  # none recorded as sent
     phase["name"] = "ok"
 
@@ -271,6 +274,10 @@ def test_two_beats_never_send_the_same_delivery_twice(beat_service: LiveService,
                                                       receiver: Receiver) -> None:
     """Claims are exclusive (FOR UPDATE SKIP LOCKED on PostgreSQL; one writer on SQLite):
     with two senders sweeping at once, no request is a duplicate."""
+    # A claim that cannot run out during this test, however loaded the machine: any
+    # duplicate would then be two senders holding one row.
+    beat_service.settings = beat_service.settings.model_copy(
+        update={"webhook_claim_margin_seconds": 60})
     settings = beat_service.settings
     _, receiver.secret, first = register(settings, receiver.url, ["fine_tuning.job.succeeded"])
     job_ids = [first] + [make_job(settings) for _ in range(11)]
