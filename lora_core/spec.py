@@ -147,6 +147,8 @@ class RunSpec(_Strict):
                 and self.validation_file is None):
             raise ValueError("evaluation needs held-out prompts: set validation_file or "
                              "evaluation.file")
+        if self.evaluation is not None and self.method != "sft":
+            raise ValueError(f"evaluation runs with method 'sft' (not {self.method!r}) for now")
         return self
 
     @model_validator(mode="after")
