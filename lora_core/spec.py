@@ -137,6 +137,10 @@ class RunSpec(_Strict):
     merge: MergeMode = "final"
     merge_shard_size: str = "2GB"
     resume: bool = True
+    # A PEFT adapter dir (adapter_config.json + adapter_model.safetensors) the new adapter
+    # starts from instead of the fresh init: training continues an earlier run's adapter. Its
+    # r, alpha and target modules must equal `lora` (peft_setup.load_init_adapter checks).
+    init_adapter: Path | None = None
     # graded generations at step 0 and every checkpoint, best checkpoint, early stopping
     # (lora_core.evaluation); `evaluation.file` is a path here, else the validation file
     evaluation: EvaluationSpec | None = None

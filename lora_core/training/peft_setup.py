@@ -13,7 +13,9 @@ B = 0 either way, so the wrapped model starts exactly at the base model.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,8 @@ from lora_core.model_files import ModelInfo, inspect_model_dir, validate_lora_sp
 from lora_core.spec import LoraSpec
 from lora_core.training.lora_layer import GAUSSIAN_INIT_STD
 
-__all__ = ["build_lora_config", "load_base_model", "apply_lora", "reinit_lora_a", "DTYPES"]
+__all__ = ["build_lora_config", "load_base_model", "apply_lora", "reinit_lora_a",
+           "load_init_adapter", "DTYPES"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -98,12 +101,59 @@ def reinit_lora_a(peft_model: Any, std: float = GAUSSIAN_INIT_STD) -> int:
     return count
 
 
-def apply_lora(model: Any, lora_spec: LoraSpec, model_dir: str | os.PathLike[str]) -> Any:
-    """Wrap `model` with get_peft_model (freezes all but the adapters); returns the PeftModel."""
+def apply_lora(model: Any, lora_spec: LoraSpec, model_dir: str | os.PathLike[str],
+               init_adapter: str | os.PathLike[str] | None = None) -> Any:
+    """Wrap `model` with get_peft_model (freezes all but the adapters); returns the PeftModel.
+    `init_adapter`: a PEFT adapter dir whose weights replace the fresh init."""
     from peft import get_peft_model
 
     config = build_lora_config(lora_spec, model_dir)
     peft_model = get_peft_model(model, config)
     if lora_spec.init == "gaussian":
         reinit_lora_a(peft_model)
+    if init_adapter is not None:
+        load_init_adapter(peft_model, lora_spec, Path(init_adapter))
     return peft_model
+
+
+def _targets(value: Any) -> list[str] | None:
+    return sorted(value) if isinstance(value, list | set | tuple) else None
+
+
+def load_init_adapter(peft_model: Any, lora_spec: LoraSpec, adapter_dir: Path) -> int:
+    """Copy an adapter's weights into `peft_model` (built from `lora_spec`); returns how many
+    tensors were loaded. The adapter's config must match the spec (SpecError naming the
+    field) and every LoRA weight must be present with its shape (ModelError otherwise): a
+    partial load would silently train from a mix of old and fresh weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config_file = adapter_dir / "adapter_config.json"
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ModelError(f"init_adapter {adapter_dir} is not a PEFT adapter dir (needs "
+                         "adapter_config.json and adapter_model.safetensors)")
+    config = json.loads(config_file.read_text())
+    wanted: list[tuple[str, str, Any]] = [
+        ("lora.r", "r", lora_spec.r), ("lora.alpha", "lora_alpha", lora_spec.alpha),
+        ("lora.use_rslora", "use_rslora", lora_spec.use_rslora)]
+    mismatched = [(field, config.get(key), want) for field, key, want in wanted
+                  if config.get(key, want) != want]
+    ours = _targets(getattr(peft_model.peft_config["default"], "target_modules", None))
+    if ours is not None and _targets(config.get("target_modules")) not in (None, ours):
+        mismatched.append(("lora.target_modules", config.get("target_modules"), ours))
+    if mismatched:
+        field, theirs, want = mismatched[0]
+        raise SpecError("; ".join(f"{f}: the init adapter has {t!r}, the spec {w!r}"
+                                  for f, t, w in mismatched), param=field, value=want)
+    state = load_file(str(weights_file))
+    ours_lora = {k for k, _ in peft_model.named_parameters() if ".lora_" in k}
+    try:
+        result: Any = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ModelError(f"init_adapter {adapter_dir} does not fit the model: {exc}") from exc
+    missing = sorted(k for k in result.missing_keys if k in ours_lora)
+    if missing or result.unexpected_keys:
+        raise ModelError(f"init_adapter {adapter_dir} does not fit the model: missing "
+                         f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}")
+    return len(state)

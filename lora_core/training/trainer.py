@@ -295,7 +295,7 @@ def _load_model(spec: RunSpec, precision: str) -> Any:
     dtype = "bf16" if precision == "bf16" and torch.cuda.is_available() else "float32"
     model = load_base_model(spec.model_dir, dtype=dtype)
     model.config.use_cache = False  # no KV cache while training; packed rows forbid it anyway
-    return apply_lora(model, spec.lora, spec.model_dir)
+    return apply_lora(model, spec.lora, spec.model_dir, init_adapter=spec.init_adapter)
 
 
 def _collator(spec: RunSpec, tokenizer: Any) -> Any:

@@ -73,6 +73,8 @@ class OpenAIRoute(APIRoute):
                 rendered = render(request, exc)
                 body = json.loads(bytes(rendered.body))
                 body["error"]["type"] = "invalid_request_error"
+                param = body["error"].get("param")
+                body["error"]["param"] = OPENAI_PARAM.get(param, param)  # OpenAI's name
                 body["error"]["message"] = _with_details(body)
                 return JSONResponse(body, status_code=400)
 

@@ -70,6 +70,13 @@ def _estimated_finish(job: Job) -> int | None:
     return int(utcnow().timestamp() + float(eta))
 
 
+def _model(job: Job) -> str:
+    """The name the job was created with: a base model, or the fine-tuned model or checkpoint
+    it continues (core/lineage.py), as OpenAI shows it."""
+    init = (job.spec or {}).get("init_from") or {}
+    return str(init.get("model") or job.base_model)
+
+
 def job_object(job: Job) -> dict[str, Any]:
     hp = _hyperparameters(job)
     error = None
@@ -79,7 +86,7 @@ def job_object(job: Job) -> dict[str, Any]:
     succeeded = job.status == JobStatus.SUCCEEDED
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": ts(job.created_at),
-        "finished_at": ts(job.finished_at), "model": job.base_model,
+        "finished_at": ts(job.finished_at), "model": _model(job),
         "fine_tuned_model": fine_tuned_model_name(job), "organization_id": job.tenant_id,
         "result_files": [f"{RESULT_FILE_PREFIX}{job.id}"] if succeeded else [],
         "status": openai_status(job), "training_file": job.training_file,

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from lora_core.errors import SpecError
 from lora_core.model_files import validate_lora_spec
 from lora_core.spec import VLLM_LORA_RANKS, LoraSpec
-from lorajobs.core import jobs, tokencounts
+from lorajobs.core import jobs, lineage, tokencounts
 from lorajobs.core.bounds import JobShape, check_job_bounds, spread_checkpoints
 from lorajobs.core.datasets import get_dataset
 from lorajobs.core.errors import InvalidRequest, LimitExceeded, NotFound
@@ -398,6 +398,8 @@ def submit_job(
             not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
                              "characters", param="Idempotency-Key")
+    # base_model naming a fine-tuned model or checkpoint: its base, its LoRA config (lineage)
+    request, init_from = lineage.resolve_parent(session, tenant_id=tenant_id, request=request)
     inputs = _load_inputs(session, tenant_id, request, idempotency_key)
     if inputs.replay_id is not None:  # answered before validation: the data may have changed
         _check_replay_hash(inputs.replay_hash, digest)
@@ -405,6 +407,8 @@ def submit_job(
             return Submitted(job, False, None)
     resolved = resolve(session, tenant_id=tenant_id, request=request, settings=settings,
                        store=store, inputs=inputs)
+    if init_from is not None:
+        resolved.spec["init_from"] = init_from
     locked = _lock_tenant(session, tenant_id, idempotency_key, request)
     if locked.replay_id is not None:
         # Again under the lock: a racing request with our key may have committed meanwhile.

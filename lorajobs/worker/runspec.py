@@ -34,6 +34,7 @@ from lora_core.spec import RunSpec
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Dataset, Job, RegisteredModel
+from lorajobs.worker.init_adapter import InitAdapterError, fetch_init_adapter
 
 __all__ = ["RunPaths", "PrepareError", "build_run_spec", "job_scratch_dir", "model_dir_for",
            "trainer_args", "trainer_command", "trainer_env", "visible_gpus", "worker_capacity"]
@@ -164,6 +165,11 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: Artifa
         _, validation_file = _dataset_file(session, settings, store, job.validation_file,
                                            "validation_file")
     spec: dict[str, Any] = job.spec or {}
+    try:  # a job continuing an earlier adapter (core/lineage.py)
+        init_adapter = fetch_init_adapter(session, store, job, paths.job_dir)
+    except InitAdapterError as exc:
+        raise PrepareError("init_adapter_missing", str(exc), param="base_model",
+                           user_fault=True) from exc
     evaluation = _evaluation(session, settings, store, job, spec.get("evaluation"))
     try:
         run_spec = RunSpec.model_validate({
@@ -171,7 +177,7 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: Artifa
             "data_format": dataset.format, "output_dir": paths.run_dir,
             "lora": spec.get("lora") or {}, "training": spec.get("training") or {},
             "distributed": spec.get("distributed") or {}, "merge": spec.get("merge") or "final",
-            "resume": True, **({"evaluation": evaluation} if evaluation is not None else {}),
+            "resume": True, "init_adapter": init_adapter, **({"evaluation": evaluation} if evaluation is not None else {}),
         })
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors())
