@@ -177,7 +177,8 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: Artifa
             "data_format": dataset.format, "output_dir": paths.run_dir,
             "lora": spec.get("lora") or {}, "training": spec.get("training") or {},
             "distributed": spec.get("distributed") or {}, "merge": spec.get("merge") or "final",
-            "resume": True, "init_adapter": init_adapter, **({"evaluation": evaluation} if evaluation is not None else {}),
+            "resume": True, "init_adapter": init_adapter,
+            **({"evaluation": evaluation} if evaluation is not None else {}),
         })
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors())
