@@ -82,7 +82,7 @@ class Decision:
 def next_state(job: AttemptOf, outcome: Outcome) -> Decision | None:
     """The job's next status after an attempt ended with `outcome`; None if it is not running.
 
-    Pure: reads the four fields of `AttemptOf`, writes nothing. See the module's table.
+    Pure: reads the fields of `AttemptOf`, writes nothing. See the module's table.
     """
     if job.status != JobStatus.RUNNING:
         return None
