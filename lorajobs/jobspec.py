@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lora_core.evaluation.spec import EvaluationSpec
-from lora_core.spec import DistributedSpec, LoraSpec, MergeMode, TrainingSpec
+from lora_core.spec import DistributedSpec, DpoSpec, LoraSpec, MergeMode, Method, TrainingSpec
 
 __all__ = ["JobRequest", "MAX_METADATA_KEYS", "MAX_METADATA_KEY_CHARS",
            "MAX_METADATA_VALUE_CHARS"]
@@ -33,6 +33,10 @@ class JobRequest(BaseModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     merge: MergeMode = "final"
+    # "sft" (next-token loss) or "dpo" (preference pairs; `dpo.beta`), as lora_core.spec.RunSpec
+    # and `lorajobs train` take them; /openai/v1 maps OpenAI's `method` onto these
+    method: Method = "sft"
+    dpo: DpoSpec | None = None
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-z0-9-]+$")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
     # graded generations, best checkpoint, early stopping (lora_core.evaluation.spec);
@@ -45,6 +49,16 @@ class JobRequest(BaseModel):
         if ev is not None and ev.file is None and self.validation_file is None:
             raise ValueError("evaluation needs held-out prompts: set validation_file or "
                              "evaluation.file (a dataset id)")
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> JobRequest:
+        if self.dpo is not None and self.method != "dpo":
+            raise ValueError("dpo settings are read only with method 'dpo'")
+        if self.method == "dpo" and (self.distributed.num_processes > 1
+                                     or self.distributed.zero_stage):
+            raise ValueError("method 'dpo' runs in one process without ZeRO for now: set "
+                             "distributed.num_processes 1 and zero_stage 0")
         return self
 
     @field_validator("metadata")

@@ -118,10 +118,23 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
-class Method(BaseModel):
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Auto | None = None
+
+
+class Dpo(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = "supervised"
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`; `reinforcement` is parsed only to be refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+    reinforcement: dict[str, Any] | None = None
 
 
 class FineTuningJobCreate(BaseModel):
@@ -140,9 +153,34 @@ class FineTuningJobCreate(BaseModel):
 
 
 def _hyper(body: FineTuningJobCreate) -> Hyperparameters:
-    if body.method and body.method.supervised and body.method.supervised.hyperparameters:
-        return body.method.supervised.hyperparameters
+    """The method's hyperparameters, else the legacy top-level ones (OpenAI's precedence)."""
+    method = body.method
+    if method and method.type == "dpo" and method.dpo and method.dpo.hyperparameters:
+        return method.dpo.hyperparameters
+    if method and method.supervised and method.supervised.hyperparameters:
+        return method.supervised.hyperparameters
     return body.hyperparameters or Hyperparameters()
+
+
+def _method(body: FineTuningJobCreate) -> dict[str, Any]:
+    """JobRequest's `method` (+ `dpo`); reinforcement is not supported yet (a clear 400)."""
+    method = body.method
+    if method is None or method.type == "supervised":
+        if method is not None and (method.dpo or method.reinforcement):
+            raise InvalidRequest("method.type is 'supervised': set method.supervised only",
+                                 param="method")
+        return {}
+    if method.type == "reinforcement":
+        raise InvalidRequest("method 'reinforcement' (reinforcement fine-tuning with graders) "
+                             "is not supported yet; use 'supervised' or 'dpo'",
+                             param="method.type", code="unsupported_method")
+    if method.supervised or method.reinforcement:
+        raise InvalidRequest("method.type is 'dpo': set method.dpo only", param="method")
+    hp = method.dpo.hyperparameters if method.dpo else None
+    beta = hp.beta if hp is not None else None
+    if isinstance(beta, float | int):
+        return {"method": "dpo", "dpo": {"beta": beta}}
+    return {"method": "dpo", "dpo": {}}  # "auto": DpoSpec's default, reported on the job
 
 
 def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
@@ -167,7 +205,8 @@ def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
     try:
         return submit.JobRequest(base_model=body.model, training_file=body.training_file,
                                  validation_file=body.validation_file, training=training,
-                                 suffix=suffix or None, metadata=body.metadata or {})
+                                 suffix=suffix or None, metadata=body.metadata or {},
+                                 **_method(body))
     except ValidationError as exc:
         param, problems = validation_problems(exc.errors(), OPENAI_PARAM)
         raise InvalidRequest(problems, param=param) from exc
@@ -177,7 +216,8 @@ def to_job_request(body: FineTuningJobCreate) -> submit.JobRequest:
 OPENAI_PARAM = {"training.epochs": "hyperparameters.n_epochs",
                 "training.batch_size": "hyperparameters.batch_size",
                 "training.learning_rate": "hyperparameters.learning_rate_multiplier",
-                "training.seed": "seed", "base_model": "model"}
+                "training.seed": "seed", "base_model": "model",
+                "dpo.beta": "method.dpo.hyperparameters.beta"}
 
 
 @router.post("/files", openapi_extra=OPENAI_UPLOAD_SCHEMA)
@@ -340,6 +380,27 @@ def resume_fine_tuning_job(job_id: str, session: SessionDep, enqueue: EnqueueDep
                                                        job_id=job_id))
     enqueue(job.id)
     return job_object(job)
+
+
+NOT_YET = "is not supported yet by this server (docs/OPENAI_COMPAT.md)"
+
+
+@router.api_route("/fine_tuning/checkpoints/{checkpoint}/permissions",
+                  methods=["GET", "POST"])
+@router.delete("/fine_tuning/checkpoints/{checkpoint}/permissions/{permission_id}")
+def checkpoint_permissions(checkpoint: str, principal: PrincipalDep,
+                           permission_id: str | None = None) -> None:
+    """Sharing checkpoints across projects: not supported yet (400, named)."""
+    raise InvalidRequest(f"checkpoint permissions {NOT_YET}; a tenant's checkpoints are "
+                         "usable by its own keys", param="fine_tuned_model_checkpoint",
+                         code="unsupported")
+
+
+@router.post("/fine_tuning/alpha/graders/{action}")
+def graders(action: str, principal: PrincipalDep) -> None:
+    """Graders belong to reinforcement fine-tuning: not supported yet (400, named)."""
+    raise InvalidRequest(f"fine_tuning.alpha.graders.{action} (reinforcement fine-tuning) "
+                         f"{NOT_YET}", param="grader", code="unsupported")
 
 
 EVENT_PREFIX = "ftevent-"

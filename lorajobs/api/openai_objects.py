@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from lora_core.spec import DpoSpec
 from lorajobs.api.schemas import fine_tuned_model_name
 from lorajobs.core.tables import Checkpoint, Dataset, Job, JobMetric, JobStatus, utcnow
 
@@ -31,7 +32,7 @@ __all__ = ["BASE_LEARNING_RATE", "RESULT_FILE_PREFIX", "RESULT_COLUMNS", "job_ob
            "checkpoint_model_name", "openai_status", "ts"]
 
 BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier=1 means here (our default lr)
-DEFAULT_DPO_BETA = 0.1  # what beta "auto" resolves to (TRL's and OpenAI's documented default)
+DEFAULT_DPO_BETA = DpoSpec().beta  # what beta "auto" resolves to (TRL's and OpenAI's default)
 RESULT_FILE_PREFIX = "ftresults-"  # + job id: the result file of a succeeded job
 # OpenAI's result file columns (fine-tuning guide, "Analyzing your fine-tuned model").
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss",
@@ -56,9 +57,10 @@ def _hyperparameters(job: Job) -> dict[str, Any]:
 
 
 def _method(job: Job, hp: dict[str, Any]) -> dict[str, Any]:
-    method = (job.spec or {}).get("method") or {"type": "supervised"}
-    if method.get("type") == "dpo":
-        beta = (method.get("dpo") or {}).get("beta", DEFAULT_DPO_BETA)
+    """OpenAI's `method` from our spec's `method` ("sft" | "dpo") and `dpo.beta`."""
+    spec = job.spec or {}
+    if spec.get("method") == "dpo":
+        beta = (spec.get("dpo") or {}).get("beta", DEFAULT_DPO_BETA)
         return {"type": "dpo", "dpo": {"hyperparameters": {**hp, "beta": beta}}}
     return {"type": "supervised", "supervised": {"hyperparameters": hp}}
 

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from lora_core.errors import SpecError
 from lora_core.model_files import validate_lora_spec
-from lora_core.spec import VLLM_LORA_RANKS, LoraSpec
+from lora_core.spec import DPO_FORMATS, SFT_FORMATS, VLLM_LORA_RANKS, LoraSpec
 from lorajobs.core import jobs, lineage, tokencounts
 from lorajobs.core.bounds import JobShape, check_job_bounds, spread_checkpoints
 from lorajobs.core.datasets import get_dataset
@@ -232,6 +232,13 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
     """
     inputs = inputs or _load_inputs(session, tenant_id, request, None)
     model, train = _require_inputs(session, tenant_id, request, inputs)
+    formats = DPO_FORMATS if request.method == "dpo" else SFT_FORMATS
+    if train.format not in formats:  # the trainer would refuse it only after claiming
+        fits = "dpo" if train.format in DPO_FORMATS else "sft (OpenAI's 'supervised')"
+        raise InvalidRequest(f"training_file holds {train.format} data, which does not train "
+                             f"with method {request.method!r} (it takes "
+                             f"{', '.join(formats)}); use method {fits}",
+                             param="training_file", code="invalid_spec")
     count = inputs.token_count
     if request.validation_file is not None:
         _tenant_dataset(session, tenant_id, request.validation_file, "validation_file")

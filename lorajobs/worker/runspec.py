@@ -178,6 +178,7 @@ def build_run_spec(session: Session, job: Job, settings: Settings, store: Artifa
             "lora": spec.get("lora") or {}, "training": spec.get("training") or {},
             "distributed": spec.get("distributed") or {}, "merge": spec.get("merge") or "final",
             "resume": True, "init_adapter": init_adapter,
+            "method": spec.get("method") or "sft", "dpo": spec.get("dpo") or {},
             **({"evaluation": evaluation} if evaluation is not None else {}),
         })
     except ValidationError as exc:
