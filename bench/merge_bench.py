@@ -1,15 +1,19 @@
-"""Merge benchmark: our streaming merge vs PEFT's load + merge_and_unload + save_pretrained.
+"""Merge benchmark: our streaming merge vs PEFT's load + merge_and_unload + save_pretrained,
+and our layer-by-layer verification vs the whole-model verification.
 
 Builds locally (no hub) a Llama-style bf16 model split into several safetensors shards and a
 random fp32 LoRA adapter (r=16 on q_proj/v_proj), then runs each arm in its own subprocess and
-reads that child's wall time and peak RSS (VmHWM). Finally compares every merged
-weight with a reference merge (fp32 delta, rounded once to bf16), tensor by tensor.
+reads that child's wall time and peak RSS (VmHWM). Compares every merged weight with a
+reference merge (fp32 delta, rounded once to bf16), tensor by tensor.
 
-    .venv/bin/python bench/merge_bench.py            # ~1.3 GB bf16 model, 2 repeats per arm
-    .venv/bin/python bench/merge_bench.py --small    # ~90 MB, seconds
+    .venv/bin/python bench/merge_bench.py                # 672M params (1.3 GB bf16), all 4 arms
+    .venv/bin/python bench/merge_bench.py --small        # ~90 MB, seconds
+    .venv/bin/python bench/merge_bench.py --size 3b      # 3.2B params (6.4 GB), ours + layers
 
-Targets (issue "performance"): ours peak RSS <= 1.5 x (largest shard + adapter) and <= half of
-PEFT's; wall time no worse than PEFT's.
+Targets: merge (issue "performance"): ours peak RSS <= 1.5 x (largest shard + adapter) and <=
+half of PEFT's; wall time no worse than PEFT's. Verification (issue 15): layer-by-layer peak
+RSS <= runtime + 2 x the largest unit (decoder layer or embedding/head, at the verification
+dtype), time <= the merge's, max |logits diff| equal to the whole-model verification's.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ sys.path.insert(0, str(ROOT))
 # Full size: hidden 2048, 12 layers, GQA 16/4 heads, vocab 32000 -> ~672M params, ~1.34 GB bf16.
 FULL = dict(hidden=2048, layers=12, intermediate=5632, heads=16, kv_heads=4, vocab=32000)
 SMALL = dict(hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2, vocab=32000)
+# Llama-3.2-3B's shape (head tied to the embedding): 3.21B params, 6.4 GB bf16.
+B3 = dict(hidden=3072, layers=28, intermediate=8192, heads=24, kv_heads=8, vocab=128256, tie=1)
+SIZES = {"small": SMALL, "full": FULL, "3b": B3}
+ARMS = ("peft", "ours", "verify-layers", "verify-whole")
+VERIFY_FP32_MAX_PARAMS = 1_000_000_000  # as lora_core.merging.verify: fp32 below, bf16 above
 BASE_SHARD_BYTES = 300 * 10**6  # base shards ~300 MB, like a 7B checkpoint cut small
 OUT_SHARD_SIZE = "2GB"  # both arms; ours must not hold an output shard in memory
 RANK, ALPHA = 16, 32
@@ -53,7 +62,32 @@ def _tensor_specs(c: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
-    return specs + [("model.norm.weight", (h,)), ("lm_head.weight", (c["vocab"], h))]
+    specs.append(("model.norm.weight", (h,)))
+    return specs if c.get("tie") else specs + [("lm_head.weight", (c["vocab"], h))]
+
+
+def largest_unit_params(c: dict[str, int]) -> int:
+    """Parameters of the largest unit verification loads at once: a decoder layer, or the
+    embedding / LM head (each its own unit; a tied head is the embedding's tensor again)."""
+    units: dict[str, int] = {}
+    for name, shape in _tensor_specs(c):
+        parts = name.split(".")
+        unit = ".".join(parts[:3]) if parts[1] == "layers" else name
+        n = 1
+        for d in shape:
+            n *= d
+        units[unit] = units.get(unit, 0) + n
+    return max(units.values())
+
+
+def total_params(c: dict[str, int]) -> int:
+    total = 0
+    for _, shape in _tensor_specs(c):
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
 
 
 def make_base(out: Path, c: dict[str, int]) -> None:
@@ -70,7 +104,8 @@ def make_base(out: Path, c: dict[str, int]) -> None:
     LlamaConfig(
         vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
         num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-        num_key_value_heads=c["kv_heads"], tie_word_embeddings=False, dtype="bfloat16",
+        num_key_value_heads=c["kv_heads"], tie_word_embeddings=bool(c.get("tie")),
+        dtype="bfloat16",
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"],
     ).save_pretrained(out)  # fmt: skip
@@ -120,12 +155,16 @@ def make_adapter(out: Path, c: dict[str, int]) -> None:
 
 
 def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> None:
-    """Child process body: one merge, then print {"merge_s": ...} as the last stdout line."""
+    """Child process body: one merge (or verification of `out`), then print
+    {"merge_s": ..., "peak_rss_mb": ...} as the last stdout line."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from lora_core.merging.merge import merge_adapter, merge_with_peft
 
+    if arm.startswith("verify"):
+        run_verify(arm, base, adapter, out)
+        return
     start = time.perf_counter()
     if arm == "peft":
         merge_with_peft(base, adapter, out, max_shard_size=OUT_SHARD_SIZE)
@@ -133,6 +172,29 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> None:
         merge_adapter(base, adapter, out, max_shard_size=OUT_SHARD_SIZE, verify=False)
     merge_s = time.perf_counter() - start
     print(json.dumps({"merge_s": merge_s, "peak_rss_mb": _vm_hwm_mb()}))
+
+
+def run_verify(arm: str, base: Path, adapter: Path, merged: Path) -> None:
+    """Verify `merged`; "runtime" is the RSS once everything either check imports is loaded."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from lora_core.merging.verify import verify_merge
+
+    runtime = _vm_mb("VmRSS:")
+    start = time.perf_counter()
+    diff = verify_merge(base, adapter, merged, layerwise=arm == "verify-layers")
+    seconds = time.perf_counter() - start
+    print(json.dumps({"merge_s": seconds, "peak_rss_mb": _vm_hwm_mb(), "runtime_mb": runtime,
+                      "max_abs_diff": diff}))  # fmt: skip
+
+
+def _vm_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _vm_hwm_mb() -> float:
@@ -146,7 +208,8 @@ def _vm_hwm_mb() -> float:
 
 def measure(arm: str, base: Path, adapter: Path, out: Path) -> dict[str, float]:
     """Run one arm in a fresh interpreter; its wall time (imports included) and peak RSS."""
-    shutil.rmtree(out, ignore_errors=True)
+    if not arm.startswith("verify"):
+        shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--arm", arm, str(base), str(adapter), str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -199,17 +262,28 @@ def dir_mb(path: Path, pattern: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="~90 MB model, for a quick check")
+    ap.add_argument("--small", action="store_true", help="~90 MB model (same as --size small)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full", help="model shape")
+    ap.add_argument(
+        "--arms",
+        default=None,
+        help=f"comma list of {','.join(ARMS)} (default: all; 3b: ours,verify-layers)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="runs per arm (default 2, small 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: tmp)")
-    ap.add_argument("--arm", choices=["peft", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.arm:
         run_arm(args.arm, *args.paths)
         return
-    c = SMALL if args.small else FULL
-    repeats = args.repeats or (1 if args.small else 2)
+    size = "small" if args.small else args.size
+    c = SIZES[size]
+    arms = (args.arms or ("ours,verify-layers" if size == "3b" else ",".join(ARMS))).split(",")
+    if any(a.startswith("verify") for a in arms) and "ours" not in arms:
+        raise SystemExit("the verify arms check the 'ours' arm's output: add ours to --arms")
+    repeats = args.repeats or (1 if size != "full" else 2)
+    print(f"cpu flags: {cpu_flags()} | load average at start: {os.getloadavg()}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
     base, adapter = work / "base", work / "adapter"
     if not base.exists():
@@ -220,13 +294,79 @@ def main() -> None:
     shards, adapter_mb = dir_mb(base, "*.safetensors"), dir_mb(adapter, "*.safetensors")[0]
     print(f"base: {sum(shards):.0f} MB bf16 in {len(shards)} shards (largest {max(shards):.0f} MB)"
           f", adapter {adapter_mb:.1f} MB fp32 (r={RANK}, q_proj/v_proj)")  # fmt: skip
-    results: dict[str, list[dict[str, float]]] = {"peft": [], "ours": []}
+    results: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS if arm in arms}
     for _ in range(repeats):
-        for arm in ("peft", "ours"):
-            results[arm].append(measure(arm, base, adapter, work / f"out-{arm}"))
-    report(results, base, adapter, work, max(shards) + adapter_mb)
+        for arm in results:
+            out = work / ("out-ours" if arm.startswith("verify") else f"out-{arm}")
+            results[arm].append(measure(arm, base, adapter, out))
+    report({a: r for a, r in results.items() if not a.startswith("verify")}, base, adapter, work,
+           max(shards) + adapter_mb)  # fmt: skip
+    verify_report(results, c)
+    print(f"load average at end: {os.getloadavg()}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide GEMM speed (bf16 native or emulated)."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])  # fmt: skip
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "(none of avx2/avx512/amx)"
+
+
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Best time, worst peak RSS over the repeats."""
+    out = {k: min(r[k] for r in runs) for k in ("wall_s", "merge_s")}
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    for k in ("runtime_mb", "max_abs_diff"):
+        if k in runs[0]:
+            out[k] = max(r[k] for r in runs)
+    return out
+
+
+def verify_report(results: dict[str, list[dict[str, float]]], c: dict[str, int]) -> None:
+    """Verification arms: time, peak RSS over the runtime, the budget, the logits diff."""
+    arms = [a for a in ("verify-layers", "verify-whole") if results.get(a)]
+    if not arms:
+        return
+    params = total_params(c)
+    unit = largest_unit_params(c)
+    vbytes = 4 if params <= VERIFY_FP32_MAX_PARAMS else 2
+    unit_mb = unit * vbytes / 2**20
+    print(f"verification in {'fp32' if vbytes == 4 else 'bf16'}: {params / 1e9:.2f}B params, "
+          f"largest unit {unit / 1e6:.0f}M params = {unit_mb:.0f} MiB as verified "
+          f"({unit * 2 / 2**20:.0f} MiB bf16 on disk)")  # fmt: skip
+    print(f"{'arm':14} {'wall s':>8} {'verify s':>9} {'runtime MB':>11} {'peak RSS MB':>12}"
+          f" {'peak-runtime':>13}  max|logits diff|")  # fmt: skip
+    best = {a: _best(results[a]) for a in arms}
+    for a, b in best.items():
+        print(f"{a:14} {b['wall_s']:8.2f} {b['merge_s']:9.2f} {b['runtime_mb']:11.0f} "
+              f"{b['peak_rss_mb']:12.0f} {b['peak_rss_mb'] - b['runtime_mb']:13.0f}  "
+              f"{b['max_abs_diff']:.6g}")  # fmt: skip
+    lay, merge = best.get("verify-layers"), _best(results["ours"])
+    checks = {}
+    if lay:
+        budget = lay["runtime_mb"] + 2 * unit_mb
+        checks[f"layers peak RSS <= runtime + 2 x largest unit = {budget:.0f} MB"] = (
+            lay["peak_rss_mb"] <= budget
+        )
+        checks[f"layers verify s <= merge s ({merge['merge_s']:.2f})"] = (
+            lay["merge_s"] <= merge["merge_s"]
+        )
+        checks[f"layers wall <= merge wall ({merge['wall_s']:.2f})"] = (
+            lay["wall_s"] <= merge["wall_s"]
+        )
+    if lay and "verify-whole" in best:
+        whole = best["verify-whole"]
+        checks["same max|logits diff| as whole-model (within 1e-6)"] = (
+            abs(lay["max_abs_diff"] - whole["max_abs_diff"]) <= 1e-6
+        )
+        print(f"ratios layers/whole: verify s {lay['merge_s'] / whole['merge_s']:.2f}, peak RSS "
+              f"{lay['peak_rss_mb'] / whole['peak_rss_mb']:.2f}")  # fmt: skip
+    for label, ok in checks.items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {label}")
 
 
 def report(results, base: Path, adapter: Path, work: Path, budget_basis_mb: float) -> None:
@@ -244,6 +384,8 @@ def report(results, base: Path, adapter: Path, work: Path, budget_basis_mb: floa
         diff, differing = max_diff_vs_reference(base, adapter, work / f"out-{arm}")
         print(f"{arm:6} {b['wall_s']:8.2f} {b['merge_s']:8.2f} {b['peak_rss_mb']:12.0f}"
               f"  {diff:16.3g}  {differing}")  # fmt: skip
+    if "peft" not in best or "ours" not in best:
+        return
     o, p = best["ours"], best["peft"]
     ratios = {k: o[k] / p[k] for k in ("wall_s", "merge_s", "peak_rss_mb")}
     print("ratios ours/peft: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
