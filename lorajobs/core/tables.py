@@ -257,7 +257,7 @@ class Checkpoint(Base):
     merged_key: Mapped[str | None] = mapped_column(String(500), default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # {"files": [{path, size, sha256}]} of what was uploaded under `path` (the store prefix),
-    # and the attempt that wrote it; set when the upload completed (migration 0005).
+    # and the attempt that wrote it; set when the upload completed (migration 0006).
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     attempt: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
