@@ -1,0 +1,92 @@
+"""The resume point of an attempt (checkpoint_sync.prepare_resume), on the local store and a
+real S3 server: only the newest recorded checkpoint is left for the trainer, downloaded and
+verified where this node lacks it or holds a copy that does not match its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorajobs.core import jobs
+from lorajobs.core.db import get_sessionmaker
+from lorajobs.core.migrate import upgrade
+from lorajobs.core.settings import Settings
+from lorajobs.core.storage import get_store
+from lorajobs.worker.checkpoint_sync import (
+    checkpoint_prefix,
+    prepare_resume,
+    record_checkpoint,
+    upload_dir,
+)
+from tests.worker.jobfactory import make_job
+
+
+@pytest.fixture(params=["local", "s3"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    extra = request.getfixturevalue("s3_bucket").settings() if request.param == "s3" else {}
+    settings = Settings(data_dir=tmp_path / "data", **extra)
+    upgrade(settings)
+    return settings
+
+
+def _checkpoint(root: Path, step: int) -> Path:
+    ckpt = root / f"checkpoint-{step}"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(bytes([step]) * 300)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (ckpt / "COMPLETE").write_text(f"{step}\n")
+    return ckpt
+
+
+def test_only_the_newest_recorded_checkpoint_is_resumed(settings: Settings,
+                                                        tmp_path: Path) -> None:
+    job_id = make_job(settings)
+    sessions = get_sessionmaker(settings)
+    store = get_store(settings)
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w", lease_seconds=60) is not None
+    uploaded = tmp_path / "uploaded"
+    for step in (2, 4):  # recorded by attempt 1
+        files = upload_dir(store, _checkpoint(uploaded, step), checkpoint_prefix(job_id, 1, step),
+                           retry_seconds=5)
+        with sessions() as session:
+            assert record_checkpoint(session, job_id=job_id, owner="w", attempt=1, step=step,
+                                     prefix=checkpoint_prefix(job_id, 1, step), files=files,
+                                     metrics={})
+
+    # another node: nothing local -> step 4 downloaded, verified
+    node_b = tmp_path / "b" / "checkpoints"
+    assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_b,
+                          retry_seconds=5) == 4
+    assert sorted(p.name for p in node_b.iterdir()) == ["checkpoint-4"]
+    assert (node_b / "checkpoint-4" / "adapter" / "adapter_model.safetensors").read_bytes() \
+        == bytes([4]) * 300
+
+    # this node: a newer unrecorded dir (its upload never completed), an older recorded one,
+    # and a tampered copy of the newest recorded one
+    node_a = tmp_path / "a" / "checkpoints"
+    for step in (2, 4, 6):
+        _checkpoint(node_a, step)
+    (node_a / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 99}')
+    assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_a,
+                          retry_seconds=5) == 4
+    assert sorted(p.name for p in node_a.iterdir()) == ["checkpoint-4"]
+    assert json.loads((node_a / "checkpoint-4" / "trainer_state.json").read_text()) \
+        == {"global_step": 4}
+
+    # an intact local copy is kept as it is (no download)
+    marker = (node_a / "checkpoint-4" / "COMPLETE").stat().st_ino
+    assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_a,
+                          retry_seconds=5) == 4
+    assert (node_a / "checkpoint-4" / "COMPLETE").stat().st_ino == marker
+
+
+def test_no_recorded_checkpoint_starts_over(settings: Settings, tmp_path: Path) -> None:
+    job_id = make_job(settings)
+    local = tmp_path / "checkpoints"
+    _checkpoint(local, 3)  # sealed, but never uploaded and recorded
+    assert prepare_resume(get_sessionmaker(settings), get_store(settings), job_id=job_id,
+                          checkpoints_dir=local, retry_seconds=5) is None
+    assert list(local.iterdir()) == []
