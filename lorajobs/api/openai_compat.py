@@ -1,6 +1,6 @@
 """`/openai/v1`: the subset of OpenAI's fine-tuning API that the official `openai` client drives.
 
-    files                     POST (purpose=fine-tune), GET list, GET one
+    files                     POST (purpose=fine-tune), GET list, GET one, DELETE, GET content
     fine_tuning/jobs          POST create, GET list (after, limit, metadata), GET one,
                               POST {id}/cancel, {id}/pause, {id}/resume
     fine_tuning/jobs/{id}/events        newest first, like OpenAI
@@ -265,6 +265,15 @@ def get_file(file_id: str, session: SessionDep, principal: PrincipalDep) -> dict
         return result_file_object(job, len(data))
     return file_object(datasets.get_dataset(session, tenant_id=principal.tenant_id,
                                             dataset_id=file_id))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, session: SessionDep, principal: PrincipalDep,
+                store: StoreDep) -> dict[str, Any]:
+    """Delete an upload; 409 while a queued, running or paused job uses it."""
+    row = datasets.delete_dataset(session, tenant_id=principal.tenant_id, dataset_id=file_id,
+                                  store=store)
+    return {"id": row.id, "object": "file", "deleted": True}
 
 
 @router.get("/files/{file_id}/content")

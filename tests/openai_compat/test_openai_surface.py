@@ -145,3 +145,16 @@ def test_list_events_pages_to_the_end(client: OpenAI) -> None:
     assert page.has_more and len(page.data) == 3
     with pytest.raises(openai.BadRequestError, match="after"):
         client.fine_tuning.jobs.list_events(job.id, after="ftevent-x")
+
+
+def test_files_delete(client: OpenAI, live: Live) -> None:
+    file_id, _ = _upload(client)
+    busy = live.submit(max_steps=200, training_file=file_id)
+    with pytest.raises(openai.ConflictError, match="used by"):
+        client.files.delete(file_id)  # a job still needs it
+    client.fine_tuning.jobs.cancel(busy)
+    live.wait_end(busy)
+    deleted = client.files.delete(file_id)
+    assert deleted.id == file_id and deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file_id)
