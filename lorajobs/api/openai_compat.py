@@ -8,9 +8,12 @@
 
 A translation layer only: every call goes through the same service functions as `/v1`
 (validation, idempotency, tenant scoping, state machine). Mapping decisions:
-- `model` is a registered base model name; `hyperparameters.n_epochs` -> training.epochs,
-  `batch_size` -> training.batch_size, `learning_rate_multiplier` x BASE_LEARNING_RATE;
-  "auto" (or absent) keeps our default. `method.supervised.hyperparameters` is accepted too.
+- `model` is a registered base model name, or a fine-tuned model / checkpoint to build on
+  (core/lineage.py); `hyperparameters.n_epochs` -> training.epochs, `batch_size` ->
+  training.batch_size, `learning_rate_multiplier` x BASE_LEARNING_RATE; "auto" (or absent)
+  keeps our default, and the job reports the resolved value.
+- `method`: supervised -> our method "sft", dpo -> "dpo" + dpo.beta; its hyperparameters win
+  over the legacy top-level ones. reinforcement, checkpoint permissions and graders: 400.
 - `suffix` is normalised to our `[a-z0-9-]{1,40}` (OpenAI allows 64 free characters).
 - status: queued -> "queued" (files were validated at upload, so there is no separate
   "validating_files" phase), running, pausing (running, pause requested), paused,
