@@ -194,6 +194,9 @@ def _materialise(store: ArtifactStore, rows: list[Artifact], dest: Path) -> None
         for row in rows:
             digest = hashlib.sha256()
             out = tmp / row.name
+            if not out.resolve().is_relative_to(tmp.resolve()):  # never outside the adapter
+                raise Conflict(f"artifact name {row.name!r} is not a relative path",
+                               param="checkpoint")
             out.parent.mkdir(parents=True, exist_ok=True)
             with store.open(row.storage_key) as src, open(out, "wb") as fh:
                 while chunk := src.read(1 << 20):
