@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lora_core.events import JobError, Stage
+from lorajobs.core.evaluations import SUMMARY_FIELDS
 from lorajobs.core.registry import MODEL_NAME_PATTERN
 from lorajobs.core.submit import JobRequest
 from lorajobs.core.tables import (
@@ -64,19 +65,14 @@ class Progress(BaseModel):
 
 
 class JobMetricsSummary(BaseModel):
-    """Losses, and for a job with `evaluation` (lorajobs.core.evaluations): the latest and the
-    base model's grader scores, the step that is the job's result and why, early stopping."""
+    """Losses; a job with `evaluation` adds, once known (lorajobs.core.evaluations
+    .SUMMARY_FIELDS): `scores` and `base_scores` ({grader: mean}), `best_step`, `best_metric`,
+    `best_value`, `selection_reason`, `stopped_early`, `stop_reason`."""
+
+    model_config = ConfigDict(extra="allow")
 
     train_loss: float | None = None
     eval_loss: float | None = None
-    scores: dict[str, float | None] | None = None
-    base_scores: dict[str, float | None] | None = None
-    best_step: int | None = None
-    best_metric: str | None = None
-    best_value: float | None = None
-    selection_reason: str | None = None
-    stopped_early: bool | None = None
-    stop_reason: str | None = None
 
 
 def fine_tuned_model_name(job: Job) -> str | None:
@@ -127,8 +123,9 @@ class JobPublic(BaseModel):
             max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
             progress=Progress(step=step, total_steps=total, epoch=raw.get("epoch"),
                               fraction=fraction, eta_seconds=raw.get("eta_seconds")),
-            metrics=JobMetricsSummary.model_validate(
-                {k: v for k, v in metrics.items() if k in JobMetricsSummary.model_fields}),
+            metrics=JobMetricsSummary(
+                train_loss=metrics.get("train_loss"), eval_loss=metrics.get("eval_loss"),
+                **{k: metrics[k] for k in SUMMARY_FIELDS if metrics.get(k) is not None}),
             error=JobError.model_validate(job.error) if job.error else None,
             created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at, base_model=job.base_model,

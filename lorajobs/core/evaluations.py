@@ -29,9 +29,11 @@ from lorajobs.core.settings import Settings
 from lorajobs.core.tables import JobEvaluation
 
 __all__ = ["record", "scores_by_step", "with_scores", "samples", "check_evaluation_bounds",
-           "JOB_FIELDS"]
+           "JOB_FIELDS", "SUMMARY_FIELDS"]
 
 JOB_FIELDS = ("best_step", "best_metric", "best_value", "selection_reason", "stop_reason")
+# what GET /v1/jobs/{id} shows of them (api/schemas.JobMetricsSummary)
+SUMMARY_FIELDS = ("scores", "base_scores", *JOB_FIELDS, "stopped_early")
 
 
 def record(session: Session, job_id: str, event: EvaluationEvent,
