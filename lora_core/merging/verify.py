@@ -31,7 +31,7 @@ import ctypes
 import gc
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,7 @@ __all__ = ["verify_merge", "check_merge", "compare_whole", "compare_layerwise", 
 VERIFY_FP32_MAX_PARAMS = 1_000_000_000
 PROBE_SHAPE = (2, 16)  # probe batch: 2 rows x 16 tokens, deterministic ids
 PROBE_STRIDE = 7919  # a prime: spreads probe ids across the vocabulary
+CHECK_CHUNK_BYTES = 64 * 2**20  # per-tensor check: larger tensors are compared slice by slice
 
 
 class _NotStreamable(Exception):
@@ -166,6 +167,29 @@ class _Files:
         files = inspect_model_dir(model_dir).weight_files
         return cls(model_dir, {e.name: e for e in _base_entries(model_dir, files)})
 
+    def mismatch(self, name: str, want: torch.Tensor) -> float | None:
+        """None if the stored tensor equals `want` bit for bit, else the max |difference|.
+
+        Large tensors are compared in slices (copies of CHECK_CHUNK_BYTES): a whole one would
+        keep its mmap pages resident beside the unit's own tensors (+752 MiB on a 3B head)."""
+        from safetensors import safe_open
+
+        e = self.entries[name]
+        with safe_open(str(self.root / e.file), framework="pt") as handle:
+            if e.nbytes <= CHECK_CHUNK_BYTES or want.dim() == 0:
+                parts: Iterable[tuple[torch.Tensor, torch.Tensor]] = [
+                    (handle.get_tensor(name), want)
+                ]
+            else:
+                rows = max(1, CHECK_CHUNK_BYTES * want.shape[0] // e.nbytes)
+                sliced = handle.get_slice(name)
+                parts = ((sliced[i : i + rows], want[i : i + rows])
+                         for i in range(0, want.shape[0], rows))  # fmt: skip
+            for have, part in parts:
+                if have.dtype != part.dtype or not torch.equal(have, part):
+                    return float((have.float() - part.float()).abs().max().item())
+        return None
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor via its own safe_open handle (its mmap pages go with the handle)."""
         from safetensors import safe_open
@@ -198,22 +222,21 @@ class _Pass:
         self.merged_only: dict[int, dict[str, torch.Tensor]] = {}  # id(module) -> leaf -> tensor
 
     def load(self, slot: _Slot, key: str) -> torch.Tensor:
-        w, have = self.base.read(key), self.merged.read(key)
+        w = self.base.read(key)
         ref = w
         if key in self.adapter.replacements:
             ref = _replacement(self.base.entries[key], self.adapter.replacements[key])
-        same = None  # does the merged tensor equal the one the reference half uses?
-        if self.tensor_check:
-            want = _expected(key, w, self.adapter, self.base)
-            if not torch.equal(want, have):
-                diff = (want.float() - have.float()).abs().max().item()
-                raise MergeError(
-                    f"merged tensor {key} is not base + adapter (max |diff| "
-                    f"{diff:.3g}): the file is corrupt or the merge mis-mapped it"
-                )
-            same = True if want is ref else None  # untouched: already compared
-            del want
-        if not (same or torch.equal(have, ref)):
+        want = _expected(key, w, self.adapter, self.base) if self.tensor_check else ref
+        diff = self.merged.mismatch(key, want)
+        if diff is not None and self.tensor_check:
+            raise MergeError(
+                f"merged tensor {key} is not base + adapter (max |diff| {diff:.3g}): the file "
+                "is corrupt or the merge mis-mapped it"
+            )
+        # The merged half needs its own copy only where the file differs from the reference
+        # half's tensor: the targeted ones (equal to `want`, just checked) or, unchecked, any.
+        have = self.merged.read(key) if diff is not None else want
+        if have is not ref and not torch.equal(have, ref):
             value = have.to(self.dtype) if have.is_floating_point() else have
             self.merged_only.setdefault(id(slot.module), {})[slot.leaf] = value
         return ref
