@@ -13,7 +13,7 @@ A translation layer only: every call goes through the same service functions as 
   training.batch_size, `learning_rate_multiplier` x BASE_LEARNING_RATE; "auto" (or absent)
   keeps our default, and the job reports the resolved value.
 - `method`: supervised -> our method "sft", dpo -> "dpo" + dpo.beta; its hyperparameters win
-  over the legacy top-level ones. reinforcement, checkpoint permissions and graders: 400.
+  over the legacy top-level ones. reinforcement and checkpoint permissions: 400.
 - `suffix` is normalised to our `[a-z0-9-]{1,40}` (OpenAI allows 64 free characters).
 - status: queued -> "queued" (files were validated at upload, so there is no separate
   "validating_files" phase), running, pausing (running, pause requested), paused,
@@ -406,13 +406,6 @@ def checkpoint_permissions(checkpoint: str, principal: PrincipalDep,
     raise InvalidRequest(f"checkpoint permissions {NOT_YET}; a tenant's checkpoints are "
                          "usable by its own keys", param="fine_tuned_model_checkpoint",
                          code="unsupported")
-
-
-@router.post("/fine_tuning/alpha/graders/{action}")
-def graders(action: str, principal: PrincipalDep) -> None:
-    """Graders belong to reinforcement fine-tuning: not supported yet (400, named)."""
-    raise InvalidRequest(f"fine_tuning.alpha.graders.{action} (reinforcement fine-tuning) "
-                         f"{NOT_YET}", param="grader", code="unsupported")
 
 
 EVENT_PREFIX = "ftevent-"

@@ -1,6 +1,6 @@
 """OpenAI's `method` (supervised, dpo) with "auto" hyperparameters resolved and reported, the
-legacy top-level `hyperparameters`, and what is refused by name: reinforcement, checkpoint
-permissions, graders. The official client against a live server, fake trainer (what DPO
+legacy top-level `hyperparameters`, and what is refused by name: reinforcement and checkpoint
+permissions. The official client against a live server, fake trainer (what DPO
 training does is tests/lora_core/test_dpo.py)."""
 
 from __future__ import annotations
@@ -100,7 +100,3 @@ def test_what_is_not_supported_is_a_clear_400(client: OpenAI, live: Live) -> Non
         with pytest.raises(openai.BadRequestError, match="checkpoint permissions.*not "
                                                           "supported yet"):
             call()
-    with pytest.raises(openai.BadRequestError, match="graders.*not supported yet"):
-        client.fine_tuning.alpha.graders.validate(grader={
-            "type": "string_check", "name": "g", "input": "a", "reference": "b",
-            "operation": "eq"})
