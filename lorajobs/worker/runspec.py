@@ -47,6 +47,7 @@ DEV_DIR = Path("/dev")
 # Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "LORAJOBS_TRAINER_THREADS")
+FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
 
 class PrepareError(Exception):
@@ -258,6 +259,12 @@ def trainer_env(settings: Settings) -> dict[str, str]:
     """The worker's environment plus thread limits and unbuffered output for the child."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # Libraries that start a thread when imported make the pre-warmed zygote unsafe to fork
+    # (prewarm.py refuses, and every trainer starts cold): numpy's OpenBLAS pool (torch's
+    # GEMMs use MKL/oneDNN, not it) and pyarrow's jemalloc background thread (pyarrow comes
+    # with `datasets`, which transformers.trainer and TRL import).
+    for name, value in FORK_SAFE_ENV.items():
+        env.setdefault(name, value)
     if settings.trainer_threads:
         for name in THREAD_ENV_VARS:
             env[name] = str(settings.trainer_threads)
