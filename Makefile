@@ -31,6 +31,7 @@ TEST_WORKERS ?= 3
 test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m tests.vllm_env  # vLLM's CPU venv for tests/serving: built once per machine
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 lint: dev

@@ -7,7 +7,9 @@ Upstream: by default tests/fake_vllm.py in a process of its own (a fixed answer,
 difference is the proxy alone: auth, route lookup, relay); `--upstream` points at a real vLLM
 serving `--model`. lorajobs: uvicorn (one process) with the upstream as a settings target.
 Requests alternate direct / proxied on one keep-alive client each, sequentially. One JSON line:
-p50/p99 of both (ms), p50 and p99 overhead (ms), and the same for a streamed answer's last byte.
+p50/p99 of both (ms), p50 and p99 overhead (ms), and the same for a streamed answer's last byte;
+plus the floor every authenticated lorajobs request pays (the key's database check), which is
+most of the overhead on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ def _compare(direct: httpx.Client, proxied: httpx.Client, upstream: str, api: st
             "overhead_p99_ms": round(_pct(p, 99) - _pct(d, 99), 3)}
 
 
+def _floor(client: httpx.Client, url: str, n: int) -> float:
+    """p50 ms of a GET that answers without touching the upstream."""
+    times = []
+    for _ in range(WARMUP + n):
+        start = time.perf_counter()
+        client.get(url)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(_pct(times[WARMUP:], 50), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=400)
@@ -111,7 +123,13 @@ def main() -> None:
                           "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                           "load_avg": os.getloadavg()[0],
                           "json": _compare(direct, prox, upstream, api, body, args.n, False),
-                          "stream": _compare(direct, prox, upstream, api, body, args.n, True)}
+                          "stream": _compare(direct, prox, upstream, api, body, args.n, True),
+                          # What any lorajobs request pays before a route runs: /healthz (no
+                          # key) and an unknown /v1 path with a key (the key's database check,
+                          # then 404): the proxy's overhead includes the second.
+                          "lorajobs_healthz_p50_ms": _floor(prox, f"{api}/healthz", args.n),
+                          "lorajobs_key_check_p50_ms": _floor(prox, f"{api}/v1/no-such-route",
+                                                              args.n)}
         finally:
             for proc in reversed(procs):
                 stop_server(proc)
