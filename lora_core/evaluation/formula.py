@@ -24,8 +24,8 @@ __all__ = ["FormulaError", "check_formula", "evaluate_formula", "FUNCTIONS"]
 MAX_FORMULA_CHARS = 1000
 MAX_EXPONENT = 64.0  # |b| in a ** b: enough for any scoring formula, cheap on floats
 FUNCTIONS: dict[str, Callable[..., float]] = {
-    "min": min, "max": max, "abs": abs, "floor": math.floor, "ceil": math.ceil,
-    "exp": math.exp, "sqrt": math.sqrt, "log": math.log,
+    "min": lambda *a: min(a), "max": lambda *a: max(a), "abs": abs, "floor": math.floor,
+    "ceil": math.ceil, "exp": math.exp, "sqrt": math.sqrt, "log": math.log,
 }
 _ARITY = {"min": None, "max": None, "abs": 1, "floor": 1, "ceil": 1, "exp": 1, "sqrt": 1,
           "log": 1}  # None: one or more
@@ -108,7 +108,7 @@ def evaluate_formula(formula: str, values: dict[str, Any]) -> float:
     """The formula's value for these sub-grader scores."""
     try:
         result = _walk(_parse(formula), set(values), {k: float(v) for k, v in values.items()})
-    except (ZeroDivisionError, OverflowError, ValueError) as exc:
+    except (ZeroDivisionError, OverflowError, ValueError, TypeError) as exc:
         if isinstance(exc, FormulaError):
             raise
         raise FormulaError(f"cannot compute: {exc}") from None
