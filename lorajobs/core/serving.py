@@ -260,7 +260,11 @@ def deploy(session: Session, *, job: Job, target_name: str, step: int | None,
         check_adapter(json.load(fh), target)
     name = served_name(job, step)
     local_dir, server_path = _dirs(target, job, step)
-    _materialise(store, rows, local_dir)
+    try:
+        _materialise(store, rows, local_dir)
+    except OSError as exc:  # the target's directory is missing, full or not ours to write
+        raise UpstreamUnavailable(f"cannot write the adapter under target {target.name!r}'s "
+                                  f"adapter_dir: {exc}", param="target") from exc
     servers = _load_everywhere(target, name, server_path, client)
     row = session.scalar(select(Deployment).where(Deployment.target == target.name,
                                                   Deployment.model_name == name))
@@ -355,6 +359,9 @@ def _reconcile_server(session: Session, target: TargetSpec, url: str, rows: list
                 vllm.load(row.model_name, row.adapter_path)
             except (UpstreamUnavailable, InvalidRequest, NotFound, Conflict) as exc:
                 _mark(row, url, loaded=False, error=exc.message)
+                continue
+            except OSError as exc:  # the adapter directory: next sweep
+                _mark(row, url, loaded=False, error=f"adapter_dir: {exc}")
                 continue
             log.info("reloaded %s on %s", row.model_name, url)
             _mark(row, url, loaded=True, error=None)

@@ -199,3 +199,21 @@ def test_a_server_that_is_down_is_recorded_and_reconciled(api: Api, fake: FakeVl
                            json=chat).status_code == 200
     assert api.client.delete("/v1/serving-targets/pair",
                              headers=api.h("admin")).status_code == 409
+
+
+def test_an_unwritable_adapter_dir_is_502_and_nothing_is_recorded(api: Api, fake: FakeVllm,
+                                                                   tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    body = {"name": "broken", "urls": [fake.url], "base_models": [MODEL_NAME],
+            "api_key": "server-secret", "adapter_dir": str(blocker)}
+    assert api.client.post("/v1/serving-targets", headers=api.h("admin"),
+                           json=body).status_code == 201
+    job = finished_job(api)
+    resp = api.client.post(f"/v1/jobs/{job.id}/deploy", headers=api.h("alice"),
+                           json={"target": "broken"})
+    assert resp.status_code == 502, resp.text
+    assert resp.json()["error"]["code"] == "serving_unavailable"
+    assert fake.adapters == {}
+    with api.sessions() as session:
+        assert serving.list_deployments(session, job_id=job.id) == []

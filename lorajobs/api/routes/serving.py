@@ -56,7 +56,8 @@ def deployment_object(row: Deployment) -> dict[str, Any]:
             "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat()}
 
 
-@router.post("/v1/jobs/{job_id}/deploy")
+@router.post("/v1/jobs/{job_id}/deploy", responses={502: {
+    "description": "the target's adapter directory cannot be written (serving_unavailable)"}})
 def deploy_job(job_id: str, body: DeployRequest, request: Request, session: SessionDep,
                settings: SettingsDep, store: StoreDep, principal: PrincipalDep
                ) -> dict[str, Any]:
