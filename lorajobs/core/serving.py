@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj",
                              "up_proj", "down_proj", "gate_up_proj")
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
+MAX_MODEL_NAME = 300  # deployments.model_name
 ClientFactory = Callable[[str, str | None], VllmClient]
 
 
@@ -259,6 +260,9 @@ def deploy(session: Session, *, job: Job, target_name: str, step: int | None,
     with store.open(config_row.storage_key) as fh:
         check_adapter(json.load(fh), target)
     name = served_name(job, step)
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidRequest(f"the served name {name!r} is over {MAX_MODEL_NAME} characters "
+                             "(a shorter suffix or base model name)", param="job_id")
     local_dir, server_path = _dirs(target, job, step)
     try:
         _materialise(store, rows, local_dir)
