@@ -279,7 +279,7 @@ def resolve(session: Session, *, tenant_id: str, request: JobRequest, settings: 
 
 
 class _Locked(NamedTuple):
-    active: int  # the tenant's queued + running jobs
+    active: int  # the tenant's queued + running + paused jobs
     replay_id: str | None
     replay_hash: str | None
     used: StorageUsage
@@ -291,8 +291,11 @@ def _lock_statements() -> tuple[Any, Any]:
     tenant: BindParameter[str] = bindparam("tenant_id")
     lock = (update(Tenant).where(Tenant.id == tenant).values(name=Tenant.name)
             .execution_options(synchronize_session=False))
+    # A paused job counts: it may be resumed at any time without passing this check again,
+    # so pausing jobs must not free room for more (pause N, submit N, resume all: 2N active).
     active = select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        Job.tenant_id == tenant,
+        Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]))
     queued = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
     record = select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant,
                                              IdempotencyRecord.key == bindparam("key"))
@@ -354,11 +357,12 @@ def _dataset_deleted(session: Session, tenant_id: str, request: JobRequest) -> N
 
 
 def _check_quota(active: int, settings: Settings) -> None:
-    """Per-tenant cap on queued + running jobs, exact under concurrent submits: `active` was
-    counted under the tenant's row lock (`_lock_tenant`)."""
+    """Per-tenant cap on queued + running + paused jobs, exact under concurrent submits:
+    `active` was counted under the tenant's row lock (`_lock_tenant`)."""
     if active >= settings.max_active_jobs_per_tenant:
         raise LimitExceeded(
-            f"{active} active jobs: the limit is {settings.max_active_jobs_per_tenant}; wait for "
+            f"{active} active (queued, running or paused) jobs: the limit is "
+            f"{settings.max_active_jobs_per_tenant}; wait for "
             "one to finish or cancel one", param=None, code="too_many_active_jobs")
 
 

@@ -91,6 +91,21 @@ def test_model_targets_datasets_and_limits_checked(api: Api) -> None:
     api.job("bob", bobs)  # the quota is per tenant
 
 
+def test_a_paused_job_still_counts_against_the_active_quota(api: Api) -> None:
+    """Pausing must not free room: pause N, submit N more, resume all would be 2N active."""
+    ds = api.dataset("alice")
+    api.client.app.state.settings.max_active_jobs_per_tenant = 1
+    first = api.job("alice", ds)["id"]
+    paused = api.client.post(f"/v1/jobs/{first}/pause", headers=api.h("alice"))
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    resp = api.submit("alice", {"base_model": MODEL_NAME, "training_file": ds})
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "too_many_active_jobs"
+    assert "paused" in resp.json()["error"]["message"]
+    cancelled = api.client.post(f"/v1/jobs/{first}/cancel", headers=api.h("alice"))
+    assert cancelled.status_code == 200
+    assert api.submit("alice", {"base_model": MODEL_NAME, "training_file": ds}).status_code == 201
+
+
 def test_idempotency(api: Api) -> None:
     ds = api.dataset("alice")
     body = {"base_model": MODEL_NAME, "training_file": ds}
