@@ -195,6 +195,13 @@ class StopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A stop ends the epoch loop, and with save_strategy "epoch" (save_steps unset: every
+        # job from /openai/v1) Trainer's on_epoch_end asks for a save again: the same step
+        # saved twice, two checkpoint events, whose uploads clobbered each other (issue 13).
+        if self.stopped:
+            control.should_save = False
+
 
 class CheckpointCallback(TrainerCallback):
     """After Trainer's save: export the adapter beside it, write COMPLETE, emit "checkpoint"."""

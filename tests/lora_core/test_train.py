@@ -70,6 +70,22 @@ def test_cooperative_stop_saves_a_checkpoint(tiny_model_dir, train_file, tmp_pat
     assert [c["step"] for c in result.checkpoints] == [1]
 
 
+def test_a_stop_mid_epoch_saves_once_with_epoch_checkpoints(tiny_model_dir, train_file,
+                                                            tmp_path):
+    """save_steps unset (once an epoch, every /openai/v1 job): the stop's save is the only one
+    at that step; Trainer's end-of-epoch save used to write it again (two checkpoint events for
+    one step, whose uploads clobbered each other in the worker)."""
+    from lora_core.training.trainer import train
+
+    events: list[tuple[str, dict]] = []
+    steps = iter(range(1, 100))
+    result = train(_spec(tiny_model_dir, train_file, tmp_path / "out", max_steps=None,
+                         epochs=2), should_stop=lambda: next(steps) >= 3,
+                   on_event=lambda t, **f: events.append((t, f)))
+    assert result.status == "stopped" and result.global_step == 3
+    assert [f["step"] for t, f in events if t == "checkpoint"] == [3]
+
+
 def test_bf16_on_cpu_runs(tiny_model_dir, train_file, tmp_path):
     from lora_core.training.trainer import train
 
