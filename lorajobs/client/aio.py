@@ -134,6 +134,20 @@ class AsyncClient:
         r = await self.request("POST", f"/v1/jobs/{job_id}/resume")
         return Job.model_validate(r.json())
 
+    async def deploy(self, job_id: str, target: str, *,
+                     checkpoint: int | None = None) -> dict[str, Any]:
+        """`Client.jobs.deploy`: the adapter loaded on every server of `target` (idempotent)."""
+        r = await self.request("POST", f"/v1/jobs/{job_id}/deploy",
+                               json={"target": target, "checkpoint": checkpoint})
+        deployed: dict[str, Any] = r.json()
+        return deployed
+
+    async def undeploy(self, job_id: str, target: str, *, checkpoint: int | None = None) -> None:
+        params: dict[str, Any] = {"target": target}
+        if checkpoint is not None:
+            params["checkpoint"] = checkpoint
+        await self.request("DELETE", f"/v1/jobs/{job_id}/deploy", params=params)
+
     async def artifacts(self, job_id: str) -> list[Artifact]:
         out: list[Artifact] = []
         after: str | None = None
@@ -194,7 +208,7 @@ class AsyncClient:
                 maybe = on_progress(job)
                 if asyncio.iscoroutine(maybe):
                     await maybe
-            if job.is_terminal:
+            if job.is_settled:
                 return job
             await asyncio.sleep(poll_interval)
 

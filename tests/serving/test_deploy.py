@@ -217,3 +217,26 @@ def test_an_unwritable_adapter_dir_is_502_and_nothing_is_recorded(api: Api, fake
     assert fake.adapters == {}
     with api.sessions() as session:
         assert serving.list_deployments(session, job_id=job.id) == []
+
+
+def test_async_sdk_deploys_and_undeploys(api: Api, fake: FakeVllm,
+                                         target: dict[str, Any]) -> None:
+    import asyncio
+
+    import httpx
+
+    from lorajobs.client.aio import AsyncClient
+
+    job = finished_job(api)
+
+    async def main() -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=api.client.app)
+        async with AsyncClient("http://testserver", api.keys["alice"],
+                               transport=transport, max_retries=1) as client:
+            dep = await client.deploy(job.id, "local")
+            assert list(fake.adapters) == [dep["model"]]
+            await client.undeploy(job.id, "local")
+            return dep
+
+    dep = asyncio.run(main())
+    assert dep["live"] is True and fake.adapters == {}
