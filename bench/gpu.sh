@@ -1,31 +1,69 @@
 #!/usr/bin/env bash
-# Training throughput on a lent H200: tuned HF peer (b) vs lora_core.training.trainer (c), bf16, ~0.5B
-# Llama-style model built from a config (random init, local tokenizer: no hub), fixed steps.
-# Prints useful tokens/s per arm, the ratio, and MFU against the H200's dense bf16 peak
-# (989 TFLOP/s). Budget: < 8 minutes (model build ~1 min, 2 arms x 40 steps, eval).
+# One prepared GPU check for a bare machine with one H200/H100 and only Python (+ PyPI).
 #
-#   bash bench/gpu.sh              # STEPS=40 by default; STEPS=20 bash bench/gpu.sh if short
-set -euo pipefail
+#   bash bench/gpu.sh              # install (< 3 min), then the steps of bench/gpu_run.py (< 5 min)
+#   bash bench/gpu.sh --dry-run    # print what would be installed and run; install nothing
+#   bash bench/gpu.sh --cpu        # no install: every step at toy size with this checkout's venv
+#
+# Steps (bench/gpu_run.py, each with its own timeout; a failure prints `FAILED <step>: <why>`
+# and the run goes on): train (arm (b) peer vs arm (c) ours, ~0.5B, MFU vs the GPU's dense
+# bf16 peak), job (embedded `lorajobs serve`, pre-warmed trainer on CUDA, merge + verify),
+# zero3 (one-process ZeRO-3 run that merges), merge (672M merge + layer-by-layer and
+# whole-model verification). Not yet run on a GPU: see bench/README.md "GPU".
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-}"
-if [[ -z "$PY" ]]; then
-  if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import torch,sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-    PY=.venv/bin/python
-  else
-    PY=python3
-  fi
+MODE="${1:-}"
+VENV="${VENV:-.gpu-venv}"
+TORCH_PIN="torch==2.13.0"          # the project's pin (pyproject.toml); PyPI's Linux wheel is CUDA
+INSTALL_TIMEOUT_S="${INSTALL_TIMEOUT_S:-170}"
+FLASH_TIMEOUT_S="${FLASH_TIMEOUT_S:-45}"   # a prebuilt wheel or nothing: never a source build
+START=$(date +%s)
+say() { echo "[gpu.sh $(( $(date +%s) - START ))s] $*"; }
+run() { if [[ "$MODE" == "--dry-run" ]]; then echo "  would run: $*"; else "$@"; fi; }
+
+if [[ "$MODE" == "--cpu" ]]; then
+  PY="${PY:-.venv/bin/python}"
+  say "CPU mode: no install, $PY"
+  exec "$PY" bench/gpu_run.py --cpu --workdir "${WORKDIR:-/tmp/lorajobs-gpu-run-cpu}"
 fi
-# The CPU venv carries a CPU torch: on the GPU box use (or pip-install) a CUDA build.
-if ! "$PY" -c 'import torch,sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  echo "no CUDA torch in $PY; installing pip packages (torch, transformers, peft, ...)" >&2
-  "$PY" -m pip install -q torch "transformers>=5" "peft>=0.17" accelerate safetensors tokenizers pydantic
-  "$PY" -m pip install -q -e . --no-deps
+
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+[[ -n "$PYTHON" ]] || { echo "FAILED install: no python3 on PATH"; exit 1; }
+say "python: $PYTHON ($("$PYTHON" -V 2>&1))"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  # A bare image may lack the venv module (Debian's python3-venv); then install for the user.
+  if run "$PYTHON" -m venv "$VENV" 2>/dev/null; then PY="$VENV/bin/python"; else
+    say "no venv module: installing into the user site"; PY="$PYTHON"; PIP_USER="--user"; fi
+else PY="$VENV/bin/python"; fi
+PY="${PY:-$VENV/bin/python}"
+PIP=("$PY" -m pip install -q --disable-pip-version-check ${PIP_USER:-})
+
+say "install: $TORCH_PIN, then this package with the train extra (timeout ${INSTALL_TIMEOUT_S}s)"
+# torch first: deepspeed (train extra) builds against the installed torch, without isolation.
+if ! run timeout "$INSTALL_TIMEOUT_S" "${PIP[@]}" "$TORCH_PIN" setuptools wheel \
+   || ! run timeout "$(( INSTALL_TIMEOUT_S - ($(date +%s) - START) ))" "${PIP[@]}" \
+        --no-build-isolation -e ".[train,server]"; then
+  echo "FAILED install: pip did not finish in ${INSTALL_TIMEOUT_S}s or failed (see above)"
+  exit 1
 fi
-"$PY" - <<'PYEOF'
-import torch
-print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
-PYEOF
+# flash-attn: PyPI has no prebuilt wheel for most torch/CUDA pairs and a source build takes
+# tens of minutes: a binary-only try, else SDPA (lora_core's padding-free per-example calls).
+if run timeout "$FLASH_TIMEOUT_S" "${PIP[@]}" --only-binary=:all: flash-attn 2>/dev/null; then
+  say "flash-attn installed: transformers' flash_attention_2 takes the varlen batches"
+else
+  say "flash-attn: no wheel in ${FLASH_TIMEOUT_S}s: attention runs on SDPA"
+fi
+say "install done"
+if [[ "$MODE" == "--dry-run" ]]; then
+  "${PY:-python3}" bench/gpu_run.py --dry-run --cpu 2>/dev/null \
+    || echo "  would run: $PY bench/gpu_run.py (steps: train, job, zero3, merge)"
+  exit 0
+fi
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-timeout 460 "$PY" bench/train_bench.py --gpu --steps "${STEPS:-40}" --repeats 1 \
-  --workdir "${WORKDIR:-/tmp/lorajobs-gpu-bench}"
-echo "MFU above = model FLOPs/s over ${H200_PEAK:-989} TFLOP/s (H200 SXM dense bf16)."
+# The steps get what is left of 8 minutes (at most 300 s: gpu_run.py's RUN_BUDGET_S).
+LEFT=$(( 480 - ($(date +%s) - START) ))
+"$PY" bench/gpu_run.py --budget-s "$(( LEFT < 300 ? LEFT : 300 ))" \
+  --workdir "${WORKDIR:-/tmp/lorajobs-gpu-run}"
+STATUS=$?
+say "finished: $STATUS step(s) failed"
+exit "$STATUS"

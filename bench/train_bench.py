@@ -385,10 +385,11 @@ def model_flops(model_dir: Path, train: Path) -> tuple[float, float, dict[str, A
 
 
 def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[str],
-                gpu: bool = False) -> None:
+                gpu: bool = False, peak_tflops: float = H200_BF16_PEAK_TFLOPS) -> None:
     """Build (once) and run every arm `repeats` times, interleaved; print the report.
 
-    `gpu`: the fraction of peak is against H200_BF16_PEAK_TFLOPS instead of a CPU GEMM.
+    `gpu`: the fraction of peak (MFU) is against `peak_tflops` (the GPU's dense bf16 datasheet
+    peak; H200 by default) instead of a CPU GEMM measured here.
     """
     from bench.gemm_peak import gemm_gflops
 
@@ -405,7 +406,7 @@ def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[
     peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for rep in range(repeats):
         for name in peaks:
-            peaks[name].append(H200_BF16_PEAK_TFLOPS * 1e3 if gpu else gemm_gflops(name, GEMM_N))
+            peaks[name].append(peak_tflops * 1e3 if gpu else gemm_gflops(name, GEMM_N))
         for arm in arms if rep % 2 == 0 else arms[::-1]:  # interleaved, order alternates
             r = run_arm(arm, model, paths, steps, workdir, rep)
             results[arm].append(r)
@@ -465,6 +466,8 @@ def main() -> None:
                    "a CI smoke test of every arm (seconds, not a measurement)")
     p.add_argument("--gpu", action="store_true",
                    help="bench/gpu.sh: 0.5B model, peer-bf16 vs ours, peak = H200 bf16 datasheet")
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
+                   help="--gpu: the GPU's dense bf16 peak (bench/gpu_run.py picks it by name)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-train-bench"))
     p.add_argument("--child", choices=["book", "peer", "ours"], help=argparse.SUPPRESS)
     for flag in ("--precision", "--model-dir", "--train", "--eval", "--out", "--overrides"):
@@ -486,7 +489,8 @@ def main() -> None:
         return
     if a.gpu:
         arms = (a.arms or "peer-bf16,ours").split(",")
-        bench_model("500m", a.steps or 40, a.repeats, a.workdir, arms, gpu=True)
+        bench_model("500m", a.steps or 40, a.repeats, a.workdir, arms, gpu=True,
+                    peak_tflops=a.peak_tflops)
         return
     arms = (a.arms or ",".join(ARMS)).split(",")
     for model in (["small", "100m"] if a.model == "both" else [a.model]):
