@@ -120,8 +120,13 @@ async def _proxy(request: Request, tenant_id: str, path: str) -> Response:
 
 
 async def _relay(resp: httpx.Response) -> AsyncIterator[bytes]:
-    async for chunk in resp.aiter_raw():
-        yield chunk
+    """The server's bytes as they come; the upstream connection is closed however the relay
+    ends (a client that goes away mid-stream stops the generation's reading at once)."""
+    try:
+        async for chunk in resp.aiter_raw():
+            yield chunk
+    finally:
+        await resp.aclose()
 
 
 @router.post("/chat/completions", responses=PROXY_RESPONSES)
