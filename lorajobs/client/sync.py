@@ -250,13 +250,13 @@ class _Jobs(_Resource):
 
     def wait(self, job_id: str, *, on_progress: Callable[[Job], None] | None = None,
              poll_interval: float = 1.0, timeout: float | None = None) -> Job:
-        """Poll until the job is terminal; `on_progress` sees every poll's job."""
+        """Poll until the job is terminal or paused; `on_progress` sees every poll's job."""
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             job = self.get(job_id)
             if on_progress:
                 on_progress(job)
-            if job.is_terminal:
+            if job.is_settled:
                 return job
             if deadline and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")

@@ -43,6 +43,12 @@ class Job(_Result):
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def is_settled(self) -> bool:
+        """Terminal, or paused: nothing changes until someone acts (resume or cancel), so a
+        wait returns here instead of polling forever."""
+        return self.is_terminal or self.status == "paused"
+
 
 class Dataset(_Result):
     id: str

@@ -136,6 +136,19 @@ def test_wait_timeout(live: Live) -> None:
         live.wait_end(job_id)
 
 
+def test_wait_returns_a_paused_job_instead_of_polling_forever(live: Live) -> None:
+    job_id = live.submit(max_steps=1000)
+    try:
+        with Client(live.url, live.key) as client:
+            live.wait_status(job_id, "running")
+            client.jobs.pause(job_id)
+            job = client.jobs.wait(job_id, poll_interval=0.1, timeout=60)
+            assert job.status == "paused" and job.is_settled and not job.is_terminal
+    finally:
+        live.http.post(f"/v1/jobs/{job_id}/cancel")
+        live.wait_end(job_id)
+
+
 def test_events_stream_follows_to_the_end_and_resumes(live: Live) -> None:
     job_id = live.submit(max_steps=6)
     with Client(live.url, live.key) as client:
