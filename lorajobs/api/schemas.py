@@ -266,12 +266,19 @@ class MetricRow(BaseModel):
     learning_rate: float | None
     grad_norm: float | None
     tokens_per_second: float | None
+    # DPO jobs only (null for supervised steps).
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
 
     @classmethod
     def from_row(cls, row: JobMetric) -> MetricRow:
         return cls(step=row.step, epoch=row.epoch, train_loss=row.train_loss,
                    eval_loss=row.eval_loss, learning_rate=row.learning_rate,
-                   grad_norm=row.grad_norm, tokens_per_second=row.tokens_per_second)
+                   grad_norm=row.grad_norm, tokens_per_second=row.tokens_per_second,
+                   rewards_chosen=row.rewards_chosen, rewards_rejected=row.rewards_rejected,
+                   reward_margin=row.reward_margin, reward_accuracy=row.reward_accuracy)
 
 
 class MetricsPublic(BaseModel):

@@ -241,6 +241,12 @@ class JobMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float, default=None)
     grad_norm: Mapped[float | None] = mapped_column(Float, default=None)
     tokens_per_second: Mapped[float | None] = mapped_column(Float, default=None)
+    # DPO only (migration 0011): implicit rewards of the chosen / rejected answers, their
+    # margin, and the fraction of pairs ranked right, means over the step's pairs.
+    rewards_chosen: Mapped[float | None] = mapped_column(Float, default=None)
+    rewards_rejected: Mapped[float | None] = mapped_column(Float, default=None)
+    reward_margin: Mapped[float | None] = mapped_column(Float, default=None)
+    reward_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -97,10 +97,17 @@ def register_dir(session: Session, *, job_id: str, kind: str, step: int | None,
     return len(files)
 
 
+# ProgressEvent fields of a DPO step, stored in JobMetric columns of the same names.
+DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+
 # JobMetric column -> TensorBoard scalar tag (the names the HF Trainer's TB callback uses).
 TENSORBOARD_TAGS = {"train_loss": "train/loss", "eval_loss": "eval/loss",
                     "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-                    "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch"}
+                    "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch",
+                    "rewards_chosen": "train/rewards/chosen",
+                    "rewards_rejected": "train/rewards/rejected",
+                    "reward_margin": "train/rewards/margins",
+                    "reward_accuracy": "train/rewards/accuracies"}
 
 
 def write_tensorboard(path: Path, rows: list[JobMetric]) -> None:
@@ -238,6 +245,11 @@ class EventRecorder:
         row.learning_rate = event.learning_rate
         row.grad_norm = event.grad_norm
         row.tokens_per_second = event.tokens_per_second
+        for name in DPO_METRICS:  # None on supervised steps
+            setattr(row, name, getattr(event, name))
+        if event.reward_accuracy is not None:
+            self._metrics["reward_accuracy"] = event.reward_accuracy
+            self._metrics["reward_margin"] = event.reward_margin
         if event.loss is not None:
             self._metrics["train_loss"] = event.loss
         return {"step": step, "total_steps": total, "epoch": event.epoch,
