@@ -227,6 +227,7 @@ class CheckpointUploader:
         self.failed: list[int] = []
         self.upload_seconds: dict[int, float] = {}
         self.lease_lost = False
+        self._submitted: set[int] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._idle = threading.Condition()
         self._outstanding = 0
@@ -237,6 +238,11 @@ class CheckpointUploader:
         """Snapshot the sealed dir now (cheap) and queue its upload; False if it is gone."""
         if self.lease_lost:
             return False
+        if event.step in self._submitted:  # the same step reported twice: one upload
+            log.info("job %s: checkpoint step %d already queued; not uploaded twice",
+                     self.job_id, event.step)
+            return True
+        self._submitted.add(event.step)
         dest = self.root / f"step-{event.step}"
         try:
             snapshot(Path(event.path), dest)
@@ -289,6 +295,8 @@ class CheckpointUploader:
         prefix = checkpoint_prefix(self.job_id, self.attempt, item.step)
         started = time.monotonic()
         files = upload_dir(self.store, item.snapshot, prefix, retry_seconds=self.retry_seconds)
+        if not files:  # never record a checkpoint nobody could resume from
+            raise RuntimeError(f"checkpoint step {item.step}: no files to upload")
         self.upload_seconds[item.step] = time.monotonic() - started
         for attempt in _retrying(self.retry_seconds):  # a database restart
             with attempt, self.sessions() as session:
@@ -325,6 +333,8 @@ def _local_checkpoints(root: Path) -> dict[int, Path]:
 def _matches(directory: Path, manifest: dict[str, Any]) -> bool:
     """Every file of the manifest, and nothing else, with its size and sha256."""
     expected = {f["path"]: f for f in manifest.get("files", [])}
+    if not expected:  # an empty manifest describes no checkpoint
+        return False
     actual = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
     if set(expected) != set(actual):
         return False

@@ -8,13 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from lora_core.events import CheckpointEvent
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import get_store
+from lorajobs.core.tables import Checkpoint
 from lorajobs.worker.checkpoint_sync import (
+    CheckpointUploader,
     checkpoint_prefix,
     prepare_resume,
     record_checkpoint,
@@ -90,3 +94,32 @@ def test_no_recorded_checkpoint_starts_over(settings: Settings, tmp_path: Path) 
     assert prepare_resume(get_sessionmaker(settings), get_store(settings), job_id=job_id,
                           checkpoints_dir=local, retry_seconds=5) is None
     assert list(local.iterdir()) == []
+
+
+def test_a_step_reported_twice_is_uploaded_and_recorded_once(settings: Settings,
+                                                             tmp_path: Path) -> None:
+    """A stop mid-epoch used to report its checkpoint twice; both copies went into one
+    snapshot folder and the second record listed no files, so the resume failed."""
+    job_id = make_job(settings)
+    sessions = get_sessionmaker(settings)
+    store = get_store(settings)
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w", lease_seconds=60) is not None
+    ckpt = _checkpoint(tmp_path / "scratch", 3)
+    uploader = CheckpointUploader(sessions, store, job_id=job_id, attempt=1, owner="w",
+                                  upload_dir_root=tmp_path / "upload", retry_seconds=5)
+    try:
+        event = CheckpointEvent(step=3, path=str(ckpt))
+        assert uploader.submit(event, {}) and uploader.submit(event, {})
+        assert uploader.drain(60)
+    finally:
+        uploader.close()
+    assert uploader.recorded == [3] and uploader.failed == []
+    with sessions() as session:
+        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id))
+        assert row is not None and row.resumable
+        assert sorted(f["path"] for f in (row.manifest or {})["files"]) == [
+            "COMPLETE", "adapter/adapter_model.safetensors", "trainer_state.json"]
+    node_b = tmp_path / "b" / "checkpoints"
+    assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_b,
+                          retry_seconds=5) == 3
