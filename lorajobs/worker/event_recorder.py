@@ -252,9 +252,22 @@ class EventRecorder:
             self._metrics["reward_margin"] = event.reward_margin
         if event.loss is not None:
             self._metrics["train_loss"] = event.loss
+            self._log_metrics(session, event, total)
         return {"step": step, "total_steps": total, "epoch": event.epoch,
                 "fraction": round(step / total, 4) if total else None,
                 "eta_seconds": event.eta_seconds}
+
+    def _log_metrics(self, session: Session, event: ProgressEvent, total: int | None) -> None:
+        """A `metrics` event per logged step, as OpenAI's fine-tuning events list has ("Step
+        N/M: training loss=..."; `type: metrics` on /openai/v1). A redone step (resume) logs
+        again: the event log is a history, the metric rows are the curve."""
+        data: dict[str, Any] = {"step": event.step, "train_loss": event.loss,
+                                "total_steps": total, "learning_rate": event.learning_rate}
+        data.update({name: getattr(event, name) for name in DPO_METRICS
+                     if getattr(event, name) is not None})
+        of_total = f"/{total}" if total else ""
+        jobs.add_event(session, self.job_id, "metrics",
+                       f"Step {event.step}{of_total}: training loss={event.loss:.4f}", data=data)
 
     def _on_eval(self, session: Session, event: EvalEvent) -> None:
         self._metric_row(session, event.step).eval_loss = event.eval_loss

@@ -1,5 +1,6 @@
 """DPO's reward figures (issue 13) go from the trainer's progress events to job_metrics, the
-job's metrics snapshot and the metrics list the API serves; supervised steps leave them null."""
+job's metrics snapshot and the metrics list the API serves; supervised steps leave them null.
+Every logged step is also a `metrics` event (OpenAI's list_events shows them)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
-from lorajobs.core.tables import Job, JobMetric
+from lorajobs.core.tables import Job, JobEvent, JobMetric
 from lorajobs.worker.event_recorder import EventRecorder
 from tests.worker.jobfactory import make_job
 
@@ -39,8 +40,14 @@ def test_reward_metrics_are_recorded_per_step(tmp_path: Path) -> None:
         job = session.get(Job, job_id)
         assert job is not None
         snapshot = dict(job.metrics or {})
+        logged = list(session.scalars(select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.id)))
     assert rows[2].rewards_chosen == 0.31 and rows[2].rewards_rejected == -0.12
     assert rows[2].reward_margin == 0.43 and rows[2].reward_accuracy == 0.75
     assert rows[1].reward_margin == 0.0 and rows[1].train_loss == 0.6931
     assert rows[3].reward_margin is None and rows[3].reward_accuracy is None
     assert snapshot["reward_accuracy"] == 0.75 and snapshot["reward_margin"] == 0.43
+    # OpenAI's list_events shows a `metrics` event per logged step
+    assert [e.data["step"] for e in logged] == [1, 2, 3]
+    assert logged[1].message == "Step 2: training loss=0.5200"
+    assert logged[1].data["reward_margin"] == 0.43 and "reward_margin" not in logged[2].data
