@@ -21,6 +21,15 @@ MAX_METADATA_KEY_CHARS = 64  # OpenAI's metadata limits, so the compat layer can
 MAX_METADATA_VALUE_CHARS = 512
 
 
+class DeployOnSuccess(BaseModel):
+    """Deploy the finished adapter to a serving target (`POST /v1/jobs/{id}/deploy` done for
+    you by the serving reconciler once the job succeeds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, max_length=100)
+
+
 class JobRequest(BaseModel):
     """What a client may set on a job. No status/tenant/attempt/lease: mass assignment is moot."""
 
@@ -42,6 +51,8 @@ class JobRequest(BaseModel):
     # graded generations, best checkpoint, early stopping (lora_core.evaluation.spec);
     # `evaluation.file` is a dataset id, the validation file by default
     evaluation: EvaluationSpec | None = None
+    # deploy the final adapter to this serving target once the job succeeds (issue 16)
+    deploy: DeployOnSuccess | None = None
 
     @model_validator(mode="after")
     def _evaluation_has_prompts(self) -> JobRequest:

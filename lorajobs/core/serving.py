@@ -38,7 +38,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lora_core.errors import validation_problems
-from lorajobs.core.errors import Conflict, InvalidRequest, NotFound, UpstreamUnavailable
+from lorajobs.core import jobs
+from lorajobs.core.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    UpstreamUnavailable,
+)
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import (
@@ -64,6 +71,7 @@ DEFAULT_SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
                              "up_proj", "down_proj", "gate_up_proj")
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
 MAX_MODEL_NAME = 300  # deployments.model_name
+AUTO_DEPLOY_BATCH = 20  # succeeded jobs deployed per reconciler sweep (the rest: next sweep)
 ClientFactory = Callable[[str, str | None], VllmClient]
 
 
@@ -183,6 +191,61 @@ def check_adapter(config: dict[str, Any], target: TargetSpec) -> None:
     if problems:
         raise InvalidRequest("; ".join(problems), param="checkpoint", code="adapter_not_servable",
                              details={"problems": problems})
+
+
+def check_deploy_request(session: Session, settings: Settings, *, target_name: str,
+                         base_model: str, lora: dict[str, Any]) -> None:
+    """At submit, a spec's `deploy.target`: the target exists, serves the base model, and will
+    accept an adapter of this LoRA config; else a 422 naming `deploy.target` (a job must not
+    train for hours to fail its deploy on something known up front)."""
+    try:
+        target = get_target(session, settings, target_name)
+    except NotFound as exc:
+        raise InvalidRequest(f"no serving target {target_name!r}",
+                             param="deploy.target") from exc
+    if base_model not in target.base_models:
+        raise InvalidRequest(f"target {target.name!r} serves {target.base_models}, not "
+                             f"{base_model!r}", param="deploy.target")
+    try:
+        check_adapter({"r": lora.get("r"), "target_modules": lora.get("target_modules"),
+                       "modules_to_save": lora.get("modules_to_save")}, target)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, param="deploy.target", code=exc.code,
+                             details=exc.details) from exc
+
+
+def deploy_succeeded_jobs(session: Session, settings: Settings, store: ArtifactStore,
+                          client: ClientFactory | None = None) -> int:
+    """Deploy every succeeded job whose spec asked for it (`jobs.deploy_target`), once: the
+    column is cleared after the attempt, and the outcome is a job event (`deployed`, or
+    `deploy_failed` naming why). A target whose adapter directory cannot be written is retried
+    next sweep. Returns how many deployed."""
+    done = 0
+    for job in session.scalars(select(Job).where(Job.status == JobStatus.SUCCEEDED,
+                                                 Job.deploy_target.is_not(None))
+                               .order_by(Job.finished_at).limit(AUTO_DEPLOY_BATCH)):
+        target = job.deploy_target or ""
+        try:
+            row = deploy(session, job=job, target_name=target, step=None, settings=settings,
+                         store=store, client=client or _default_client)
+        except UpstreamUnavailable as exc:
+            session.rollback()
+            log.warning("job %s: automatic deploy to %r waits: %s", job.id, target, exc.message)
+            continue
+        except ServiceError as exc:
+            session.rollback()
+            jobs.add_event(session, job.id, "deploy_failed",
+                           f"automatic deploy to {target!r} failed: {exc.message}",
+                           level="error", data={"target": target, "code": exc.code})
+        else:
+            done += 1
+            jobs.add_event(session, job.id, "deployed",
+                           f"deployed to {target!r} as {row.model_name}",
+                           data={"target": target, "model": row.model_name,
+                                 "servers": row.servers})
+        job.deploy_target = None
+        session.commit()
+    return done
 
 
 def _materialise(store: ArtifactStore, rows: list[Artifact], dest: Path) -> None:

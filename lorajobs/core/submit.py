@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from lora_core.errors import SpecError
 from lora_core.model_files import validate_lora_spec
 from lora_core.spec import DPO_FORMATS, SFT_FORMATS, VLLM_LORA_RANKS, LoraSpec
-from lorajobs.core import jobs, lineage, tokencounts
+from lorajobs.core import jobs, lineage, serving, tokencounts
 from lorajobs.core.bounds import JobShape, check_job_bounds, spread_checkpoints
 from lorajobs.core.datasets import get_dataset
 from lorajobs.core.errors import InvalidRequest, LimitExceeded, NotFound
@@ -431,12 +431,17 @@ def submit_job(
         _dataset_deleted(session, tenant_id, request)
     _check_quota(locked.active, settings)
     check_room(locked.used, settings=settings)  # a job writes files: it needs room for one byte
+    if request.deploy is not None:
+        serving.check_deploy_request(session, settings, target_name=request.deploy.target,
+                                     base_model=request.base_model,
+                                     lora=resolved.spec.get("lora") or {})
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED,
         base_model=request.base_model, training_file=request.training_file,
         validation_file=request.validation_file, spec=resolved.spec, suffix=request.suffix,
         metadata_=dict(request.metadata), max_attempts=settings.max_attempts,
         estimate=resolved.estimate, compatibility=resolved.compatibility,
+        deploy_target=request.deploy.target if request.deploy else None,
         # "Sent" from the INSERT on: `enqueue` runs right after the commit, and stamping here
         # spares it a transaction. If its send fails it clears the stamp (queue.send_jobs);
         # if the process dies first, the reaper re-sends after `requeue_after_seconds`.

@@ -199,6 +199,9 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Set on a running job by `jobs.request_pause`; cleared when the attempt ends paused.
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The serving target to deploy to once succeeded (spec `deploy.target`; migration 0012);
+    # cleared by the serving reconciler once it has deployed (or could not: a job event says).
+    deploy_target: Mapped[str | None] = mapped_column(String(100), default=None, index=True)
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

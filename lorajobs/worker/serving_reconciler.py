@@ -1,4 +1,5 @@
-"""Beat's (and `serve`'s) serving reconciler: deployments reloaded on servers that forgot them.
+"""Beat's (and `serve`'s) serving reconciler: deployments reloaded on servers that forgot them,
+and succeeded jobs whose spec says `deploy: {target}` deployed (once, automatically).
 
 A vLLM server keeps runtime-loaded adapters in memory only: after a restart it serves none.
 Every `serving_reconcile_seconds` this thread asks every server of every target with
@@ -29,7 +30,11 @@ def run_serving_loop(settings: Settings, stop_event: threading.Event) -> None:
     while not stop_event.is_set():
         try:
             with sessions() as session:
+                deployed = serving.deploy_succeeded_jobs(session, settings, store)
                 loads = serving.reconcile(session, settings, store)
+            if deployed:
+                log.info("serving reconciler: %d finished job(s) deployed as their specs asked",
+                         deployed)
             if loads:
                 log.info("serving reconciler: %d adapter(s) loaded again", loads)
         except Exception:  # noqa: BLE001 - the loop must outlive a DB or server outage

@@ -25,9 +25,9 @@ ADAPTER_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
 
 
 def finished_job(api: Api, who: str = "alice", *, step: int | None = None,
-                 config: dict[str, Any] | None = None) -> Job:
+                 config: dict[str, Any] | None = None, **spec: Any) -> Job:
     """A job as the worker leaves it: succeeded, its adapter files stored and registered."""
-    job_id = api.job(who, api.dataset(who))["id"]
+    job_id = api.job(who, api.dataset(who), **spec)["id"]
     store = get_store(api.settings)
     files = {"adapter_config.json": json.dumps(config or ADAPTER_CONFIG).encode(),
              "adapter_model.safetensors": bytes(range(256)) * 4}
@@ -240,3 +240,29 @@ def test_async_sdk_deploys_and_undeploys(api: Api, fake: FakeVllm,
 
     dep = asyncio.run(main())
     assert dep["live"] is True and fake.adapters == {}
+
+
+def test_a_spec_deploy_target_is_checked_at_submit_and_deployed_once_on_success(
+        api: Api, fake: FakeVllm, target: dict[str, Any]) -> None:
+    ds = api.dataset("alice")
+    for deploy, lora, expected in [({"target": "nope"}, {}, "no serving target 'nope'"),
+                                   ({"target": "local"}, {"r": 32}, "max_lora_rank 16")]:
+        resp = api.submit("alice", {"base_model": MODEL_NAME, "training_file": ds,
+                                    "deploy": deploy, "lora": lora})
+        assert resp.status_code == 422, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "deploy.target" and expected in error["message"]
+    plain = finished_job(api)  # no deploy asked: left alone
+    job = finished_job(api, deploy={"target": "local"})
+    store = get_store(api.settings)
+    with api.sessions() as session:
+        assert serving.deploy_succeeded_jobs(session, api.settings, store) == 1
+        assert serving.deploy_succeeded_jobs(session, api.settings, store) == 0  # once
+    name = f"ft:{MODEL_NAME}:lorajobs:{job.id}"
+    assert list(fake.adapters) == [name]
+    assert model_ids(api, "alice") == [MODEL_NAME, name]
+    events = api.client.get(f"/v1/jobs/{job.id}/events", headers=api.h("alice")).json()["data"]
+    deployed = [e for e in events if e["type"] == "deployed"]
+    assert len(deployed) == 1 and deployed[0]["data"]["model"] == name
+    listed = api.client.get(f"/v1/jobs/{plain.id}/deployments", headers=api.h("alice"))
+    assert listed.status_code == 200 and listed.json()["data"] == []
