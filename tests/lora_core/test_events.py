@@ -41,7 +41,8 @@ EMITTED = [
                   "reward_margin": 0.03, "reward_accuracy": 0.75}),  # method "dpo"
     ("eval", {"step": 2, "eval_loss": 2.1}),
     ("checkpoint", {"step": 2, "path": "/o/checkpoints/checkpoint-2",
-                    "adapter_path": "/o/checkpoints/checkpoint-2/adapter", "resumable": True}),
+                    "adapter_path": "/o/checkpoints/checkpoint-2/adapter", "resumable": True,
+                    "save_seconds": 0.25}),
     ("evaluation", {"step": 2, "scores": {"exact_match": 0.5, "valid_loss": 2.1},
                     "samples": [{"index": 0, "prompt": "p", "reference": "r",
                                  "base_output": "x", "output": "r",
