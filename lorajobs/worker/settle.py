@@ -134,6 +134,8 @@ def upload_outputs(sessions: sessionmaker[Session], context: SettleContext,
             f = upload_file(store, path, storage_key_for(job_id, attempt, f"logs/{name}"), name,
                             retry_seconds=retry)
             out.files.append(("log", (name, f.key, f.size, f.sha256)))
+        if recorder.finished is not None:  # completed or stopped (cancel, pause, shutdown)
+            _upload_tensorboard(sessions, context, out, job_id=job_id)
         if not completed(recorder):
             return out
         _upload_final(sessions, context, recorder, out, job_id=job_id)
@@ -166,22 +168,31 @@ def _upload_final(sessions: sessionmaker[Session], context: SettleContext,
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        rows = list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)
-                                    .order_by(JobMetric.step)))
         manifest = _write_reproducibility(context, recorder, job)
-    if rows:
-        tb = context.paths.job_dir / "tensorboard" / f"events.out.tfevents.{job_id}"
-        try:
-            write_tensorboard(tb, rows)
-        except Exception:  # noqa: BLE001 - observability must never fail a training run
-            log.exception("job %s: writing the TensorBoard file failed", job_id)
-        else:
-            f = upload_file(store, tb, storage_key_for(job_id, attempt, f"tensorboard/{tb.name}"),
-                            tb.name, retry_seconds=retry)
-            out.files.append(("tensorboard", (tb.name, f.key, f.size, f.sha256)))
     f = upload_file(store, manifest, storage_key_for(job_id, attempt, MANIFEST_FILE),
                     MANIFEST_FILE, retry_seconds=retry)
     out.files.append(("manifest", (MANIFEST_FILE, f.key, f.size, f.sha256)))
+
+
+def _upload_tensorboard(sessions: sessionmaker[Session], context: SettleContext, out: Outputs,
+                        *, job_id: str) -> None:
+    """The TensorBoard file of the whole curve so far (every attempt, redone steps once), for
+    any run the trainer ended itself: a cancelled or paused job's curve is worth seeing too."""
+    with sessions() as session:
+        rows = list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)
+                                    .order_by(JobMetric.step)))
+    if not rows:
+        return
+    tb = context.paths.job_dir / "tensorboard" / f"events.out.tfevents.{job_id}"
+    try:
+        write_tensorboard(tb, rows)
+    except Exception:  # noqa: BLE001 - observability must never fail a training run
+        log.exception("job %s: writing the TensorBoard file failed", job_id)
+        return
+    key = storage_key_for(job_id, context.attempt, f"tensorboard/{tb.name}")
+    f = upload_file(context.store, tb, key, tb.name,
+                    retry_seconds=context.settings.store_retry_seconds)
+    out.files.append(("tensorboard", (tb.name, f.key, f.size, f.sha256)))
 
 
 def _write_reproducibility(context: SettleContext, recorder: EventRecorder, job: Job) -> Path:
