@@ -75,7 +75,7 @@ def test_job_progresses_and_finishes_on_the_dashboard(live: Live, browser) -> No
     expect(step).to_have_text(str(STEPS))
     expect(page.locator("#losschart path").first).to_be_visible()
     expect(page.locator("#events")).to_contain_text("finished")
-    expect(page.locator("#events")).to_contain_text("checkpoint: step 2")
+    expect(page.locator("#events")).to_contain_text("checkpoint: checkpoint step 2 uploaded")
     expect(page.locator("a[data-dl]", has_text="adapter_model.safetensors").first) \
         .to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "job-succeeded.png"), full_page=True)
