@@ -54,7 +54,19 @@ def make_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW)
     _ping_idle_connections(engine)
+    _server_ended_sessions_are_disconnects(engine)
     return engine
+
+
+def _server_ended_sessions_are_disconnects(engine: Engine) -> None:
+    """PostgreSQL ends a session idle in a transaction past its timeout (jobs.hold_lease sets
+    one) with an error SQLAlchemy does not know as a disconnect: marked as one, the connection
+    is discarded instead of being rolled back (which raises again) and pooled."""
+
+    @event.listens_for(engine, "handle_error")
+    def _handle(context: Any) -> None:
+        if type(context.original_exception).__name__ == "IdleInTransactionSessionTimeout":
+            context.is_disconnect = True
 
 
 def _ping_idle_connections(engine: Engine) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, case, func, literal, null, select, update
+from sqlalchemy import CursorResult, Update, case, func, literal, null, select, text, update
 from sqlalchemy.orm import Session
 
 from lora_core.events import JobError, Stage
@@ -275,6 +275,11 @@ def claim_next(session: Session, *, owner: str, lease_seconds: int) -> Job | Non
     return None
 
 
+# A fenced write transaction (hold_lease) idle this long is ended by PostgreSQL: far above any
+# pause between its statements, far below the hours a dead TCP peer keeps a lock.
+FENCED_IDLE_TIMEOUT_SECONDS = 10.0
+
+
 def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:
     """Extend our lease. False means we lost the job (reaped or finished): stop working on it.
 
@@ -293,14 +298,24 @@ def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: int
     return renewed == 1
 
 
-def hold_lease(session: Session, job_id: str, *, owner: str, attempt: int | None = None) -> bool:
+def hold_lease(session: Session, job_id: str, *, owner: str, attempt: int | None = None,
+               idle_timeout_seconds: float = FENCED_IDLE_TIMEOUT_SECONDS) -> bool:
     """Fence the current transaction by our lease: True while the job is running under
     `owner` (and `attempt`). Does not commit.
 
     A write that must not land for a worker that lost the job (a paused or partitioned node's
     checkpoint or artifact rows) calls this first, in the same transaction: it is an UPDATE,
     so it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) and the
-    reaper's requeue cannot slip in between the check and the commit."""
+    reaper's requeue cannot slip in between the check and the commit.
+
+    That lock is why the transaction is bounded (PostgreSQL): a worker frozen or partitioned
+    between this UPDATE and its COMMIT would otherwise hold the job's row, and with it the
+    reaper's requeue, until TCP gives up on the connection (hours). Idle past
+    `idle_timeout_seconds`, the server ends the session and its lock with it; the worker's
+    batch fails and is retried, or the worker finds its lease lost."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT set_config('idle_in_transaction_session_timeout', "
+                             ":ms, true)"), {"ms": str(int(idle_timeout_seconds * 1000))})
     stmt = update(Job).where(Job.id == job_id, Job.status == S.RUNNING, Job.lease_owner == owner)
     if attempt is not None:
         stmt = stmt.where(Job.attempt == attempt)
