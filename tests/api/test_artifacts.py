@@ -74,7 +74,9 @@ def test_metrics_and_checkpoints(api: Api) -> None:
     rows = api.client.get(f"/v1/jobs/{job_id}/metrics", headers=api.h("alice")).json()["data"]
     assert [r["step"] for r in rows] == [10, 20] and rows[0]["train_loss"] == 2.0
     assert set(rows[0]) == {"step", "epoch", "train_loss", "eval_loss", "learning_rate",
-                            "grad_norm", "tokens_per_second"}
+                            "grad_norm", "tokens_per_second", "rewards_chosen",
+                            "rewards_rejected", "reward_margin", "reward_accuracy"}
+    assert rows[0]["reward_margin"] is None  # a supervised step: DPO's figures are null
     ckpts = api.client.get(f"/v1/jobs/{job_id}/checkpoints",
                            headers=api.h("alice")).json()["data"]
     assert [(c["step"], c["resumable"]) for c in ckpts] == [(10, True), (20, False)]

