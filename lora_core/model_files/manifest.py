@@ -15,7 +15,8 @@ from typing import Any
 
 from lora_core.errors import StorageError
 
-__all__ = ["MANIFEST_NAME", "sha256_file", "list_files", "write_manifest", "verify_manifest"]
+__all__ = ["MANIFEST_NAME", "sha256_file", "list_files", "write_manifest", "verify_files",
+           "verify_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 CHUNK_BYTES = 4 * 1024 * 1024  # hashing chunk: big enough to be I/O-bound, small in memory
@@ -51,21 +52,33 @@ def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def verify_manifest(directory: str | os.PathLike[str]) -> list[str]:
-    """Problems found comparing the directory with its manifest; an empty list means intact.
+def verify_files(directory: str | os.PathLike[str], entries: list[dict[str, Any]]) -> list[str]:
+    """Problems comparing the files under `directory` with manifest `entries` ([{path, size,
+    sha256}]); an empty list means they match exactly.
 
-    Reports missing files, size/sha256 mismatches and files the manifest does not list.
-    """
+    Reports missing files, files the entries do not list, and size/sha256 mismatches. The size
+    is compared first, so a truncated file is never hashed. The one check of bytes fetched from
+    a store (checkpoints, base models, parent adapters) and of a written artifact dir."""
+    root = Path(directory)
+    expected = {e["path"]: e for e in entries}
+    actual = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    problems = [f"{p}: missing" for p in sorted(expected.keys() - actual.keys())]
+    problems += [f"{p}: not in manifest" for p in sorted(actual.keys() - expected.keys())]
+    for p in sorted(expected.keys() & actual.keys()):
+        size, want = actual[p].stat().st_size, expected[p]
+        if size != int(want["size"]):
+            problems.append(f"{p}: size {size} != manifest {want['size']}")
+        elif (digest := sha256_file(actual[p])) != want["sha256"]:
+            problems.append(f"{p}: sha256 {digest} != manifest {want['sha256']}")
+    return problems
+
+
+def verify_manifest(directory: str | os.PathLike[str]) -> list[str]:
+    """Problems found comparing the directory with its own `manifest.json` (`verify_files`,
+    the manifest itself excepted); an empty list means intact."""
     root = Path(directory)
     path = root / MANIFEST_NAME
     if not path.is_file():
         return [f"{MANIFEST_NAME} missing"]
-    expected = {e["path"]: e for e in json.loads(path.read_text("utf-8"))["files"]}
-    actual = {e["path"]: e for e in list_files(root)}
-    problems = [f"{p}: missing" for p in sorted(expected.keys() - actual.keys())]
-    problems += [f"{p}: not in manifest" for p in sorted(actual.keys() - expected.keys())]
-    for p in sorted(expected.keys() & actual.keys()):
-        for key in ("size", "sha256"):
-            if expected[p][key] != actual[p][key]:
-                problems.append(f"{p}: {key} {actual[p][key]} != manifest {expected[p][key]}")
-    return problems
+    entries = json.loads(path.read_text("utf-8"))["files"]
+    return [p for p in verify_files(root, entries) if not p.startswith(f"{MANIFEST_NAME}: ")]

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, stop_after_delay, wait_exponential
 
 from lora_core.events import CheckpointEvent
-from lora_core.model_files.manifest import MANIFEST_NAME, sha256_file
+from lora_core.model_files.manifest import MANIFEST_NAME, sha256_file, verify_files
 from lorajobs.core import jobs
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Artifact, Checkpoint, new_id
@@ -332,14 +332,9 @@ def _local_checkpoints(root: Path) -> dict[int, Path]:
 
 def _matches(directory: Path, manifest: dict[str, Any]) -> bool:
     """Every file of the manifest, and nothing else, with its size and sha256."""
-    expected = {f["path"]: f for f in manifest.get("files", [])}
-    if not expected:  # an empty manifest describes no checkpoint
-        return False
-    actual = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
-    if set(expected) != set(actual):
-        return False
-    return all(actual[name].stat().st_size == f["size"] and sha256_file(actual[name]) == f["sha256"]
-               for name, f in expected.items())
+    entries = manifest.get("files", [])
+    # an empty manifest describes no checkpoint
+    return bool(entries) and not verify_files(directory, entries)
 
 
 def prepare_resume(sessions: sessionmaker[Session], store: ArtifactStore, *, job_id: str,

@@ -9,7 +9,6 @@ against the sha256 recorded with the row, so a corrupt or swapped file never see
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lora_core.model_files.manifest import verify_files
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Artifact, Job
 
 __all__ = ["INIT_ADAPTER_DIR", "InitAdapterError", "fetch_init_adapter"]
 
 INIT_ADAPTER_DIR = "init-adapter"
-HASH_CHUNK = 1 << 20
 
 
 class InitAdapterError(Exception):
@@ -50,17 +49,10 @@ def fetch_init_adapter(session: Session, store: ArtifactStore, job: Job,
         relative = PurePosixPath(row.name)
         if relative.is_absolute() or ".." in relative.parts:
             raise InitAdapterError(f"unsafe artifact name {row.name!r}")
-        target = dest.joinpath(*relative.parts)
-        store.get_file(row.storage_key, target)
-        if _sha256(target) != row.sha256:
-            raise InitAdapterError(f"{init.get('model')}: {row.name} does not match its "
-                                   "recorded sha256")
+        store.get_file(row.storage_key, dest.joinpath(*relative.parts))
+    problems = verify_files(dest, [{"path": r.name, "size": r.size, "sha256": r.sha256}
+                                   for r in rows])
+    if problems:
+        raise InitAdapterError(f"{init.get('model')}: the fetched adapter does not match its "
+                               f"recorded files: {'; '.join(problems[:3])}")
     return dest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

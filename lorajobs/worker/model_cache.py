@@ -26,7 +26,6 @@ A legacy model (registered by path under the model root) is used where it is, as
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -35,18 +34,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+from lora_core.model_files.manifest import verify_files
 from lorajobs.core.registry import model_dir as legacy_model_dir
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, private_dir
 from lorajobs.core.tables import RegisteredModel
 
-__all__ = ["ModelCacheError", "local_model_dir", "model_in_use", "release", "release_all",
-           "verify_dir"]
+__all__ = ["ModelCacheError", "local_model_dir", "model_in_use", "release", "release_all"]
 
 log = logging.getLogger(__name__)
-HASH_CHUNK = 4 * 1024 * 1024
 LOCKS = ".locks"
 # Use locks this process holds: content_sha256 -> fd (closing it releases the lock).
 _HELD: dict[str, int] = {}
@@ -93,32 +90,6 @@ def release_all() -> None:
         os.close(_HELD.pop(sha))
 
 
-def verify_dir(path: Path, manifest: list[dict[str, Any]]) -> list[str]:
-    """Problems comparing `path` with the manifest (missing, extra, size, sha256); [] = ok."""
-    expected = {e["path"]: e for e in manifest}
-    try:
-        present = {p.name for p in path.iterdir()}
-    except OSError:
-        return [f"{path.name}: unreadable"]
-    problems = [f"{n}: missing" for n in sorted(expected.keys() - present)]
-    problems += [f"{n}: not in the manifest" for n in sorted(present - expected.keys())]
-    for name in sorted(expected.keys() & present):
-        file = path / name
-        if not file.is_file() or file.stat().st_size != expected[name]["size"]:
-            problems.append(f"{name}: size differs")
-        elif _sha256(file) != expected[name]["sha256"]:
-            problems.append(f"{name}: sha256 differs")
-    return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextmanager
 def _flock(path: Path, mode: int) -> Iterator[int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -155,7 +126,7 @@ class _Cache:
                     if not self.every_use and _read_stamp(stamp) == _stats(target):
                         os.utime(target)  # last use, for the LRU order
                         return target
-                    problems = verify_dir(target, model.files)
+                    problems = verify_files(target, model.files)
                     if not problems:
                         _write_stamp(stamp, _stats(target))
                         os.utime(target)
@@ -179,7 +150,7 @@ class _Cache:
         try:
             for entry in files:
                 store.get_file(f"{model.storage_prefix}/{entry['path']}", partial / entry["path"])
-            problems = verify_dir(partial, files)
+            problems = verify_files(partial, files)
             if problems:
                 raise ModelCacheError(f"model {model.name!r} in the store does not match its "
                                       f"manifest: {'; '.join(problems[:5])}")

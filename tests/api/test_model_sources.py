@@ -13,14 +13,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from lora_core.model_files.manifest import list_files
+from lora_core.model_files.manifest import list_files, verify_files
 from lorajobs.api.app import create_app
 from lorajobs.core import keys, model_import
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.registry import get_model
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import get_store
-from lorajobs.worker.model_cache import model_in_use, verify_dir
+from lorajobs.worker.model_cache import model_in_use
 from tests.fakehub import FakeHub
 from tests.s3fixtures import S3Target
 from tests.servicefixtures import LiveService
@@ -83,7 +83,7 @@ def test_s3_source_and_upload_into_the_s3_store(api_settings: Settings, s3_bucke
         row = get_model(session, name="uploaded")
     node = settings.model_copy(update={"data_dir": settings.data_dir / "node-b"})
     with model_in_use(node, get_store(node), row) as path:
-        assert verify_dir(path, row.files or []) == []
+        assert verify_files(path, row.files or []) == []
         assert path.is_relative_to(node.resolved_model_cache_dir)
 
     small = settings.model_copy(update={"max_model_bytes": 1000})

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from lora_core.events import CheckpointEvent
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
-from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import get_store
 from lorajobs.core.tables import Checkpoint
@@ -25,14 +23,6 @@ from lorajobs.worker.checkpoint_sync import (
     upload_dir,
 )
 from tests.worker.jobfactory import make_job
-
-
-@pytest.fixture(params=["local", "s3"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    extra = request.getfixturevalue("s3_bucket").settings() if request.param == "s3" else {}
-    settings = Settings(data_dir=tmp_path / "data", **extra)
-    upgrade(settings)
-    return settings
 
 
 def _checkpoint(root: Path, step: int) -> Path:

@@ -15,13 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from sqlalchemy import func, select
 
 from lora_core.events import CheckpointEvent, FinishedEvent, ProgressEvent
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
-from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, get_store
 from lorajobs.core.tables import Artifact, Checkpoint, Job, JobMetric
@@ -34,14 +32,6 @@ from lorajobs.worker.checkpoint_sync import (
 )
 from lorajobs.worker.event_recorder import EventRecorder
 from tests.worker.jobfactory import get_job, make_job
-
-
-@pytest.fixture(params=["local", "s3"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    extra = request.getfixturevalue("s3_bucket").settings() if request.param == "s3" else {}
-    settings = Settings(data_dir=tmp_path / "data", **extra)
-    upgrade(settings)
-    return settings
 
 
 def _sealed_checkpoint(root: Path, step: int) -> Path:

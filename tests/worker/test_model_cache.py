@@ -13,12 +13,14 @@ from typing import Any, BinaryIO
 
 import pytest
 
+from lora_core.model_files import manifest
+from lora_core.model_files.manifest import verify_files
 from lorajobs.core import model_import
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, StoredObject, get_store
 from lorajobs.core.tables import RegisteredModel
 from lorajobs.worker import model_cache
-from lorajobs.worker.model_cache import ModelCacheError, local_model_dir, verify_dir
+from lorajobs.worker.model_cache import ModelCacheError, local_model_dir
 from tests.servicefixtures import wait_for
 
 CTX = mp.get_context("spawn")  # a fresh interpreter per process: a separate "job"
@@ -144,7 +146,7 @@ def test_two_jobs_one_download(store_settings: dict[str, Any], tmp_path: Path) -
     assert paths == {str(settings.resolved_model_cache_dir / model.content_sha256)}
     assert sorted(downloads(log)) == sorted(f"{model.storage_prefix}/{e['path']}"
                                             for e in model.files or [])
-    assert verify_dir(Path(paths.pop()), model.files or []) == []
+    assert verify_files(Path(paths.pop()), model.files or []) == []
 
     # Cached: a third job starts without a single GET.
     third = CTX.Process(target=_job, args=(store_settings, row_kwargs(model), str(log), None,
@@ -168,12 +170,12 @@ def test_corrupted_cache_is_fetched_again(store_settings: dict[str, Any],
     data[100] ^= 0xFF  # a flipped bit, same size
     victim.write_bytes(bytes(data))
     with model_cache.model_in_use(settings, store, model) as again:
-        assert again == path and verify_dir(path, model.files or []) == []
+        assert again == path and verify_files(path, model.files or []) == []
     assert len(downloads(log)) == 2 * FILES
     (path / "model-2.safetensors").unlink()  # a file gone
     (path / "stray.bin").write_bytes(b"x")  # and one that is not the model's
     with model_cache.model_in_use(settings, store, model):
-        assert verify_dir(path, model.files or []) == []
+        assert verify_files(path, model.files or []) == []
     assert not list(settings.resolved_model_cache_dir.glob("*.partial"))
     assert not list(settings.resolved_model_cache_dir.glob("*.stale-*"))
 
@@ -217,7 +219,7 @@ def test_store_bytes_not_matching_the_manifest_are_refused(tmp_path: Path) -> No
     key = f"{model.storage_prefix}/model-0.safetensors"
     store.delete(key)
     store.put_stream(key, io.BytesIO(b"\0" * FILE_BYTES))  # same size, other bytes
-    with pytest.raises(ModelCacheError, match="sha256 differs"):
+    with pytest.raises(ModelCacheError, match="sha256 [0-9a-f]+ != manifest"):
         local_model_dir(settings, store, model)
     cache = settings.resolved_model_cache_dir
     assert [p.name for p in cache.iterdir()] == [".locks"]
@@ -242,8 +244,8 @@ def test_verify_only_when_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     store = CountingStore(get_store(settings), log)
     model = put_model(store, tmp_path, "m", seed=7)
     hashed: list[str] = []
-    real = model_cache._sha256
-    monkeypatch.setattr(model_cache, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     with model_cache.model_in_use(settings, store, model) as path:
         assert len(hashed) == FILES  # the download, checked once
     with model_cache.model_in_use(settings, store, model):
@@ -256,7 +258,7 @@ def test_verify_only_when_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     if victim.stat().st_mtime_ns == old.st_mtime_ns:  # within one kernel timestamp tick
         os.utime(victim, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000))
     with model_cache.model_in_use(settings, store, model):
-        assert verify_dir(path, model.files or []) == []
+        assert verify_files(path, model.files or []) == []
     assert len(downloads(log)) == 2 * FILES
     every = settings.model_copy(update={"model_cache_verify_every_use": True})
     before = len(hashed)
