@@ -25,5 +25,8 @@ def test_quick_bench_prints_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for line in ("ratio ours/book [quick]:", "ratio ours/peer [quick]", "eval loss ours/peer",
-                 "fraction of bf16 GEMM peak, ours"):
+                 "GEMM peak, ours [quick]", "GEMM peak, peer [quick]", "LM head", "cpu flags:",
+                 "== summary"):
         assert line in out, out
+    row = next(ln for ln in out.splitlines() if ln.lstrip().startswith("quick "))
+    assert "M " in row and "x" in row, row  # the summary's row for the shape
