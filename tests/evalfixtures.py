@@ -11,9 +11,14 @@ from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.tables import Job
 from tests.client.live import Live
 
-__all__ = ["record_evaluations", "BEST_REASON"]
+__all__ = ["record_evaluations", "BEST_REASON", "EVALUATION_CURVE"]
 
 BEST_REASON = "step 2 has the highest exact_match (1.0) of 2 evaluated checkpoint(s)"
+
+# What GET /v1/jobs/{id}/evaluations answers once `record_evaluations` ran.
+EVALUATION_CURVE = [{"step": 0, "scores": {"exact_match": 0.0}},
+                    {"step": 2, "scores": {"exact_match": 1.0}},
+                    {"step": 4, "scores": {"exact_match": 0.5}}]
 
 
 def _sample(i: int, out: str, score: float) -> dict:

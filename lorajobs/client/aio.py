@@ -18,6 +18,7 @@ from lorajobs.client.model_files import model_upload_files
 from lorajobs.client.sync import (
     LIST_PAGE,
     MODEL_TIMEOUT,
+    default_sample_step,
     download_headers,
     finish_download,
     safe_destination,
@@ -147,6 +148,24 @@ class AsyncClient:
         if checkpoint is not None:
             params["checkpoint"] = checkpoint
         await self.request("DELETE", f"/v1/jobs/{job_id}/deploy", params=params)
+
+    async def evaluations(self, job_id: str) -> list[dict[str, Any]]:
+        """`Client.jobs.evaluations`: the score curve [{step, scores: {grader: mean}}], step 0 =
+        the base model."""
+        data: list[dict[str, Any]] = (await self.request(
+            "GET", f"/v1/jobs/{job_id}/evaluations")).json()["data"]
+        return data
+
+    async def samples(self, job_id: str, step: int | None = None) -> dict[str, Any]:
+        """`Client.jobs.samples`: {step, scores, base_scores, samples: [{prompt, reference,
+        base_output, output, scores}]} of `step` (default: the best step, else the last
+        evaluated one)."""
+        if step is None:
+            job = (await self.request("GET", f"/v1/jobs/{job_id}")).json()
+            step = default_sample_step(job, await self.evaluations(job_id))
+        result: dict[str, Any] = (await self.request(
+            "GET", f"/v1/jobs/{job_id}/checkpoints/{step}/samples")).json()
+        return result
 
     async def artifacts(self, job_id: str) -> list[Artifact]:
         out: list[Artifact] = []

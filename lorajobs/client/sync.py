@@ -341,10 +341,8 @@ class _Jobs(_Resource):
         """{step, scores, base_scores, samples: [{prompt, reference, base_output, output,
         scores}]} of `step` (default: the job's best step, else its last evaluated one)."""
         if step is None:
-            job = self._c.get_json(f"/v1/jobs/{job_id}")
-            best = (job.get("metrics") or {}).get("best_step")
-            steps = [e["step"] for e in self.evaluations(job_id)]
-            step = best if best is not None else (steps[-1] if steps else 0)
+            step = default_sample_step(self._c.get_json(f"/v1/jobs/{job_id}"),
+                                       self.evaluations(job_id))
         result: dict[str, Any] = self._c.get_json(
             f"/v1/jobs/{job_id}/checkpoints/{step}/samples")
         return result
@@ -402,6 +400,15 @@ class _Jobs(_Resource):
                 return
         with self._c._store_http.stream("GET", location, headers=headers) as r:
             _write_body(r, part)
+
+
+def default_sample_step(job: dict[str, Any], curve: builtins.list[dict[str, Any]]) -> int:
+    """The step `samples` shows by default: the job's best step, else its last evaluated one,
+    else 0 (the base model)."""
+    best = (job.get("metrics") or {}).get("best_step")
+    if best is not None:
+        return int(best)
+    return int(curve[-1]["step"]) if curve else 0
 
 
 def select_artifacts(arts: builtins.list[Artifact], *, job_id: str, kind: str,

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from lorajobs.client import AsyncClient, AuthenticationError, InvalidRequestError, Job
+from lorajobs.client import (
+    AsyncClient,
+    AuthenticationError,
+    InvalidRequestError,
+    Job,
+    NotFoundError,
+)
 from tests.client.live import MODEL, Live, alpaca_records, write_jsonl
 from tests.client.transports import AsyncDropFirstResponse
+from tests.evalfixtures import EVALUATION_CURVE, record_evaluations
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,3 +103,22 @@ def test_async_transport_error_is_not_swallowed() -> None:
 
     with pytest.raises(APIConnectionError):
         asyncio.run(scenario())
+
+
+def test_async_evaluations_and_samples(live: Live) -> None:
+    job_id = live.submit(max_steps=4)
+    live.wait_end(job_id)
+    record_evaluations(live, job_id)  # steps 0 (base), 2 (best) and 4
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        async with AsyncClient(live.url, live.key) as client:
+            with pytest.raises(NotFoundError, match="no evaluation at step 3"):
+                await client.samples(job_id, 3)
+            return (await client.evaluations(job_id), await client.samples(job_id),
+                    await client.samples(job_id, 4))
+
+    curve, best, step4 = asyncio.run(scenario())
+    assert curve == EVALUATION_CURVE
+    assert best["step"] == 2 and [s["output"] for s in best["samples"]] == ["fox", "<b>x</b>"]
+    assert step4["step"] == 4 and step4["base_scores"] == {"exact_match": 0.0}
+    assert [s["base_output"] for s in step4["samples"]] == ["tree", "tree"]

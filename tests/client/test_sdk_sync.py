@@ -28,6 +28,7 @@ from lorajobs.client import (
 )
 from tests.client.live import MODEL, Live
 from tests.client.transports import CutFirstBody, DropFirstResponse, Recording
+from tests.evalfixtures import EVALUATION_CURVE, record_evaluations
 from tests.servicefixtures import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -244,3 +245,19 @@ def test_errors_map_to_exception_classes(live: Live, tmp_path: Path) -> None:
             client.datasets.upload(bad_file)
         assert [e.get("line") for e in ds.value.errors] == [2, 3]
         assert "line 2" in str(ds.value)
+
+
+def test_evaluations_and_samples(live: Live) -> None:
+    job_id = live.submit(max_steps=4)
+    live.wait_end(job_id)
+    record_evaluations(live, job_id)  # steps 0 (base), 2 (best) and 4
+    with Client(live.url, live.key) as client:
+        curve = client.jobs.evaluations(job_id)
+        best = client.jobs.samples(job_id)
+        step4 = client.jobs.samples(job_id, 4)
+        with pytest.raises(NotFoundError, match="no evaluation at step 3"):
+            client.jobs.samples(job_id, 3)
+    assert curve == EVALUATION_CURVE
+    assert best["step"] == 2 and [s["output"] for s in best["samples"]] == ["fox", "<b>x</b>"]
+    assert step4["step"] == 4 and step4["base_scores"] == {"exact_match": 0.0}
+    assert [s["base_output"] for s in step4["samples"]] == ["tree", "tree"]
