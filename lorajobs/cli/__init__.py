@@ -5,6 +5,7 @@
     lorajobs submit job.yaml --wait     submit to a server and watch it
     lorajobs jobs list | show | logs | cancel | download | plot
     lorajobs pause JOB | resume JOB     checkpoint and stop a job, free its worker; continue it
+    lorajobs webhooks create | list | show | update | delete | rotate-secret | deliveries | replay
 
 Every error is one line on stderr that says what to fix, and a non-zero exit code.
 """
@@ -15,7 +16,7 @@ import sys
 
 import typer
 
-from lorajobs.cli import local, remote, server
+from lorajobs.cli import local, remote, server, webhooks
 
 __all__ = ["app", "main"]
 
@@ -24,6 +25,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 local.register(app)
 server.register(app)
 remote.register(app)
+webhooks.register(app)
 
 EXIT_USER_ERROR = 1
 

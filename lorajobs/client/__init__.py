@@ -16,7 +16,17 @@ from lorajobs.client.errors import (
     UnsafePathError,
 )
 from lorajobs.client.sync import Client
-from lorajobs.client.types import Artifact, Checkpoint, Dataset, Event, Job, MetricRow, Model
+from lorajobs.client.types import (
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Event,
+    Job,
+    MetricRow,
+    Model,
+    Webhook,
+    WebhookDelivery,
+)
 
 __all__ = [
     "Client",
@@ -40,4 +50,6 @@ __all__ = [
     "Job",
     "MetricRow",
     "Model",
+    "Webhook",
+    "WebhookDelivery",
 ]

@@ -24,7 +24,8 @@ from lorajobs.client.sync import (
     safe_destination,
     select_artifacts,
 )
-from lorajobs.client.types import Artifact, Dataset, Job, Model
+from lorajobs.client.types import Artifact, Dataset, Job, Model, Webhook, WebhookDelivery
+from lorajobs.client.webhooks import WEBHOOKS_PAGE, create_body, delivery_params, update_body
 
 __all__ = ["AsyncClient"]
 
@@ -66,6 +67,21 @@ class AsyncClient:
             raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
         raise_for_response(response)
         return response
+
+    async def paginate(self, path: str, *, limit: int = 50, **params: Any
+                       ) -> AsyncIterator[dict[str, Any]]:
+        """`Client.paginate`: follow `next_cursor` until `has_more` is false."""
+        after: Any = None
+        while True:
+            query = {k: v for k, v in {**params, "limit": limit, "after": after}.items()
+                     if v is not None}
+            page = (await self.request("GET", path, params=query)).json()
+            for row in page["data"]:
+                yield row
+            if not page.get("has_more"):
+                return
+            cursor = page.get("next_cursor")  # may be 0 (a step): not "missing"
+            after = cursor if cursor is not None else page["data"][-1]["id"]
 
     async def upload_dataset(self, path: str | Path, *, format: str | None = None) -> Dataset:
         path = Path(path)
@@ -110,16 +126,8 @@ class AsyncClient:
 
     async def list_jobs(self, *, status: str | None = None, limit: int = 50
                         ) -> AsyncIterator[Job]:
-        after: str | None = None
-        while True:
-            params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items()
-                      if v is not None}
-            page = (await self.request("GET", "/v1/jobs", params=params)).json()
-            for row in page["data"]:
-                yield Job.model_validate(row)
-            if not page.get("has_more"):
-                return
-            after = page.get("next_cursor") or page["data"][-1]["id"]
+        async for row in self.paginate("/v1/jobs", limit=limit, status=status):
+            yield Job.model_validate(row)
 
     async def cancel_job(self, job_id: str) -> Job:
         r = await self.request("POST", f"/v1/jobs/{job_id}/cancel")
@@ -168,16 +176,8 @@ class AsyncClient:
         return result
 
     async def artifacts(self, job_id: str) -> list[Artifact]:
-        out: list[Artifact] = []
-        after: str | None = None
-        while True:
-            params = {"limit": LIST_PAGE, **({"after": after} if after else {})}
-            page = (await self.request("GET", f"/v1/jobs/{job_id}/artifacts",
-                                       params=params)).json()
-            out += [Artifact.model_validate(a) for a in page["data"]]
-            if not page.get("has_more"):
-                return out
-            after = page.get("next_cursor") or page["data"][-1]["id"]
+        return [Artifact.model_validate(a) async for a in self.paginate(
+            f"/v1/jobs/{job_id}/artifacts", limit=LIST_PAGE)]
 
     async def download(self, job_id: str, out_dir: str | Path, *, merged: bool = False,
                        step: int | None = None, kind: str | None = None) -> list[Path]:
@@ -217,6 +217,50 @@ class AsyncClient:
                 return
         async with self._store_http.stream("GET", location, headers=headers) as r:
             await _write_body(r, part)
+
+    async def create_webhook(self, url: str, event_types: list[str], *, name: str = "",
+                             enabled: bool = True) -> Webhook:
+        """`Client.webhooks.create`: the answer's `signing_secret` is shown only now."""
+        r = await self.request("POST", "/v1/webhooks",
+                               json=create_body(url, event_types, name=name, enabled=enabled))
+        return Webhook.model_validate(r.json())
+
+    async def list_webhooks(self) -> AsyncIterator[Webhook]:
+        async for row in self.paginate("/v1/webhooks", limit=WEBHOOKS_PAGE):
+            yield Webhook.model_validate(row)
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        r = await self.request("GET", f"/v1/webhooks/{webhook_id}")
+        return Webhook.model_validate(r.json())
+
+    async def update_webhook(self, webhook_id: str, *, url: str | None = None,
+                             event_types: list[str] | None = None, name: str | None = None,
+                             enabled: bool | None = None) -> Webhook:
+        body = update_body(url=url, event_types=event_types, name=name, enabled=enabled)
+        r = await self.request("PATCH", f"/v1/webhooks/{webhook_id}", json=body)
+        return Webhook.model_validate(r.json())
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self.request("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    async def rotate_webhook_secret(self, webhook_id: str, *,
+                                    keep_old_secret: bool = False) -> Webhook:
+        r = await self.request("POST", f"/v1/webhooks/{webhook_id}/rotate_secret",
+                               json={"keep_old_secret_active_for_24_hours": keep_old_secret})
+        return Webhook.model_validate(r.json())
+
+    async def list_webhook_deliveries(self, webhook_id: str, *, status: str | None = None
+                                      ) -> AsyncIterator[WebhookDelivery]:
+        """`Client.webhooks.deliveries`: newest first, each with its attempts."""
+        async for row in self.paginate(f"/v1/webhooks/{webhook_id}/deliveries",
+                                       limit=WEBHOOKS_PAGE, **delivery_params(status)):
+            yield WebhookDelivery.model_validate(row)
+
+    async def replay_webhook_delivery(self, webhook_id: str, delivery_id: str
+                                      ) -> WebhookDelivery:
+        r = await self.request("POST",
+                               f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/replay")
+        return WebhookDelivery.model_validate(r.json())
 
     async def wait(self, job_id: str, *,
                    on_progress: Callable[[Job], Awaitable[None] | None] | None = None,

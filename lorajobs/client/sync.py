@@ -47,6 +47,7 @@ from lorajobs.client.types import (
     MetricRow,
     Model,
 )
+from lorajobs.client.webhooks import Webhooks
 
 __all__ = ["Client"]
 
@@ -87,6 +88,7 @@ class Client:
         self.models = _Models(self)
         self.jobs = _Jobs(self)
         self.keys = _Keys(self)
+        self.webhooks = Webhooks(self)
 
     def __enter__(self) -> Client:
         return self

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Job", "Progress", "Dataset", "Model", "Event", "Checkpoint", "Artifact", "MetricRow"]
+__all__ = ["Job", "Progress", "Dataset", "Model", "Event", "Checkpoint", "Artifact", "MetricRow",
+           "Webhook", "WebhookDelivery"]
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -100,3 +101,40 @@ class Artifact(_Result):
     size: int
     sha256: str
     step: int | None = None
+
+
+class Webhook(_Result):
+    """A registered endpoint. `signing_secret` (whsec_...) only in the answer of a create or a
+    rotation; otherwise the last characters as `signing_secret_hint`."""
+
+    id: str
+    url: str
+    name: str = ""
+    event_types: list[str]
+    enabled: bool = True
+    signing_secret_hint: str | None = None
+    signing_secret: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class WebhookDelivery(_Result):
+    """One event sent (or to be sent) to an endpoint; `event_id` is the `webhook-id` header,
+    the same on every attempt and replay. `attempt_log`: [{attempt, started_at, duration_ms,
+    status_code, error, response_excerpt}]."""
+
+    id: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    job_id: str | None = None
+    status: str  # pending | delivered | failed
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    replay_of: str | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    payload: dict[str, Any] | None = None
+    attempt_log: list[dict[str, Any]] = []

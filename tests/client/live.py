@@ -29,8 +29,9 @@ import pytest
 
 from tests.servicefixtures import FAKE_TRAINER, LiveService, wait_for
 
-__all__ = ["Live", "start_live", "live", "live_real", "alpaca_records", "write_jsonl", "MODEL",
-           "TERMINAL", "FAKE_STEP_SECONDS", "REAL_TRAINING"]
+__all__ = ["Live", "start_live", "live", "live_real", "live_webhooks", "alpaca_records",
+           "write_jsonl", "MODEL", "TERMINAL", "FAKE_STEP_SECONDS", "REAL_TRAINING",
+           "WEBHOOK_LAB"]
 
 MODEL = "tiny"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -38,6 +39,9 @@ FAKE_STEP_SECONDS = 0.1  # tests/worker/fake_trainer.py's default sleep per step
 # The real trainer on the tiny model: ~1 s of training after a ~5 s torch import.
 REAL_TRAINING: dict[str, Any] = {"max_steps": 4, "batch_size": 4, "max_seq_length": 128,
                                  "save_steps": 2, "learning_rate": 1e-3, "seed": 3}
+# Webhooks to the tests' plain-http loopback receiver (tests/webhook_receiver.py), swept often.
+WEBHOOK_LAB: dict[str, Any] = {"webhook_allow_private_addresses": True, "webhook_allow_http": True,
+                               "webhook_poll_seconds": 0.1}
 WORDS = ["red", "blue", "fish", "stone", "river", "wolf", "green", "book", "wind", "bird"]
 
 
@@ -99,13 +103,15 @@ class Live:
 
 
 def start_live(tmp_dir: Path, tiny_model_dir: Path, *, backend: str = "sqlite",
-               trainer: Path | None = FAKE_TRAINER, **overrides: Any) -> Iterator[Live]:
-    """Generator for a fixture: the processes up, "tiny" registered; everything stopped after."""
+               trainer: Path | None = FAKE_TRAINER, beat: bool = False,
+               **overrides: Any) -> Iterator[Live]:
+    """Generator for a fixture: the processes up, "tiny" registered; everything stopped after.
+    `beat`: the maintenance process (reaper sweeps + webhook sender) instead of the reaper."""
     svc = LiveService(tmp_dir, backend, trainer=trainer, **overrides)
     try:
         svc.migrate()
         svc.start_worker()
-        svc.start_reaper()
+        svc.start_beat() if beat else svc.start_reaper()
         url = svc.start_api()
         assert svc.admin_key is not None
         shutil.copytree(tiny_model_dir, svc.settings.resolved_model_root / MODEL)
@@ -128,3 +134,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iter
 def live_real(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
     """One server with the real trainer, for the few tests where the weights matter."""
     yield from start_live(tmp_path_factory.mktemp("live-real"), tiny_model_dir, trainer=None)
+
+
+@pytest.fixture(scope="module")
+def live_webhooks(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+                  ) -> Iterator[Live]:
+    """A server that sends webhooks (beat) to a loopback receiver, for the webhook tests."""
+    yield from start_live(tmp_path_factory.mktemp("live-webhooks"), tiny_model_dir, beat=True,
+                          **WEBHOOK_LAB)

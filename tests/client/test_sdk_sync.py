@@ -45,7 +45,7 @@ def test_public_surface() -> None:
         "AuthenticationError", "ChecksumError", "ConflictError", "InvalidRequestError",
         "NotFoundError", "PayloadTooLargeError", "RateLimitError", "ServerError",
         "UnsafePathError", "Artifact", "Checkpoint", "Dataset", "Event", "Job", "MetricRow",
-        "Model"}
+        "Model", "Webhook", "WebhookDelivery"}
     assert issubclass(sdk.NotFoundError, sdk.APIError)
     assert issubclass(sdk.APIError, sdk.LorajobsError)
 
