@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from lorajobs.api import openai_compat, openai_graders, openai_serving, openai_webhooks
 from lorajobs.api.auth import LOOKUPS_IN_FLIGHT, AuthMiddleware
 from lorajobs.api.errors import document_error_responses, install_error_handlers
+from lorajobs.api.key_reader import make_key_reader
 from lorajobs.api.limits import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -60,9 +61,12 @@ from lorajobs.core.storage import get_store
 
 __all__ = ["create_app"]
 
-ROUTERS = (health, datasets, models, jobs, events, metrics, checkpoints, artifacts, keys,
-           usage, webhooks, evaluations, serving, openai_compat, openai_graders,
-           openai_webhooks, openai_serving, ui)
+# In matching order: FastAPI tries every route of each router in turn (~5 us a route), so the
+# OpenAI proxy (chat/completions, completions: latency-bound) comes right after the probes.
+# No two routers' paths overlap, so the order decides nothing else.
+ROUTERS = (health, openai_serving, datasets, models, jobs, events, metrics, checkpoints,
+           artifacts, keys, usage, webhooks, evaluations, serving, openai_compat,
+           openai_graders, openai_webhooks, ui)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -95,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        send_timeout=settings.response_send_timeout_seconds)
     app.add_middleware(BodyTimeoutMiddleware, settings=settings)
     app.add_middleware(AuthMiddleware, sessions=app.state.sessionmaker,
-                       lookups=app.state.lookups)
+                       lookups=app.state.lookups,
+                       reader=make_key_reader(settings.resolved_database_url))
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(NulByteMiddleware)
     app.add_middleware(MetricsMiddleware, latency=latency)

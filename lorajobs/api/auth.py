@@ -6,9 +6,11 @@ The principal is the `ApiKey` row; its `tenant_id` scopes every query a route ma
 `AuthMiddleware` checks the key from the headers alone, before a byte of the body is read and
 before the request takes a concurrency slot (api/limits.py): a request without a valid key
 answers 401 having held nothing. The row it found travels in `scope["state"]` to
-`deps.get_principal`, so a route does not read it twice. Keys are only ever read from the
-`Authorization` header: never from a query string, which access logs and browser histories
-keep (api/observability.py redacts them from the access log all the same).
+`deps.get_principal`, so a route does not read it twice. On SQLite the row is read on the
+event loop itself (api/key_reader.py: no threadpool hop, never a wait), on PostgreSQL in a
+threadpool call. Keys are only ever read from the `Authorization` header: never from a query
+string, which access logs and browser histories keep (api/observability.py redacts them from
+the access log all the same).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lorajobs.api.errors import error_response
+from lorajobs.api.key_reader import SqliteKeyReader
 from lorajobs.api.limits import has_body
 from lorajobs.core import keys
 from lorajobs.core.errors import Forbidden
@@ -84,10 +87,11 @@ class AuthMiddleware:
     """401 from the headers, before any body is read or any slot taken (see the module)."""
 
     def __init__(self, app: ASGIApp, sessions: sessionmaker[Session],
-                 lookups: asyncio.Semaphore) -> None:
+                 lookups: asyncio.Semaphore, reader: SqliteKeyReader | None = None) -> None:
         self.app = app
         self.sessions = sessions
         self.lookups = lookups
+        self.reader = reader
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not needs_key(scope):
@@ -95,10 +99,12 @@ class AuthMiddleware:
             return
         presented = bearer_token(scope["headers"])
         try:
-            keys.check_presented(presented)  # no header: 401 without a query
-            async with self.lookups:
-                principal = await run_in_threadpool(authenticate_presented, self.sessions,
-                                                    presented)
+            presented = keys.check_presented(presented)  # no header: 401 without a query
+            principal = self.reader.authenticate(presented) if self.reader else None
+            if principal is None:  # PostgreSQL, or SQLite would have had to wait
+                async with self.lookups:
+                    principal = await run_in_threadpool(authenticate_presented, self.sessions,
+                                                        presented)
         except Exception as exc:  # noqa: BLE001 - answered as the app's handlers would
             response = error_response(scope, exc)
             if has_body(scope):  # unread: the connection cannot carry another request
