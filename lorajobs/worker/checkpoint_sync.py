@@ -12,6 +12,11 @@ and the resume point of a new attempt on any node.
         with it the job.checkpoint webhook).
         A worker that lost its lease writes nothing (what it uploaded is under its own
         attempt's keys and is deleted again).
+        An upload that fails (the store stayed down past retry_seconds, a file vanished) or
+        is abandoned (`close` while it runs: the attempt settled without it) stops at the next
+        file and deletes what it stored under the step's prefix (best effort, logged): no
+        half checkpoint is left in the store. Recording that fails (the database stayed down)
+        deletes it too, once the database confirms no row points at it.
 
 The trainer never waits for any of this: it runs in another process; its only stall is its
 own save (`CheckpointEvent.save_seconds`, bench/checkpoint_bench.py).
@@ -50,7 +55,7 @@ from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Artifact, Checkpoint, new_id
 
 __all__ = ["attempt_prefix", "checkpoint_prefix", "snapshot", "upload_dir", "upload_file",
-           "known_digests", "UploadedFile",
+           "known_digests", "UploadedFile", "UploadAbandoned",
            "CheckpointUploader", "record_checkpoint", "prepare_resume", "ADAPTER_SUBDIR"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,9 @@ COMPLETE_MARKER = "COMPLETE"  # lora_core.training.callbacks.COMPLETE_MARKER (to
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Backoff between tries of one upload: 0.5, 1, 2, ... capped at 10 s.
 RETRY_WAIT = wait_exponential(multiplier=0.5, max=10)
+# close() waits this long for the upload in flight to stop at its next file and clean up; the
+# daemon thread finishes that on its own while the process lives.
+CLOSE_WAIT_SECONDS = 1.0
 
 
 def attempt_prefix(job_id: str, attempt: int) -> str:
@@ -128,18 +136,26 @@ def known_digests(directory: Path) -> dict[str, tuple[int, str]]:
         return {}
 
 
+class UploadAbandoned(Exception):
+    """`upload_dir` stopped between two files because its caller gave it up."""
+
+
 def upload_dir(store: ArtifactStore, directory: Path, prefix: str, *,
-               retry_seconds: float, manifest: bool = True) -> list[UploadedFile]:
+               retry_seconds: float, manifest: bool = True,
+               abandoned: Callable[[], bool] | None = None) -> list[UploadedFile]:
     """Upload every file under `directory` to `prefix/<relative path>`, each retried with
     backoff for up to `retry_seconds`. `manifest`: then write `prefix/manifest.json` of what
     was sent (a checkpoint); else a manifest.json the trainer wrote is uploaded as a file like
-    the others and its digests are reused (an adapter, a merged model)."""
+    the others and its digests are reused (an adapter, a merged model). `abandoned` is asked
+    before each file: True raises UploadAbandoned (what was stored stays: the caller's)."""
     known = {} if manifest else known_digests(directory)
-    uploaded = []
+    uploaded: list[UploadedFile] = []
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if not p.is_file() or p.name.endswith(".part") or (manifest and rel == MANIFEST_NAME):
             continue
+        if abandoned is not None and abandoned():
+            raise UploadAbandoned(f"{prefix}: given up after {len(uploaded)} file(s)")
         size, sha = known.get(rel, (None, None))
         uploaded.append(upload_file(store, p, f"{prefix}/{rel}", rel, retry_seconds=retry_seconds,
                                     sha256=sha if size == p.stat().st_size else None))
@@ -227,6 +243,7 @@ class CheckpointUploader:
         self.failed: list[int] = []
         self.upload_seconds: dict[int, float] = {}
         self.lease_lost = False
+        self._abandoned = threading.Event()  # set by close(): what is left is not wanted
         self._submitted: set[int] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._idle = threading.Condition()
@@ -272,14 +289,21 @@ class CheckpointUploader:
         return True
 
     def close(self) -> None:
-        """Stop the thread (after what is queued; `drain` first to bound the wait)."""
+        """Give up what is still pending (`drain` first: after it, nothing is unless it timed
+        out) and stop the thread: a queued checkpoint is dropped, the one uploading stops at
+        its next file and deletes what it stored (waited for up to CLOSE_WAIT_SECONDS)."""
+        self._abandoned.set()
         self._queue.put(None)
-        self._thread.join(timeout=1.0)
+        self._thread.join(timeout=CLOSE_WAIT_SECONDS)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                if not self.lease_lost:
+                if self._abandoned.is_set():
+                    log.warning("job %s: checkpoint step %d abandoned before its upload "
+                                "started; it is not resumable", self.job_id, item.step)
+                    self.failed.append(item.step)
+                elif not self.lease_lost:
                     self._upload(item)
             except Exception:  # noqa: BLE001 - one checkpoint lost, never the thread
                 log.exception("job %s: checkpoint step %d upload failed; it is not resumable",
@@ -294,16 +318,28 @@ class CheckpointUploader:
     def _upload(self, item: _Pending) -> None:
         prefix = checkpoint_prefix(self.job_id, self.attempt, item.step)
         started = time.monotonic()
-        files = upload_dir(self.store, item.snapshot, prefix, retry_seconds=self.retry_seconds)
-        if not files:  # never record a checkpoint nobody could resume from
-            raise RuntimeError(f"checkpoint step {item.step}: no files to upload")
+        try:
+            files = upload_dir(self.store, item.snapshot, prefix,
+                               retry_seconds=self.retry_seconds,
+                               abandoned=self._abandoned.is_set)
+            if not files:  # never record a checkpoint nobody could resume from
+                raise RuntimeError(f"checkpoint step {item.step}: no files to upload")
+            if self._abandoned.is_set():  # the attempt settled meanwhile: unwanted
+                raise UploadAbandoned(f"{prefix}: given up once uploaded")
+        except Exception:
+            self._discard(prefix)
+            raise
         self.upload_seconds[item.step] = time.monotonic() - started
-        for attempt in _retrying(self.retry_seconds):  # a database restart
-            with attempt, self.sessions() as session:
-                ours = record_checkpoint(session, job_id=self.job_id, owner=self.owner,
-                                         attempt=self.attempt, step=item.step, prefix=prefix,
-                                         files=files, metrics=item.metrics,
-                                         save_seconds=item.save_seconds)
+        try:
+            for attempt in _retrying(self.retry_seconds):  # a database restart
+                with attempt, self.sessions() as session:
+                    ours = record_checkpoint(session, job_id=self.job_id, owner=self.owner,
+                                             attempt=self.attempt, step=item.step,
+                                             prefix=prefix, files=files, metrics=item.metrics,
+                                             save_seconds=item.save_seconds)
+        except Exception:
+            self._discard_unless_recorded(prefix)
+            raise
         if ours:
             self.recorded.append(item.step)
             log.info("job %s: checkpoint step %d uploaded in %.2f s and recorded", self.job_id,
@@ -312,12 +348,33 @@ class CheckpointUploader:
         log.warning("job %s: lease lost; checkpoint step %d not recorded (its upload is "
                     "deleted)", self.job_id, item.step)
         self.lease_lost = True
-        try:
-            self.store.delete_prefix(prefix)
-        except Exception:  # noqa: BLE001 - under our own attempt's keys: harmless garbage
-            log.exception("job %s: deleting %s failed", self.job_id, prefix)
+        self._discard(prefix)
         if self.on_lease_lost is not None:
             self.on_lease_lost()
+
+    def _discard(self, prefix: str) -> None:
+        """Delete a checkpoint's objects that will never be recorded (best effort)."""
+        try:
+            self.store.delete_prefix(prefix)
+            log.info("job %s: deleted the unrecorded upload %s", self.job_id, prefix)
+        except Exception:  # noqa: BLE001 - under our own attempt's keys: harmless garbage
+            log.exception("job %s: deleting the unrecorded upload %s failed", self.job_id,
+                          prefix)
+
+    def _discard_unless_recorded(self, prefix: str) -> None:
+        """After recording failed: a commit whose answer was lost may still have landed, so
+        the objects go only once the database confirms that no checkpoint row points at
+        them; a database still down leaves them (logged)."""
+        try:
+            with self.sessions() as session:
+                recorded = session.scalar(select(Checkpoint.step).where(
+                    Checkpoint.job_id == self.job_id, Checkpoint.path == prefix))
+        except Exception:  # noqa: BLE001 - the database is still down
+            log.warning("job %s: %s was uploaded but not recorded; the database cannot tell, "
+                        "so it stays in the store", self.job_id, prefix)
+            return
+        if recorded is None:
+            self._discard(prefix)
 
 
 def _local_checkpoints(root: Path) -> dict[int, Path]:

@@ -24,7 +24,7 @@ snapshotted and uploaded by a background thread and recorded once whole; after i
 settle waits (bounded) for pending uploads, uploads the final artifacts and registers them in
 the transaction that settles the job. A `LeaseKeeper` thread renews the lease while the worker
 prepares and uploads (the loop below does it while the child runs). The job's scratch dir is
-removed once it settles terminally.
+removed once it settles terminally; a paused job's keeps only its logs (settle.py says why).
 
 Outcomes (`settle`, deciding with `service.policy.next_state`): finished completed ->
 succeeded; finished stopped -> cancelled (cancel) or queued (shutdown); an error event -> failed
@@ -191,6 +191,8 @@ class Supervisor:
                                     lost=self.lost, context=context, outputs=outputs)
         if outcome in settle.TERMINAL or outcome == settle.LOST:
             settle.remove_scratch(paths)
+        elif outcome == settle.PAUSED:
+            settle.trim_paused_scratch(paths)  # resumable on any node from the store
         return outcome
 
     def _prepare(self, paths: RunPaths, attempt: int

@@ -18,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from lorajobs.client import AsyncClient, Client
+from lorajobs.worker.runspec import job_scratch_dir
 from tests.cli.runcli import cli
 from tests.client.live import Live
 from tests.servicefixtures import wait_for
@@ -25,6 +26,7 @@ from tests.worker.jobfactory import fake_dir
 
 pytestmark = pytest.mark.timeout(150)
 STEPS = 60  # fake trainer: 0.1 s a step, a checkpoint every 2
+LOGS = ["run/events-attempt1.jsonl", "run/trainer-attempt1.log"]
 
 
 @pytest.fixture
@@ -55,6 +57,10 @@ def test_pause_frees_the_worker_and_resume_continues(client: OpenAI, live: Live)
     stopped_at = max(c["step"] for c in live.http.get(
         f"/v1/jobs/{job_id}/checkpoints").json()["data"])
     assert client.fine_tuning.jobs.pause(job_id).status == "paused"  # idempotent
+    # the node keeps only the logs (a resume here appends to them); checkpoints are in the store
+    scratch = job_scratch_dir(live.svc.settings, job_id)
+    wait_for(lambda: sorted(p.relative_to(scratch).as_posix() for p in scratch.rglob("*")
+                            if p.is_file()) == LOGS, timeout=10, what="the scratch trimmed")
 
     other = live.submit(max_steps=4)  # the only worker is free: another job runs meanwhile
     assert live.wait_end(other)["status"] == "succeeded"
@@ -73,6 +79,11 @@ def test_pause_frees_the_worker_and_resume_continues(client: OpenAI, live: Live)
     assert steps == list(range(1, STEPS + 1))
     statuses = [e["data"]["to"] for e in _events(live, job_id) if e["type"] == "status"]
     assert statuses == ["running", "paused", "queued", "running", "succeeded"]
+    # the events log artifact holds both runs (the pause refunded the attempt: one file)
+    log = next(a for a in live.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+               if a["name"] == "events-attempt1.jsonl")
+    body = live.http.get(f"/v1/jobs/{job_id}/artifacts/{log['id']}").text
+    assert sum(json.loads(line)["type"] == "started" for line in body.splitlines()) == 2
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.pause(job_id)
 

@@ -5,15 +5,17 @@ verified where this node lacks it or holds a copy that does not match its manife
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from lora_core.events import CheckpointEvent
 from lorajobs.core import jobs
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
-from lorajobs.core.storage import get_store
+from lorajobs.core.storage import ArtifactStore, get_store
 from lorajobs.core.tables import Checkpoint
 from lorajobs.worker.checkpoint_sync import (
     CheckpointUploader,
@@ -113,3 +115,74 @@ def test_a_step_reported_twice_is_uploaded_and_recorded_once(settings: Settings,
     node_b = tmp_path / "b" / "checkpoints"
     assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_b,
                           retry_seconds=5) == 3
+
+
+def _uploader(settings: Settings, tmp_path: Path, store: ArtifactStore,
+              retry_seconds: float = 5) -> tuple[str, CheckpointUploader]:
+    job_id = make_job(settings)
+    sessions = get_sessionmaker(settings)
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w", lease_seconds=60) is not None
+    return job_id, CheckpointUploader(sessions, store, job_id=job_id, attempt=1, owner="w",
+                                      upload_dir_root=tmp_path / "upload",
+                                      retry_seconds=retry_seconds)
+
+
+def _recorded(settings: Settings, job_id: str) -> list[int]:
+    with get_sessionmaker(settings)() as session:
+        return list(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)))
+
+
+def test_a_failed_upload_leaves_nothing_in_the_store(settings: Settings, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refuses the last file past retry_seconds: the files it took before are
+    deleted again, nothing is recorded."""
+    store = get_store(settings)
+    real_put = store.put_file
+
+    def put_file(key: str, src: Path, *, immutable: bool = False) -> None:
+        if key.endswith("trainer_state.json"):  # sorted last: two files are stored before it
+            raise OSError("store down (test)")
+        real_put(key, src, immutable=immutable)
+
+    monkeypatch.setattr(store, "put_file", put_file)
+    job_id, uploader = _uploader(settings, tmp_path, store, retry_seconds=0.5)
+    try:
+        assert uploader.submit(CheckpointEvent(step=3, path=str(_checkpoint(tmp_path, 3))), {})
+        assert uploader.drain(60)
+    finally:
+        uploader.close()
+    assert uploader.failed == [3] and uploader.recorded == []
+    assert list(store.list(checkpoint_prefix(job_id, 1, 3))) == []
+    assert _recorded(settings, job_id) == []
+
+
+def test_an_abandoned_upload_stops_and_deletes_what_it_stored(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() while a checkpoint uploads (the attempt settled without it): it stops at its
+    next file and deletes the files already stored; a checkpoint still queued is dropped."""
+    store = get_store(settings)
+    real_put = store.put_file
+    uploading, release = threading.Event(), threading.Event()
+
+    def put_file(key: str, src: Path, *, immutable: bool = False) -> None:
+        real_put(key, src, immutable=immutable)
+        if key.endswith("/COMPLETE"):  # the first file of step 3: hold the upload here
+            uploading.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr(store, "put_file", put_file)
+    job_id, uploader = _uploader(settings, tmp_path, store)
+    for step in (3, 5):
+        assert uploader.submit(CheckpointEvent(step=step, path=str(_checkpoint(tmp_path, step))),
+                               {})
+    assert uploading.wait(30)
+    assert list(store.list(checkpoint_prefix(job_id, 1, 3)))  # one file stored so far
+    uploader.close()  # waits CLOSE_WAIT_SECONDS, then leaves the thread to finish
+    release.set()
+    uploader._thread.join(30)
+    assert not uploader._thread.is_alive()
+    assert sorted(uploader.failed) == [3, 5] and uploader.recorded == []
+    assert list(store.list(f"jobs/{job_id}")) == []
+    assert _recorded(settings, job_id) == []
+    assert list((tmp_path / "upload").iterdir()) == []  # the snapshots are gone too
