@@ -4,18 +4,13 @@ official `openai` client, from the serve process's own sender thread."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from lorajobs.core.settings import Settings
-from tests.servicefixtures import FAKE_TRAINER, TEST_SETTINGS, free_port, wait_for
 from tests.webhook_receiver import Receiver
+from tests.worker.embedded_server import embedded_serve
 from tests.worker.jobfactory import ensure_model_and_dataset
 
 # Generous bounds (hangs, not speed): on a shared 2-core CI box the worker subprocess and the
@@ -28,57 +23,32 @@ WEBHOOK_SETTINGS = {"webhook_allow_private_addresses": True, "webhook_allow_http
 
 
 def test_serve_delivers_job_webhooks(tmp_path: Path, tiny_model_dir: Path) -> None:
-    wrapper = tmp_path / "trainer-python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TRAINER}" "$@"\n')
-    wrapper.chmod(0o755)
-    port = free_port()
-    knobs = {**TEST_SETTINGS, **WEBHOOK_SETTINGS}
-    settings = Settings(data_dir=tmp_path / "data", trainer_python=str(wrapper), **knobs)
-    env = {**os.environ, "LORAJOBS_DATA_DIR": str(settings.data_dir),
-           "LORAJOBS_TRAINER_PYTHON": str(wrapper),
-           **{f"LORAJOBS_{k.upper()}": str(v) for k, v in knobs.items()}}
     receiver = Receiver().start()
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-c",
-         f"from lorajobs.worker.embedded import serve; serve(host='127.0.0.1', port={port})"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
-        def _ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(_ready, timeout=180, what="embedded server ready")
-        headers = {"Authorization": f"Bearer {settings.admin_key_file.read_text().strip()}"}
-        hook = httpx.post(f"{base}/v1/webhooks", headers=headers, timeout=30, json={
-            "url": receiver.url, "event_types": ["job.running", "job.checkpoint",
-                                                 "fine_tuning.job.succeeded"]})
-        assert hook.status_code == 201, hook.text
-        receiver.secret = hook.json()["signing_secret"]
-        _, dataset_id = ensure_model_and_dataset(settings, tiny_model_dir)
-        r = httpx.post(f"{base}/v1/jobs", headers=headers, timeout=30, json={
-            "base_model": "fake-tiny", "training_file": dataset_id,
-            "training": {"max_steps": 4, "save_steps": 2}})
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-        delivered = receiver.wait_for(lambda: any(
-            getattr(x.event, "type", "") == "fine_tuning.job.succeeded"
-            for x in receiver.received), timeout=DELIVERY_SECONDS)
-        if not delivered:  # say where it stopped: the job, its events, the server's log
-            job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=30).text
-            events = httpx.get(f"{base}/v1/jobs/{job_id}/events", headers=headers,
-                               timeout=30).text
-            pytest.fail(f"no succeeded webhook in {DELIVERY_SECONDS}s; received "
-                        f"{receiver.received}\njob: {job}\nevents: {events[-3000:]}\n"
-                        f"serve.log: {(tmp_path / 'serve.log').read_text()[-4000:]}")
+        with embedded_serve(tmp_path, ready_timeout=180, **WEBHOOK_SETTINGS) as server:
+            base, headers = server.base, server.headers
+            hook = httpx.post(f"{base}/v1/webhooks", headers=headers, timeout=30, json={
+                "url": receiver.url, "event_types": ["job.running", "job.checkpoint",
+                                                     "fine_tuning.job.succeeded"]})
+            assert hook.status_code == 201, hook.text
+            receiver.secret = hook.json()["signing_secret"]
+            _, dataset_id = ensure_model_and_dataset(server.settings, tiny_model_dir)
+            r = httpx.post(f"{base}/v1/jobs", headers=headers, timeout=30, json={
+                "base_model": "fake-tiny", "training_file": dataset_id,
+                "training": {"max_steps": 4, "save_steps": 2}})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            delivered = receiver.wait_for(lambda: any(
+                getattr(x.event, "type", "") == "fine_tuning.job.succeeded"
+                for x in receiver.received), timeout=DELIVERY_SECONDS)
+            if not delivered:  # say where it stopped: the job, its events, the server's log
+                job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=30).text
+                events = httpx.get(f"{base}/v1/jobs/{job_id}/events", headers=headers,
+                                   timeout=30).text
+                pytest.fail(f"no succeeded webhook in {DELIVERY_SECONDS}s; received "
+                            f"{receiver.received}\njob: {job}\nevents: {events[-3000:]}\n"
+                            f"serve.log: {server.log_tail(4000)}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
         receiver.stop()
     assert all(x.verified for x in receiver.received)
     types = [x.event.type for x in receiver.received]
