@@ -207,32 +207,33 @@ def _event_line(e: Event) -> str:
     return f"{ts} {e.level:<7} {e.type}: {message}".rstrip().rstrip(":")
 
 
+def _print_state(job: Job, json_out: bool, while_running: str = "") -> None:
+    """`JOB: status` (+ what a running job is doing about the request), or the job as JSON."""
+    if json_out:
+        return print_json(job)
+    doing = f" ({while_running})" if while_running and job.status == "running" else ""
+    console.print(f"{job.id}: {job.status}{doing}")
+
+
 def cancel(job_id: str, url: str | None = URL, api_key: str | None = KEY,
            json_out: bool = JSON) -> None:
     """Ask a job to stop (it keeps its last checkpoint)."""
     with _client(url, api_key) as client:
-        job = client.jobs.cancel(job_id)
-    print_json(job) if json_out else console.print(f"{job.id}: {job.status}"
-                                                   + (" (stopping)" if job.status == "running"
-                                                      else ""))
+        _print_state(client.jobs.cancel(job_id), json_out, "stopping")
 
 
 def pause(job_id: str, url: str | None = URL, api_key: str | None = KEY,
           json_out: bool = JSON) -> None:
     """Pause a job: it saves a checkpoint, stops and frees its worker (`resume` continues)."""
     with _client(url, api_key) as client:
-        job = client.jobs.pause(job_id)
-    print_json(job) if json_out else console.print(f"{job.id}: {job.status}"
-                                                   + (" (pausing)" if job.status == "running"
-                                                      else ""))
+        _print_state(client.jobs.pause(job_id), json_out, "pausing")
 
 
 def resume(job_id: str, url: str | None = URL, api_key: str | None = KEY,
            json_out: bool = JSON) -> None:
     """Resume a paused job: queued again, training continues from its last checkpoint."""
     with _client(url, api_key) as client:
-        job = client.jobs.resume(job_id)
-    print_json(job) if json_out else console.print(f"{job.id}: {job.status}")
+        _print_state(client.jobs.resume(job_id), json_out)
 
 
 def deploy(job_id: str, target: str = typer.Option("default", "--target",

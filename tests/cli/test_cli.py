@@ -206,7 +206,7 @@ def test_help_lists_the_client_commands() -> None:
     r = subprocess.run([sys.executable, "-m", "lorajobs", "--help"], capture_output=True,
                        text=True, timeout=30, env={"COLUMNS": "120", "PATH": "/usr/bin"})
     for command in ("submit", "jobs", "logs", "cancel", "download", "datasets", "models",
-                    "keys", "plot"):
+                    "keys", "plot", "webhooks"):
         assert command in r.stdout
 
 
