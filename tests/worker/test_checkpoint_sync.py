@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from lora_core.events import CheckpointEvent
 from lorajobs.core import jobs
@@ -17,6 +20,7 @@ from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, get_store
 from lorajobs.core.tables import Checkpoint
+from lorajobs.worker import checkpoint_sync
 from lorajobs.worker.checkpoint_sync import (
     CheckpointUploader,
     checkpoint_prefix,
@@ -186,3 +190,32 @@ def test_an_abandoned_upload_stops_and_deletes_what_it_stored(
     assert list(store.list(f"jobs/{job_id}")) == []
     assert _recorded(settings, job_id) == []
     assert list((tmp_path / "upload").iterdir()) == []  # the snapshots are gone too
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_failed_recording_deletes_the_upload_unless_the_row_landed(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        landed: bool) -> None:
+    """Recording keeps failing (the database): the uploaded objects are deleted once the
+    database says no row points at them; kept when the commit landed but its answer was lost
+    (a resumable checkpoint must never lose its files)."""
+    real_record = checkpoint_sync.record_checkpoint
+
+    def record(session: Session, **kwargs: Any) -> bool:
+        if landed:
+            real_record(session, **kwargs)
+        raise OperationalError("COMMIT", {}, Exception("connection lost (test)"))
+
+    monkeypatch.setattr(checkpoint_sync, "record_checkpoint", record)
+    store = get_store(settings)
+    job_id, uploader = _uploader(settings, tmp_path, store, retry_seconds=0.5)
+    try:
+        assert uploader.submit(CheckpointEvent(step=3, path=str(_checkpoint(tmp_path, 3))), {})
+        assert uploader.drain(60)
+    finally:
+        uploader.close()
+    assert uploader.failed == [3]
+    stored = [o.key.rsplit("/", 1)[-1] for o in store.list(checkpoint_prefix(job_id, 1, 3))]
+    assert _recorded(settings, job_id) == ([3] if landed else [])
+    assert sorted(stored) == (sorted(["COMPLETE", "adapter_model.safetensors",
+                                      "trainer_state.json", "manifest.json"]) if landed else [])
