@@ -105,6 +105,10 @@ QUICK_SHAPE = dict(MAX_LEN=128, LEN_MEDIAN=40, LEN_MAX=120, BATCH=2, ACCUM=1, N_
 GEMM_N = 2048
 H200_BF16_PEAK_TFLOPS = 989  # NVIDIA H200 SXM dense bf16 tensor-core peak (datasheet)
 RESULT_TAG = "RESULT "
+# --threads: torch threads of every arm and of the GEMM peak (0 = torch's default, the cores).
+# On a machine other jobs load, one thread per process keeps CPU time honest: a 2-thread op
+# whose second thread is descheduled spins in the OpenMP barrier, billing CPU time for no work.
+THREADS = 0
 
 
 def use_quick_shape() -> None:
@@ -382,7 +386,9 @@ def run_arm(arm: str, model: str, paths: tuple[Path, Path, Path], steps: int,
            "--steps", str(steps), "--out", str(out), "--overrides", overrides.rstrip("]")]
     if MAX_LEN == QUICK_SHAPE["MAX_LEN"]:
         cmd.append("--quick")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
+           **({"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+              if THREADS else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
@@ -474,7 +480,8 @@ def bench_model(model: str, steps: int, repeats: int, workdir: Path, arms: list[
           f"min {shape['min']}, max {shape['max']} tokens; {shape['label_frac']:.0%} of tokens "
           f"carry labels; {steps} optimizer steps x {BATCH}x{ACCUM} examples, {repeats} "
           f"repeat(s); {shape['per_token'] / 1e6:.0f} MFLOP per useful token; cpu flags: "
-          f"{flags}; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{flags}; torch threads {THREADS or 'default'}; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     # wall GFLOP/s, and per CPU-second x threads ("cpu-"): the second is barely moved by
     # neighbours taking the cores, and divides the arms' FLOPs per CPU-second
@@ -506,7 +513,7 @@ def _report(model: str, results: dict[str, list[dict[str, Any]]],
     peak = {k: statistics.median(v) for k, v in peaks.items()}
     prec = peak_precision()
     limit, limit_cpu = peak[prec], peak["cpu-" + prec]
-    threads = torch.get_num_threads()  # the children's too: same machine, same defaults
+    threads = torch.get_num_threads()  # the children's too (--threads, or the same default)
 
     def per_cpu(m: dict[str, float]) -> float:
         """The arm's GFLOP per CPU-second x threads: comparable with limit_cpu."""
@@ -606,6 +613,9 @@ def main() -> None:
                    help="bench/gpu.sh: 0.5B model, peer-bf16 vs ours, peak = H200 bf16 datasheet")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
                    help="--gpu: the GPU's dense bf16 peak (bench/gpu_run.py picks it by name)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per arm and for the GEMM peak (default: all cores); 1 "
+                   "on a loaded machine makes the per-CPU-second figures trustworthy")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-train-bench"))
     p.add_argument("--child", choices=["book", "peer", "ours"], help=argparse.SUPPRESS)
     for flag in ("--precision", "--model-dir", "--train", "--eval", "--out", "--overrides"):
@@ -621,6 +631,12 @@ def main() -> None:
             r = child_hf(a.child, a.precision, *paths, int(a.steps), Path(a.out))
         print(RESULT_TAG + json.dumps(r), flush=True)
         return
+    if a.threads:
+        import torch
+
+        global THREADS
+        THREADS = a.threads
+        torch.set_num_threads(a.threads)
     if a.quick:
         arms = (a.arms or "book,peer-bf16,ours").split(",")
         print_table([bench_model("quick", a.steps or 3, 1, a.workdir, arms)])
