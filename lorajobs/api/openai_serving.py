@@ -6,8 +6,9 @@
 `ft:` names resolve to the tenant's own deployments only (another tenant's name is 404, as
 OpenAI answers a model you cannot see); other names to a target's base models. The body is
 forwarded as sent (vLLM validates it) and the answer relayed unbuffered, SSE streams included
-(httpx streaming). Routes are cached per (tenant, model) for ROUTE_CACHE_SECONDS, and dropped
-by a deploy or undeploy in this process; another API process sees a change within that time.
+(api/upstream_http.py: kept-alive connections, the body as it arrives). Routes are cached per
+(tenant, model) for ROUTE_CACHE_SECONDS, and dropped by a deploy or undeploy in this process;
+another API process sees a change within that time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api.deps import PrincipalDep, SettingsDep
 from lorajobs.api.openai_compat import OpenAIRoute
+from lorajobs.api.upstream_http import UpstreamConnectError, UpstreamPool, UpstreamResponse
 from lorajobs.core import serving
 from lorajobs.core.errors import InvalidRequest, NotFound, UpstreamUnavailable
 
@@ -35,30 +36,26 @@ router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"], route_class=
 ROUTE_CACHE_SECONDS = 2.0
 CONNECT_TIMEOUT_S = 3.0
 # Response headers worth relaying; hop-by-hop ones and content-length (we re-chunk) are not.
-RELAYED_HEADERS = ("content-type", "content-encoding", "x-request-id")
-MAX_CONNECTIONS = 512  # to all servers together, per API process
+RELAYED_HEADERS = (b"content-type", b"content-encoding", b"x-request-id")
 PROXY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the server's answer, relayed (JSON, or text/event-stream when "
                          "`stream` is true)"},
     502: {"description": "no server of the model's target answered (serving_unavailable)"}}
 
 
-def _http(app: FastAPI) -> httpx.AsyncClient:
-    client: httpx.AsyncClient | None = getattr(app.state, "serving_http", None)
-    if client is None:
-        read = app.state.settings.serving_read_timeout_seconds
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
-                                max_keepalive_connections=MAX_CONNECTIONS // 4))
-        app.state.serving_http = client
-    return client
+def _http(app: FastAPI) -> UpstreamPool:
+    pool: UpstreamPool | None = getattr(app.state, "serving_http", None)
+    if pool is None:
+        pool = UpstreamPool(connect_timeout=CONNECT_TIMEOUT_S,
+                            read_timeout=app.state.settings.serving_read_timeout_seconds)
+        app.state.serving_http = pool
+    return pool
 
 
 async def close_http(app: FastAPI) -> None:
-    client = getattr(app.state, "serving_http", None)
-    if client is not None:
-        await client.aclose()
+    pool: UpstreamPool | None = getattr(app.state, "serving_http", None)
+    if pool is not None:
+        pool.close()
 
 
 def _routes(app: FastAPI) -> dict[tuple[str, str], tuple[float, list[str], str | None]]:
@@ -99,34 +96,40 @@ async def _proxy(request: Request, tenant_id: str, path: str) -> Response:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model is required", param="model")
     urls, api_key = await _route(request, tenant_id, model)
-    headers = {"content-type": "application/json"}
+    headers = [(b"content-type", b"application/json")]
     if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    client = _http(request.app)
+        headers.append((b"authorization", f"Bearer {api_key}".encode("latin-1")))
+    pool = _http(request.app)
     failures = []
     for url in urls:  # loaded servers first; the next one only if this one refuses connections
-        upstream = client.build_request("POST", url.rstrip("/") + path, content=raw,
-                                        headers=headers)
         try:
-            resp = await client.send(upstream, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            failures.append(f"{url}: {type(exc).__name__}")
+            resp = await pool.post(url, path, raw, headers)
+        except UpstreamConnectError as exc:
+            failures.append(f"{url}: {exc}")
             continue
-        relayed = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED_HEADERS}
-        return StreamingResponse(_relay(resp), status_code=resp.status_code, headers=relayed,
-                                 background=BackgroundTask(resp.aclose))
+        relayed = {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers
+                   if k in RELAYED_HEADERS}
+        return StreamingResponse(_relay(resp), status_code=resp.status, headers=relayed,
+                                 background=BackgroundTask(_close, resp))
     raise UpstreamUnavailable(f"no server of {model!r} answered: {'; '.join(failures)}",
                               param="model")
 
 
-async def _relay(resp: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(resp: UpstreamResponse) -> AsyncIterator[bytes]:
     """The server's bytes as they come; the upstream connection is closed however the relay
-    ends (a client that goes away mid-stream stops the generation's reading at once)."""
+    ends (a client that goes away mid-stream stops the generation's reading at once), or
+    kept for the next request when the answer was read to its end."""
     try:
-        async for chunk in resp.aiter_raw():
+        async for chunk in resp.chunks():
             yield chunk
     finally:
-        await resp.aclose()
+        resp.close()
+
+
+async def _close(resp: UpstreamResponse) -> None:
+    """After the response (async: a sync background task would cost a threadpool hop); the
+    relay's own `finally` does it too, unless the response ended before the relay began."""
+    resp.close()
 
 
 @router.post("/chat/completions", responses=PROXY_RESPONSES)
