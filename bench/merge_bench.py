@@ -175,11 +175,12 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> None:
 
 
 def run_verify(arm: str, base: Path, adapter: Path, merged: Path) -> None:
-    """Verify `merged`; "runtime" is the RSS once everything either check imports is loaded."""
-    import accelerate  # noqa: F401
-    import peft  # noqa: F401
+    """Verify `merged`; "runtime" is the RSS once everything this arm's check imports is
+    loaded (the whole-model check also needs peft; the layer-by-layer one does not)."""
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    if arm == "verify-whole":
+        import peft  # noqa: F401
     from lora_core.merging.verify import verify_merge
 
     runtime = _vm_mb("VmRSS:")
