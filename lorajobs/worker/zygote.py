@@ -24,8 +24,9 @@ zygote and trainer with it), stdin from /dev/null, stdout and stderr appended to
 cwd = the run dir, the environment runspec.trainer_env gives (the worker starts the zygote with
 it and replaces the zygote when it changes; what the preloaded libraries added to it while
 importing stays, as it would in a cold child). The child then leaves the serving loop, runs
-`lora_core.child_process.main(args)` at the top of this module and exits through the normal
-interpreter shutdown, like `python -m lora_core` does.
+`lora_core.child_process.main(args)` at the top of this module and exits with its code through
+`exit_now`: what the interpreter's shutdown would flush and run, without its seconds of
+freeing objects one by one.
 The zygote reaps it (pidfd) and reports its exit code.
 
 This module imports torch in its own process only: the worker imports prewarm.py, not this.
@@ -34,19 +35,23 @@ This module imports torch in its own process only: the worker imports prewarm.py
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
+import importlib.util
 import json
 import os
 import select
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from lorajobs.worker.process_control import die_with_parent
 
-__all__ = ["PRELOAD_MODULES", "fork_hazard", "main"]
+__all__ = ["PRELOAD_MODULES", "CPU_ONLY_PRELOAD", "fork_hazard", "exit_now", "main"]
 
 # What `python -m lora_core run` imports before its `started` event (python -X importtime,
 # bench/LATENCY.md): torch ~1.2-2.7 s, transformers + its Trainer ~3 s, peft ~1 s on 2 cores.
@@ -60,7 +65,18 @@ PRELOAD_MODULES = (
     "lora_core.training.peft_setup", "lora_core.model_files", "lora_core.data.formats",
     "lora_core.data.tokenize", "lora_core.data.cache", "lora_core.data.collate",
     "lora_core.merging.merge", "lora_core.model_files.manifest",
+    # what a job imports later, on its way to the first step and through the merge
+    "lora_core.training.attention", "lora_core.training.deepspeed_config",
+    "lora_core.training.dropout", "lora_core.training.loss", "lora_core.evaluation.callback",
+    "lora_core.merging.verify",
+    # the architecture of the tiny models and of the Llama family
+    "transformers.models.llama.modeling_llama",
 )
+# Preloaded too where no CUDA device is visible (so none can be initialised): accelerate's
+# `Trainer.__init__` imports deepspeed, when installed, in every job to tell a DeepSpeedEngine
+# apart (425 modules, 0.5-0.8 s on 2 loaded cores, bench/job_overhead_bench.py). Where a GPU is
+# visible its import would pick the CUDA accelerator (see above): the child imports it there.
+CPU_ONLY_PRELOAD = ("deepspeed",)
 # torch.cuda.is_available() asks NVML instead of initialising the driver while this is set.
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 EXIT_ORPHANED = 137  # the zygote died between fork and PR_SET_PDEATHSIG: as if SIGKILLed
@@ -82,11 +98,38 @@ def preload() -> None:
     try:
         for name in PRELOAD_MODULES:
             importlib.import_module(name)
+        if not sys.modules["torch"].cuda.is_available():
+            for name in CPU_ONLY_PRELOAD:
+                if importlib.util.find_spec(name) is not None:
+                    importlib.import_module(name)
+        _warm_caches()
     finally:
         if previous is None:
             os.environ.pop(NVML_CHECK_ENV, None)
         else:
             os.environ[NVML_CHECK_ENV] = previous
+    # Every object so far lives as long as the zygote: out of the collector's sight, a child's
+    # collections never walk (and so never copy, page by page) what it inherited. accelerate
+    # calls gc.collect() before the first step: 1.8 s in a child on 2 loaded cores without
+    # this. (The gc module's own advice for fork without exec.)
+    gc.collect()
+    gc.freeze()
+
+
+def _warm_caches() -> None:
+    """Build what every trainer would build once per process, pure Python, before the fork.
+
+    transformers compiles its checkpoint conversion rules (~1000 regular expressions) on the
+    first `from_pretrained`: 0.2 s quiet, over 1 s on 2 loaded cores. A transformers without
+    that cache (another version) just skips this.
+    """
+    try:
+        conversion = importlib.import_module("transformers.conversion_mapping")
+    except ImportError:
+        return
+    build = getattr(conversion, "get_checkpoint_conversion_mapping", None)
+    if build is not None:
+        build("llama")
 
 
 def fork_hazard() -> str | None:
@@ -209,6 +252,29 @@ def _run_trainer(job: _Job) -> int:
     return child_process.main(job.args)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End a forked trainer without the interpreter's teardown.
+
+    Finalising an interpreter that holds torch, transformers, peft and a trained model frees
+    every object one by one: ~4.5 s after the trainer's `finished` event on 2 loaded cores
+    (bench/job_overhead_bench.py), and the worker waits for the exit before it uploads and
+    settles the job. What that teardown does that anyone can observe is done first, in the
+    same order: non-daemon threads joined, atexit handlers run (logging's flush among them),
+    stdio flushed. Only memory is left for the kernel to reclaim.
+    """
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its pipe gone: nothing left to lose
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorajobs.worker.zygote")
     parser.add_argument("--fd", type=int, required=True, help="the worker's unix socket")
@@ -236,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if job is None:
         return 0
-    return _run_trainer(job)
+    exit_now(_run_trainer(job))
 
 
 if __name__ == "__main__":

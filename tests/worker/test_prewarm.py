@@ -9,9 +9,12 @@ a job after a killed zygote still runs (cold), the next one forked from the repl
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +30,7 @@ from lorajobs.core.settings import Settings
 from lorajobs.core.tables import Job
 from lorajobs.worker import prewarm
 from lorajobs.worker.process_control import pid_alive
-from lorajobs.worker.runspec import RunPaths, write_spec
+from lorajobs.worker.runspec import FORK_SAFE_ENV, RunPaths, write_spec
 from tests.servicefixtures import LiveService, wait_for
 from tests.worker.jobfactory import ensure_model_and_dataset, events, get_job, make_job
 
@@ -161,6 +164,51 @@ def test_cold_spawn_where_prewarm_does_not_apply(settings: Settings, tmp_path: P
     assert prewarm.current() is None
     same = settings.model_copy(update={"trainer_python": sys.executable})
     assert prewarm._usable_for(same, run_spec)  # the worker's own interpreter: no reason not to
+
+
+def test_exit_now_keeps_what_the_interpreters_teardown_does(tmp_path: Path) -> None:
+    """A forked trainer leaves through exit_now (no seconds of freeing objects one by one):
+    its exit code, its non-daemon threads finished before the atexit handlers run, and its
+    buffered output in the log are what a normal interpreter exit gives."""
+    script = f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from lorajobs.worker.zygote import exit_now
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+def late():
+    time.sleep(0.5)
+    (out / "thread").write_text("done")
+threading.Thread(target=late).start()
+sys.stdout.write("buffered, no newline")
+sys.stderr.write("to stderr")
+exit_now(7)
+"""
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=log, stderr=log,
+                              stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert proc.returncode == 7
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "True"  # after the thread, as at exit
+    log_text = (tmp_path / "log").read_text()
+    assert "buffered, no newline" in log_text and "to stderr" in log_text
+
+
+def test_preload_takes_deepspeed_where_no_gpu_is_visible_and_stays_fork_safe() -> None:
+    """accelerate imports deepspeed in every Trainer: preloaded where that cannot touch CUDA,
+    left to the child where a GPU is visible; either way the zygote can still fork. What it
+    preloaded is frozen out of the collector's sight (a child's gc.collect never walks it)."""
+    code = ("import gc, json, sys, torch; from lorajobs.worker.zygote import fork_hazard, "
+            "preload; preload(); hazard = fork_hazard(); print(json.dumps({'hazard': hazard, "
+            "'deepspeed': 'deepspeed' in sys.modules, 'frozen': gc.get_freeze_count(), "
+            "'tracked': len(gc.get_objects()), 'cuda': torch.cuda.is_available()}))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **FORK_SAFE_ENV},
+                          capture_output=True, text=True, timeout=READY_TIMEOUT, check=True)
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["hazard"] is None
+    assert out["frozen"] > 100 * out["tracked"]
+    assert out["deepspeed"] == (importlib.util.find_spec("deepspeed") is not None
+                                and not out["cuda"])
 
 
 # -- through a real worker ------------------------------------------------------------------
