@@ -135,6 +135,46 @@ def test_truncation_drops_examples_without_loss_tokens(tokenizer):
         tokenize_examples([long_prompt], tokenizer, 16)
 
 
+def test_batched_encoding_equals_encoding_one_text_at_a_time(tokenizer, monkeypatch):
+    """tokenize_examples encodes each field over a batch of examples in one tokenizer call:
+    the features must be those of one call per text, across batch boundaries and for every
+    shape of example (an empty prompt or completion encodes to nothing, not to a BOS)."""
+    from lora_core.data import tokenize
+    from lora_core.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_examples
+
+    monkeypatch.setattr(tokenize, "ENCODE_BATCH", 3)
+    chat = {"messages": [{"role": "user", "content": "red"},
+                         {"role": "assistant", "content": "blue fish"}]}
+    examples = [{"prompt": "red fox", "completion": " fox red"},
+                {"text": "the quick brown fox"},
+                chat,
+                {"prompt": "", "completion": "river stone"},
+                {"prompt": "green book", "completion": " wolf" * 40},  # truncated
+                {"prompt": "a", "completion": ""},
+                {"prompt": "blue", "completion": " green green"},
+                chat]
+    eos = tokenizer.eos_token_id
+
+    def one_at_a_time(example):
+        if "messages" in example:
+            return tokenize_example(example, tokenizer, 32)[0]
+        enc = [] if not example.get("prompt", "x") else tokenizer(
+            example.get("text", example.get("prompt")), add_special_tokens=True)["input_ids"]
+        if "text" in example:
+            ids, labels = enc + [eos], enc + [eos]
+        else:
+            completion = tokenizer(example["completion"], add_special_tokens=False)[
+                "input_ids"] if example["completion"] else []
+            ids = enc + completion + [eos]
+            labels = [IGNORE_INDEX] * len(enc) + completion + [eos]
+        return {"input_ids": ids[:32], "labels": labels[:32], "attention_mask": [1] * len(ids[:32])}
+
+    features, stats = tokenize_examples(examples, tokenizer, 32)
+    assert features == [one_at_a_time(e) for e in examples]
+    assert stats.num_examples == len(examples) and stats.num_truncated == 1
+    assert stats.num_tokens == sum(len(f["input_ids"]) for f in features)
+
+
 def _features(tokenizer, n=5):
     from lora_core.data.formats import normalize_record
     from lora_core.data.synthetic import make_examples
