@@ -6,5 +6,6 @@ batched generation on the in-memory model, best-checkpoint selection and early s
     spec.py        EvaluationSpec (+ SelectSpec, EarlyStoppingSpec); torch-free
     selection.py   which evaluation is the best so far, when to stop; torch-free
     generation.py  left-padded batched generate(), adapter on / off
+    kv_cache.py    a KV cache written into a reserved buffer (no per-step concatenation)
     callback.py    the Trainer callback: base at step 0, every checkpoint after its save
 """

@@ -119,16 +119,20 @@ class EvaluationCallback(TrainerCallback):
         self.seconds = 0.0  # generation + grading, for the overhead figure
         self.evaluations = 0
         self._warned: set[str] = set()
+        self._prompt_ids: list[list[int]] | None = None
 
     # -- generation and grading -------------------------------------------------------------
     def _generate(self, model: Any, adapter: bool) -> list[str]:
-        from lora_core.evaluation.generation import generate
+        from lora_core.evaluation.generation import generate_ids, prompt_ids
 
-        return generate(model, self.tokenizer, [it["prompt"] for it in self.items],
-                        max_new_tokens=self.spec.max_new_tokens, batch_size=self.spec.batch_size,
-                        precision=self.precision, adapter=adapter,
-                        temperature=self.spec.temperature, seed=self.seed,
-                        max_prompt_tokens=self.max_prompt_tokens, synced_gpus=self.synced_gpus)
+        if self._prompt_ids is None:  # the prompts are the same at every evaluation
+            self._prompt_ids = prompt_ids(self.tokenizer, [it["prompt"] for it in self.items],
+                                          self.max_prompt_tokens)
+        return generate_ids(model, self.tokenizer, self._prompt_ids,
+                            max_new_tokens=self.spec.max_new_tokens,
+                            batch_size=self.spec.batch_size, precision=self.precision,
+                            adapter=adapter, temperature=self.spec.temperature, seed=self.seed,
+                            synced_gpus=self.synced_gpus)
 
     def grade(self, outputs: list[str]) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
         """(mean score per grader, samples). A sample a grader cannot grade (a template
