@@ -211,6 +211,16 @@ def test_preload_takes_deepspeed_where_no_gpu_is_visible_and_stays_fork_safe() -
                                 and not out["cuda"])
 
 
+def test_worker_process_init_imports_what_settling_a_job_imports() -> None:
+    code = ("import sys; from lorajobs.worker import celery_app; "
+            "before = 'tensorboard.summary.writer.record_writer' in sys.modules; "
+            "celery_app._import_settle_modules(); "
+            "print(before, 'tensorboard.summary.writer.record_writer' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=READY_TIMEOUT, check=True)
+    assert proc.stdout.split()[-2:] == ["False", "True"]
+
+
 # -- through a real worker ------------------------------------------------------------------
 
 @pytest.fixture
