@@ -171,6 +171,8 @@ class Supervisor:
                 if proc.poll() is None:  # leaving on an exception: never orphan a trainer
                     killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            log.info("job %s: trainer exited (returncode %d)", self.job_id, returncode)
+            t_exit = time.monotonic()
             with LeaseKeeper(self) as keeper:
                 if not self.lost and not uploader.drain(self.settings.store_retry_seconds):
                     log.warning("job %s: checkpoint uploads still pending after %g s; they "
@@ -179,6 +181,8 @@ class Supervisor:
                 self.lost = self.lost or recorder.lease_lost or uploader.lease_lost
                 outputs = settle.Outputs() if self.lost else \
                     settle.upload_outputs(self.sessions, context, recorder, job_id=self.job_id)
+            log.info("job %s: outputs uploaded in %.2f s", self.job_id,
+                     time.monotonic() - t_exit)
             self.lost = self.lost or keeper.lost
         finally:
             uploader.close()
