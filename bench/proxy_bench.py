@@ -6,10 +6,12 @@
 Upstream: by default tests/fake_vllm.py in a process of its own (a fixed answer, so the
 difference is the proxy alone: auth, route lookup, relay); `--upstream` points at a real vLLM
 serving `--model`. lorajobs: uvicorn (one process) with the upstream as a settings target.
-Requests alternate direct / proxied on one keep-alive client each, sequentially. One JSON line:
-p50/p99 of both (ms), p50 and p99 overhead (ms), and the same for a streamed answer's last byte;
-plus the floor every authenticated lorajobs request pays (the key's database check), which is
-most of the overhead on a loaded 2-core machine.
+Requests alternate direct / proxied / lorajobs' `/healthz` on one keep-alive client each,
+sequentially. One JSON line: p50/p99 of both (ms), p50 and p99 overhead (ms), and the same for
+a streamed answer's last byte; the p50 of the `/healthz` round trips interleaved with them (the
+same moments of load) and the overhead in those units (`overhead_in_healthz`: on a shared,
+loaded machine, a ratio to compare runs by where milliseconds swing with the load); plus the
+floor every authenticated lorajobs request pays (the key check, then a 404).
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def _timed(client: httpx.Client, url: str, body: dict[str, object], stream: bool
     return (time.perf_counter() - start) * 1000
 
 
+def _get(client: httpx.Client, url: str) -> float:
+    start = time.perf_counter()
+    assert client.get(url).status_code == 200
+    return (time.perf_counter() - start) * 1000
+
+
 def _compare(direct: httpx.Client, proxied: httpx.Client, upstream: str, api: str,
              body: dict[str, object], n: int, stream: bool) -> dict[str, float]:
     for _ in range(WARMUP):
@@ -58,13 +66,18 @@ def _compare(direct: httpx.Client, proxied: httpx.Client, upstream: str, api: st
         _timed(proxied, f"{api}/openai/v1/chat/completions", body, stream)
     d: list[float] = []
     p: list[float] = []
+    h: list[float] = []
     for _ in range(n):
         d.append(_timed(direct, f"{upstream}/v1/chat/completions", body, stream))
         p.append(_timed(proxied, f"{api}/openai/v1/chat/completions", body, stream))
+        h.append(_get(proxied, f"{api}/healthz"))
+    overhead = _pct(p, 50) - _pct(d, 50)
     return {"direct_p50_ms": round(_pct(d, 50), 3), "direct_p99_ms": round(_pct(d, 99), 3),
             "proxied_p50_ms": round(_pct(p, 50), 3), "proxied_p99_ms": round(_pct(p, 99), 3),
-            "overhead_p50_ms": round(_pct(p, 50) - _pct(d, 50), 3),
-            "overhead_p99_ms": round(_pct(p, 99) - _pct(d, 99), 3)}
+            "overhead_p50_ms": round(overhead, 3),
+            "overhead_p99_ms": round(_pct(p, 99) - _pct(d, 99), 3),
+            "healthz_p50_ms": round(_pct(h, 50), 3),
+            "overhead_in_healthz": round(overhead / _pct(h, 50), 2)}
 
 
 def _floor(client: httpx.Client, url: str, n: int) -> float:
@@ -121,7 +134,7 @@ def main() -> None:
                     httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as prox:
                 result = {"n": args.n, "upstream": "fake" if args.upstream is None else upstream,
                           "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-                          "load_avg": os.getloadavg()[0],
+                          "load_avg_1m_start": os.getloadavg()[0],
                           "json": _compare(direct, prox, upstream, api, body, args.n, False),
                           "stream": _compare(direct, prox, upstream, api, body, args.n, True),
                           # What any lorajobs request pays before a route runs: /healthz (no
@@ -129,7 +142,8 @@ def main() -> None:
                           # then 404): the proxy's overhead includes the second.
                           "lorajobs_healthz_p50_ms": _floor(prox, f"{api}/healthz", args.n),
                           "lorajobs_key_check_p50_ms": _floor(prox, f"{api}/v1/no-such-route",
-                                                              args.n)}
+                                                              args.n),
+                          "load_avg_1m_end": os.getloadavg()[0]}
         finally:
             for proc in reversed(procs):
                 stop_server(proc)
