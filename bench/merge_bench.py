@@ -6,14 +6,16 @@ random fp32 LoRA adapter (r=16 on q_proj/v_proj), then runs each arm in its own 
 reads that child's wall time and peak RSS (VmHWM). Compares every merged weight with a
 reference merge (fp32 delta, rounded once to bf16), tensor by tensor.
 
-    .venv/bin/python bench/merge_bench.py                # 672M params (1.3 GB bf16), all 4 arms
+    .venv/bin/python bench/merge_bench.py                # 672M params (1.3 GB bf16), all 5 arms
     .venv/bin/python bench/merge_bench.py --small        # ~90 MB, seconds
-    .venv/bin/python bench/merge_bench.py --size 3b      # 3.2B params (6.4 GB), ours + layers
+    .venv/bin/python bench/merge_bench.py --size 3b      # 3.2B (6.4 GB): ours, ours+verify, layers
 
 Targets: merge (issue "performance"): ours peak RSS <= 1.5 x (largest shard + adapter) and <=
 half of PEFT's; wall time no worse than PEFT's. Verification (issue 15): layer-by-layer peak
 RSS <= runtime + 2 x the largest unit (decoder layer or embedding/head, at the verification
-dtype), time <= the merge's, max |logits diff| equal to the whole-model verification's.
+dtype), time <= the merge's, max |logits diff| equal to the whole-model verification's. The
+ours+verify arm is merge_adapter as the service runs it (verify=True): what the verification
+adds to a merge's wall time, imports included, against the merge's own.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ SMALL = dict(hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2, vocab
 # Llama-3.2-3B's shape (head tied to the embedding): 3.21B params, 6.4 GB bf16.
 B3 = dict(hidden=3072, layers=28, intermediate=8192, heads=24, kv_heads=8, vocab=128256, tie=1)
 SIZES = {"small": SMALL, "full": FULL, "3b": B3}
-ARMS = ("peft", "ours", "verify-layers", "verify-whole")
+ARMS = ("peft", "ours", "ours+verify", "verify-layers", "verify-whole")
 VERIFY_FP32_MAX_PARAMS = 1_000_000_000  # as lora_core.merging.verify: fp32 below, bf16 above
 BASE_SHARD_BYTES = 300 * 10**6  # base shards ~300 MB, like a 7B checkpoint cut small
 OUT_SHARD_SIZE = "2GB"  # both arms; ours must not hold an output shard in memory
@@ -168,8 +170,9 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> None:
     start = time.perf_counter()
     if arm == "peft":
         merge_with_peft(base, adapter, out, max_shard_size=OUT_SHARD_SIZE)
-    else:
-        merge_adapter(base, adapter, out, max_shard_size=OUT_SHARD_SIZE, verify=False)
+    else:  # ours+verify: the merge as the service runs it, verification included
+        verify = arm == "ours+verify"
+        merge_adapter(base, adapter, out, max_shard_size=OUT_SHARD_SIZE, verify=verify)
     merge_s = time.perf_counter() - start
     print(json.dumps({"merge_s": merge_s, "peak_rss_mb": _vm_hwm_mb()}))
 
@@ -268,7 +271,7 @@ def main() -> None:
     ap.add_argument(
         "--arms",
         default=None,
-        help=f"comma list of {','.join(ARMS)} (default: all; 3b: ours,verify-layers)",
+        help=f"comma list of {','.join(ARMS)} (default: all; 3b: ours,ours+verify,verify-layers)",
     )
     ap.add_argument("--repeats", type=int, default=None, help="runs per arm (default 2, small 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: tmp)")
@@ -280,7 +283,8 @@ def main() -> None:
         return
     size = "small" if args.small else args.size
     c = SIZES[size]
-    arms = (args.arms or ("ours,verify-layers" if size == "3b" else ",".join(ARMS))).split(",")
+    default = "ours,ours+verify,verify-layers" if size == "3b" else ",".join(ARMS)
+    arms = (args.arms or default).split(",")
     if any(a.startswith("verify") for a in arms) and "ours" not in arms:
         raise SystemExit("the verify arms check the 'ours' arm's output: add ours to --arms")
     repeats = args.repeats or (1 if size != "full" else 2)
@@ -300,8 +304,8 @@ def main() -> None:
         for arm in results:
             out = work / ("out-ours" if arm.startswith("verify") else f"out-{arm}")
             results[arm].append(measure(arm, base, adapter, out))
-    report({a: r for a, r in results.items() if not a.startswith("verify")}, base, adapter, work,
-           max(shards) + adapter_mb)  # fmt: skip
+    merges = {a: r for a, r in results.items() if a in ("peft", "ours")}
+    report(merges, base, adapter, work, max(shards) + adapter_mb)
     verify_report(results, c)
     print(f"load average at end: {os.getloadavg()}")
     if args.workdir is None:
@@ -366,6 +370,15 @@ def verify_report(results: dict[str, list[dict[str, float]]], c: dict[str, int])
         )
         print(f"ratios layers/whole: verify s {lay['merge_s'] / whole['merge_s']:.2f}, peak RSS "
               f"{lay['peak_rss_mb'] / whole['peak_rss_mb']:.2f}")  # fmt: skip
+    if results.get("ours+verify"):
+        both = _best(results["ours+verify"])
+        added = {k: both[k] - merge[k] for k in ("wall_s", "merge_s")}
+        print(f"merge_adapter(verify=True): wall {both['wall_s']:.2f} s, {both['merge_s']:.2f} s "
+              f"without imports; the verification adds {added['wall_s']:.2f} s wall, "
+              f"{added['merge_s']:.2f} s (peak RSS {both['peak_rss_mb']:.0f} MB)")  # fmt: skip
+        checks[f"verification adds <= the merge's wall ({merge['wall_s']:.2f})"] = (
+            added["wall_s"] <= merge["wall_s"]
+        )
     for label, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {label}")
 

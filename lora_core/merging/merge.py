@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +400,7 @@ def merge_adapter(
         raise StorageError(f"output directory {out} already exists", param="output_dir")
     inspect_model_dir(base)  # a bad base fails here, before any output exists
     adapter = _read_adapter(Path(adapter_dir))
+    warming = _warm_verification(base) if verify else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -408,6 +410,9 @@ def merge_adapter(
         diff = None
         if verify:
             from lora_core.merging.verify import check_merge  # imports this module
+
+            if warming is not None:
+                warming.join()
 
             diff = check_merge(base, Path(adapter_dir), tmp, probe_tokens, tolerance)
         files = write_manifest(tmp)["files"]
@@ -419,6 +424,27 @@ def merge_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeResult(out, diff, files, time.perf_counter() - start, merged + replaced)
+
+
+def _warm_verification(base: Path) -> threading.Thread:
+    """Import what the verification needs (transformers and the model class of this config:
+    8-14 s on a loaded 2-core machine) on a thread while the merge streams, which mostly waits
+    on the kernel's copies; a fresh process (the CLI) would otherwise pay it after the merge."""
+
+    def load() -> None:
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            import lora_core.merging.verify  # noqa: F401
+
+            config = AutoConfig.from_pretrained(str(base), trust_remote_code=False)
+            AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+        except Exception:  # the verification reports it
+            pass
+
+    thread = threading.Thread(target=load, name="verify-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
