@@ -6,6 +6,8 @@ takes seconds of training even where bf16 is emulated; the HF arms fall back to 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +16,24 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+HANG_TIMEOUT_S = 900  # a hang, not speed: ~1 min of CPU, >10 min of wall at load 20 on 2 cores
 
 
 def test_quick_bench_prints_ratios(tmp_path):
-    proc = subprocess.run(
+    # its own session: on a timeout the arms' child processes go too, not only the parent
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--quick",
          "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    try:
+        out, err = proc.communicate(timeout=HANG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     for line in ("ratio ours/book [quick]:", "ratio ours/peer [quick]", "eval loss ours/peer",
                  "GEMM peak, ours [quick]", "GEMM peak, peer [quick]", "LM head", "cpu flags:",
                  "== summary"):
