@@ -104,8 +104,9 @@ class ArtifactStore(ABC):
     """Put, read and list immutable objects by key; nothing outside the implementations knows
     where an object lives. `put_*` are atomic: a reader sees the whole object or none.
 
-    Keys are written once per attempt and never rewritten in place (checkpoints and final
-    artifacts are keyed by job, attempt and step), so an S3 store needs no locking.
+    Keys are written once and never rewritten in place (a worker writes only under its run's
+    prefix, `jobs/<job>/attempt-<N>/run-<token>/`: worker/checkpoint_sync.run_prefix), so an
+    S3 store needs no locking.
     """
 
     @abstractmethod

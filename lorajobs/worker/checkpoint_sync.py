@@ -2,16 +2,17 @@
 and the resume point of a new attempt on any node.
 
     trainer seals checkpoint-<S>/ ──event──▶ recorder ──▶ CheckpointUploader.submit
-        snapshot: hard links into <job scratch>/upload/step-<S>/ (microseconds; the trainer may
-                  rotate or delete its dir meanwhile, the links keep the bytes)
-        thread:   every file ──put_file(immutable)──▶ jobs/<job>/attempt-<N>/checkpoints/step-<S>/
+        snapshot: hard links into <job scratch>/upload/run-<token>/step-<S>/ (microseconds;
+                  the trainer may rotate or delete its dir meanwhile, the links keep the bytes)
+        thread:   every file ──put_file(immutable)──▶ <run prefix>/checkpoints/step-<S>/
                   + manifest.json {files: [{path, size, sha256}]}; retried with backoff
+                  (<run prefix> = jobs/<job>/attempt-<N>/run-<token>: `run_prefix`)
         then, in ONE transaction fenced by the lease (`jobs.hold_lease`: still running under
         our owner and attempt): Checkpoint row resumable with its prefix + manifest, the
         adapter files as Artifacts (kind adapter, step S), the job's "checkpoint" event (and
         with it the job.checkpoint webhook).
         A worker that lost its lease writes nothing (what it uploaded is under its own
-        attempt's keys and is deleted again).
+        run's keys and is deleted again).
         An upload that fails (the store stayed down past retry_seconds, a file vanished) or
         is abandoned (`close` while it runs: the attempt settled without it) stops at the next
         file and deletes what it stored under the step's prefix (best effort, logged): no
@@ -30,6 +31,7 @@ sealed dir) can only resume from a recorded checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -54,8 +56,8 @@ from lorajobs.core import jobs
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Artifact, Checkpoint, new_id
 
-__all__ = ["attempt_prefix", "checkpoint_prefix", "snapshot", "upload_dir", "upload_file",
-           "known_digests", "UploadedFile", "UploadAbandoned",
+__all__ = ["attempt_prefix", "run_prefix", "checkpoint_prefix", "snapshot", "upload_dir",
+           "upload_file", "known_digests", "UploadedFile", "UploadAbandoned",
            "CheckpointUploader", "record_checkpoint", "prepare_resume", "ADAPTER_SUBDIR"]
 
 log = logging.getLogger(__name__)
@@ -68,16 +70,40 @@ RETRY_WAIT = wait_exponential(multiplier=0.5, max=10)
 # close() waits this long for the upload in flight to stop at its next file and clean up; the
 # daemon thread finishes that on its own while the process lives.
 CLOSE_WAIT_SECONDS = 1.0
+# 48 bits of sha256(lease owner) name a run inside its attempt: the runs of one attempt (one
+# per pause or graceful shutdown) collide with odds ~n^2 / 2^49.
+RUN_TOKEN_CHARS = 12
 
 
 def attempt_prefix(job_id: str, attempt: int) -> str:
-    """Everything one attempt uploads lives under this prefix: a late worker of an earlier
-    attempt can never overwrite the objects of the attempt that replaced it."""
+    """Every run of one attempt uploads under this prefix (`run_prefix`)."""
     return f"jobs/{job_id}/attempt-{attempt}"
 
 
-def checkpoint_prefix(job_id: str, attempt: int, step: int) -> str:
-    return f"{attempt_prefix(job_id, attempt)}/checkpoints/step-{step}"
+def run_prefix(job_id: str, attempt: int, owner: str) -> str:
+    """Everything one run (one claim of the job) uploads: `jobs/<job>/attempt-<N>/run-<token>`,
+    token = the first RUN_TOKEN_CHARS hex digits of sha256(lease owner).
+
+    The attempt number alone does not name a run: a pause or a graceful shutdown refunds it,
+    so the next claim runs as attempt N again, and a thread of the earlier run still
+    uploading (given up by `close`, or its lease lost) would delete, at the same keys, the
+    checkpoint the resumed run recorded since. The lease owner is new for every claim
+    (`tasks.worker_owner`: host:pid:uuid) and is what fences the run's rows
+    (`jobs.hold_lease`), so it scopes the run's keys too: a run only ever writes and deletes
+    under its own prefix, never another run's objects.
+
+    Nothing reads a key by deriving it: readers use the keys recorded in the database
+    (`Checkpoint.path`, `Artifact.storage_key`), so rows written under the earlier layout
+    (`jobs/<job>/attempt-<N>/...`, one prefix per attempt) stay valid as recorded. The claim's
+    status event names the owner (`data.owner`), from which the prefix follows.
+    """
+    token = hashlib.sha256(owner.encode()).hexdigest()[:RUN_TOKEN_CHARS]
+    return f"{attempt_prefix(job_id, attempt)}/run-{token}"
+
+
+def checkpoint_prefix(run: str, step: int) -> str:
+    """A checkpoint's objects under the run prefix `run` (`run_prefix`)."""
+    return f"{run}/checkpoints/step-{step}"
 
 
 @dataclass(frozen=True)
@@ -225,8 +251,12 @@ class _Pending:
 
 
 class CheckpointUploader:
-    """Uploads sealed checkpoints of one attempt in a background thread, in order, and records
-    each one once it is whole in the store (see the module docstring)."""
+    """Uploads sealed checkpoints of one run in a background thread, in order, and records
+    each one once it is whole in the store (see the module docstring).
+
+    `owner` is the run's lease owner: it fences the recording and names the run's keys
+    (`run_prefix`) and its snapshot dir `upload_dir_root/run-<token>/`, so a thread of an
+    earlier run of the same attempt, still cleaning up, never touches this run's files."""
 
     def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, *, job_id: str,
                  attempt: int, owner: str, upload_dir_root: Path, retry_seconds: float,
@@ -236,7 +266,8 @@ class CheckpointUploader:
         self.job_id = job_id
         self.attempt = attempt
         self.owner = owner
-        self.root = upload_dir_root
+        self.prefix = run_prefix(job_id, attempt, owner)
+        self.root = upload_dir_root / self.prefix.rsplit("/", 1)[-1]
         self.retry_seconds = retry_seconds
         self.on_lease_lost = on_lease_lost
         self.recorded: list[int] = []
@@ -314,9 +345,13 @@ class CheckpointUploader:
                 with self._idle:
                     self._outstanding -= 1
                     self._idle.notify_all()
+        try:
+            self.root.rmdir()  # the run's snapshot dir, empty once every item is done
+        except OSError:
+            pass
 
     def _upload(self, item: _Pending) -> None:
-        prefix = checkpoint_prefix(self.job_id, self.attempt, item.step)
+        prefix = checkpoint_prefix(self.prefix, item.step)
         started = time.monotonic()
         try:
             files = upload_dir(self.store, item.snapshot, prefix,
@@ -357,7 +392,7 @@ class CheckpointUploader:
         try:
             self.store.delete_prefix(prefix)
             log.info("job %s: deleted the unrecorded upload %s", self.job_id, prefix)
-        except Exception:  # noqa: BLE001 - under our own attempt's keys: harmless garbage
+        except Exception:  # noqa: BLE001 - under our own run's keys: harmless garbage
             log.exception("job %s: deleting the unrecorded upload %s failed", self.job_id,
                           prefix)
 

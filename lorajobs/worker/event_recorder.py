@@ -49,8 +49,8 @@ from lora_core.events import (
 from lorajobs.core import evaluations, jobs, tokencounts
 from lorajobs.core.tables import Artifact, Job, JobMetric, JobStatus, new_id
 
-__all__ = ["EventRecorder", "register_dir", "register_file", "storage_key_for",
-           "write_tensorboard", "TENSORBOARD_TAGS", "RegisteredFile", "is_final_merge"]
+__all__ = ["EventRecorder", "register_dir", "register_file", "write_tensorboard",
+           "TENSORBOARD_TAGS", "RegisteredFile", "is_final_merge"]
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,6 @@ LOGGED = (StartedEvent, StageEvent, WarningEvent, EvalEvent, MergedEvent, ErrorE
           FinishedEvent)
 _LOCAL_PATHS = {"path", "adapter_path", "merged"}
 CheckpointSink = Callable[[CheckpointEvent, dict[str, Any]], object]
-
-
-def storage_key_for(job_id: str, attempt: int, name: str) -> str:
-    """The store key of a file an attempt uploads: `jobs/<job>/attempt-<N>/<name>`."""
-    from lorajobs.worker.checkpoint_sync import attempt_prefix
-
-    return f"{attempt_prefix(job_id, attempt)}/{name}"
 
 
 RegisteredFile = tuple[str, str, int, str]  # (name inside the artifact, key, size, sha256)

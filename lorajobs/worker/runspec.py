@@ -8,13 +8,15 @@ The trainer works on node-local scratch, never in the store (`settings.resolved_
     jobs/<job_id>/run/STOP                       the worker's cooperative stop request
     jobs/<job_id>/run/events-attempt<N>.jsonl    the child's JSON-lines report channel
     jobs/<job_id>/run/trainer-attempt<N>.log     the child's stdout + stderr
-    jobs/<job_id>/upload/                        hard-linked snapshots of sealed checkpoints
+    jobs/<job_id>/upload/run-<token>/            hard-linked snapshots of sealed checkpoints
                                                  being uploaded (checkpoint_sync.py)
     datasets/<sha256><suffix>                    the node's dataset cache (inputs.py)
 
-What is uploaded goes to the store under `jobs/<job_id>/attempt-<N>/...`; a job's scratch
-directory is removed once it settles terminally (settle.py). Paths never come from the
-client: the model is a registered name, datasets are store keys the API wrote.
+What is uploaded goes to the store under the run's own prefix
+`jobs/<job_id>/attempt-<N>/run-<token>/` (checkpoint_sync.run_prefix; settle.py lists what is
+under it); a job's scratch directory is removed once it settles terminally (settle.py). Paths
+never come from the client: the model is a registered name, datasets are store keys the API
+wrote.
 """
 
 from __future__ import annotations

@@ -14,12 +14,23 @@ guarded by our lease owner: if the reaper or a cancel won a race, we lose quietl
                                                 remain (resumes from the newest recorded
                                                 checkpoint), else failed
 
-What a job leaves is uploaded from scratch first (`upload_outputs`, under
-`jobs/<job>/attempt-<N>/`: logs always; adapter, merged models, TensorBoard file and
-reproducibility.json when it succeeded), then registered as Artifact rows in the transaction
-that settles the job: if the lease was lost meanwhile (`IllegalTransition`), the rollback takes
-the rows with it, so a late worker never registers anything. A worker that knows it lost the
-lease uploads and registers nothing.
+What a job leaves is uploaded from scratch first (`upload_outputs`, under the run's own prefix
+`jobs/<job>/attempt-<N>/run-<token>/` (checkpoint_sync.run_prefix): logs always (run_logs.py);
+adapter, merged models, TensorBoard file and reproducibility.json when it succeeded), then
+registered as Artifact rows in the transaction that settles the job: if the lease was lost
+meanwhile (`IllegalTransition`), the rollback takes the rows with it, so a late worker never
+registers anything. A worker that knows it lost the lease uploads and registers nothing.
+
+    <run prefix>/logs/<name>                  events-attempt<N>.jsonl, trainer-attempt<N>.log
+    <run prefix>/adapter/...                  the final adapter (its manifest.json included)
+    <run prefix>/merged/<dir>/...             each merged model (the final one, or per step)
+    <run prefix>/tensorboard/events.out.tfevents.<job>
+    <run prefix>/reproducibility.json
+    <run prefix>/checkpoints/step-<S>/...     (checkpoint_sync.py)
+
+A final upload that fails (adapter, merged models, reproducibility.json) deletes what it had
+stored (best effort, logged) and registers none of it: no partial adapter or model is left in
+the store, and the job is retried as a new run under new keys.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from lorajobs.core.policy import Outcome
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore
 from lorajobs.core.tables import Checkpoint, Dataset, Job, JobMetric, JobStatus, RegisteredModel
-from lorajobs.worker import reproducibility
+from lorajobs.worker import reproducibility, run_logs
 from lorajobs.worker.checkpoint_sync import UploadedFile, upload_dir, upload_file
 from lorajobs.worker.event_recorder import (
     EventRecorder,
@@ -49,7 +60,6 @@ from lorajobs.worker.event_recorder import (
     is_final_merge,
     register_dir,
     register_file,
-    storage_key_for,
     write_tensorboard,
 )
 from lorajobs.worker.runspec import RunPaths
@@ -79,6 +89,7 @@ class SettleContext:
     store: ArtifactStore
     settings: Settings
     attempt: int
+    prefix: str  # the run's store prefix (checkpoint_sync.run_prefix)
 
 
 def _exit_description(returncode: int) -> str:
@@ -128,13 +139,11 @@ def upload_outputs(sessions: sessionmaker[Session], context: SettleContext,
     stays down becomes `Outputs.error`."""
     out = Outputs()
     store, retry = context.store, context.settings.store_retry_seconds
-    attempt = context.attempt
     try:
-        for path in context.paths.log_files():
-            name = path.name
-            f = upload_file(store, path, storage_key_for(job_id, attempt, f"logs/{name}"), name,
-                            retry_seconds=retry)
-            out.files.append(("log", (name, f.key, f.size, f.sha256)))
+        for registered in run_logs.upload_logs(sessions, store, job_id=job_id,
+                                               paths=context.paths, prefix=context.prefix,
+                                               retry_seconds=retry):
+            out.files.append((run_logs.LOG_KIND, registered))
         if recorder.finished is not None:  # completed or stopped (cancel, pause, shutdown)
             _upload_tensorboard(sessions, context, out, job_id=job_id)
         if not completed(recorder):
@@ -150,29 +159,55 @@ def upload_outputs(sessions: sessionmaker[Session], context: SettleContext,
 
 def _upload_final(sessions: sessionmaker[Session], context: SettleContext,
                   recorder: EventRecorder, out: Outputs, *, job_id: str) -> None:
-    store, retry, attempt = context.store, context.settings.store_retry_seconds, context.attempt
-    finished = recorder.finished
-    adapter = Path(finished.adapter_path if finished and finished.adapter_path
-                   else context.paths.run_dir / "adapter")
-    if adapter.is_dir():
-        out.dirs[("adapter", None)] = _registered(upload_dir(
-            store, adapter, storage_key_for(job_id, attempt, "adapter"), retry_seconds=retry,
-            manifest=False))
-    for event in recorder.merged:
-        final = is_final_merge(event)
-        step = None if final else event.step
-        prefix = storage_key_for(job_id, attempt, f"merged/{Path(event.path).name}")
-        out.dirs[("merged", step)] = _registered(upload_dir(
-            store, Path(event.path), prefix, retry_seconds=retry, manifest=False))
-        if step is not None:
-            out.merged_keys[step] = prefix
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        manifest = _write_reproducibility(context, recorder, job)
-    f = upload_file(store, manifest, storage_key_for(job_id, attempt, MANIFEST_FILE),
-                    MANIFEST_FILE, retry_seconds=retry)
-    out.files.append(("manifest", (MANIFEST_FILE, f.key, f.size, f.sha256)))
+    """The adapter, merged models and reproducibility.json, added to `out` only once all are
+    stored; a failure deletes what this upload stored (`_discard`) and raises."""
+    store, retry = context.store, context.settings.store_retry_seconds
+    final = Outputs()
+    started: list[str] = []  # each prefix before its upload starts: a partial one goes too
+    try:
+        finished = recorder.finished
+        adapter = Path(finished.adapter_path if finished and finished.adapter_path
+                       else context.paths.run_dir / "adapter")
+        if adapter.is_dir():
+            prefix = f"{context.prefix}/adapter"
+            started.append(prefix)
+            final.dirs[("adapter", None)] = _registered(upload_dir(
+                store, adapter, prefix, retry_seconds=retry, manifest=False))
+        for event in recorder.merged:
+            step = None if is_final_merge(event) else event.step
+            prefix = f"{context.prefix}/merged/{Path(event.path).name}"
+            started.append(prefix)
+            final.dirs[("merged", step)] = _registered(upload_dir(
+                store, Path(event.path), prefix, retry_seconds=retry, manifest=False))
+            if step is not None:
+                final.merged_keys[step] = prefix
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            manifest = _write_reproducibility(context, recorder, job)
+        key = f"{context.prefix}/{MANIFEST_FILE}"
+        started.append(key)
+        f = upload_file(store, manifest, key, MANIFEST_FILE, retry_seconds=retry)
+        final.files.append(("manifest", (MANIFEST_FILE, f.key, f.size, f.sha256)))
+    except Exception:
+        _discard(store, started, job_id=job_id)
+        raise
+    out.dirs.update(final.dirs)
+    out.merged_keys.update(final.merged_keys)
+    out.files.extend(final.files)
+
+
+def _discard(store: ArtifactStore, prefixes: list[str], *, job_id: str) -> None:
+    """Delete what a failed final upload stored (best effort: the store may still be down;
+    what stays is under this run's own prefix, which nothing records, and goes with the job's
+    files)."""
+    for prefix in prefixes:
+        try:
+            store.delete_prefix(prefix)
+            log.info("job %s: deleted %s of the failed final upload", job_id, prefix)
+        except Exception:  # noqa: BLE001 - the store's errors are its implementation's
+            log.exception("job %s: deleting %s of the failed final upload failed", job_id,
+                          prefix)
 
 
 def _upload_tensorboard(sessions: sessionmaker[Session], context: SettleContext, out: Outputs,
@@ -190,7 +225,7 @@ def _upload_tensorboard(sessions: sessionmaker[Session], context: SettleContext,
     except Exception:  # noqa: BLE001 - observability must never fail a training run
         log.exception("job %s: writing the TensorBoard file failed", job_id)
         return
-    key = storage_key_for(job_id, context.attempt, f"tensorboard/{tb.name}")
+    key = f"{context.prefix}/tensorboard/{tb.name}"
     f = upload_file(context.store, tb, key, tb.name,
                     retry_seconds=context.settings.store_retry_seconds)
     out.files.append(("tensorboard", (tb.name, f.key, f.size, f.sha256)))
@@ -353,8 +388,8 @@ def remove_scratch(paths: RunPaths) -> None:
 
 def trim_paused_scratch(paths: RunPaths) -> None:
     """A paused job's node-local directory, all but its logs (events-attempt*.jsonl,
-    trainer-attempt*.log: KBs, appended to by a resume on this node, so its log artifacts
-    stay whole).
+    trainer-attempt*.log: KBs, appended to by a resume on this node; a resume on another
+    node fetches them from the store first, run_logs.py).
 
     Checkpoints, upload snapshots, the fetched parent adapter and the spec go: a pause may
     last days and the job resumes on whichever node claims it, from the newest checkpoint

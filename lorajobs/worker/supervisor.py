@@ -19,7 +19,8 @@ Every `worker_poll_seconds` the loop:
 
 Around the child (checkpoint_sync.py, settle.py): before it starts, the run dir in node-local
 scratch is made to hold exactly the newest checkpoint the database records as resumable
-(downloaded from the store on a node that lacks it); while it runs, each sealed checkpoint is
+(downloaded from the store on a node that lacks it) and the attempt's log files of its earlier
+runs (run_logs.py: a paused job resumes on any node); while it runs, each sealed checkpoint is
 snapshotted and uploaded by a background thread and recorded once whole; after it exits, the
 settle waits (bounded) for pending uploads, uploads the final artifacts and registers them in
 the transaction that settles the job. A `LeaseKeeper` thread renews the lease while the worker
@@ -59,8 +60,8 @@ from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from lorajobs.core.storage import ArtifactStore, get_store
 from lorajobs.core.tables import Job, JobMetric, JobStatus
-from lorajobs.worker import model_cache, prewarm, settle, shutdown
-from lorajobs.worker.checkpoint_sync import CheckpointUploader, prepare_resume
+from lorajobs.worker import model_cache, prewarm, run_logs, settle, shutdown
+from lorajobs.worker.checkpoint_sync import CheckpointUploader, prepare_resume, run_prefix
 from lorajobs.worker.event_recorder import EventRecorder
 from lorajobs.worker.process_control import die_with_parent, killpg
 from lorajobs.worker.runspec import (
@@ -231,9 +232,13 @@ class Supervisor:
                                             f"failed ({exc}); requeued"})
         write_spec(run_spec, paths)
         paths.stop_file.unlink(missing_ok=True)  # a previous attempt's stop request
+        run_logs.restore_logs(self.sessions, self.store, job_id=self.job_id, paths=paths,
+                              retry_seconds=self.settings.store_retry_seconds)
         return run_spec, settle.SettleContext(paths=paths, run_spec=run_spec, model=model,
                                               dataset=dataset, store=self.store,
-                                              settings=self.settings, attempt=attempt)
+                                              settings=self.settings, attempt=attempt,
+                                              prefix=run_prefix(self.job_id, attempt,
+                                                                self.owner))
 
     def _skip_earlier_runs(self, paths: RunPaths) -> None:
         """Start tailing the events file at its end.

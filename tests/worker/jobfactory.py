@@ -77,6 +77,22 @@ def fake_dir(settings: Settings) -> Path:
     return settings.data_dir / "fake-trainer"
 
 
+def node_settings(settings: Settings, tmp_path: Path, name: str) -> Settings:
+    """A worker node's settings for a Supervisor run in the test process: the database and
+    store of `settings`, its own scratch dir `tmp_path/name`, the fake trainer, the test
+    service's poll and lease timings."""
+    import sys
+
+    from tests.servicefixtures import FAKE_TRAINER, TEST_SETTINGS
+
+    wrapper = tmp_path / "trainer-python"
+    if not wrapper.exists():
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TRAINER}" "$@"\n')
+        wrapper.chmod(0o755)
+    return settings.model_copy(update={**TEST_SETTINGS, "scratch_dir": tmp_path / name,
+                                       "trainer_python": str(wrapper)})
+
+
 def run_dir(settings: Settings, job_id: str) -> Path:
     """The trainer's output dir on the (one) worker's node-local scratch."""
     from lorajobs.worker.runspec import job_scratch_dir

@@ -26,9 +26,15 @@ from lorajobs.worker.checkpoint_sync import (
     checkpoint_prefix,
     prepare_resume,
     record_checkpoint,
+    run_prefix,
     upload_dir,
 )
 from tests.worker.jobfactory import make_job
+
+
+def _prefix(job_id: str, step: int, owner: str = "w") -> str:
+    """Where the run of `owner` (attempt 1) stores checkpoint `step`."""
+    return checkpoint_prefix(run_prefix(job_id, 1, owner), step)
 
 
 def _checkpoint(root: Path, step: int) -> Path:
@@ -49,11 +55,11 @@ def test_only_the_newest_recorded_checkpoint_is_resumed(settings: Settings,
         assert jobs.claim(session, job_id, owner="w", lease_seconds=60) is not None
     uploaded = tmp_path / "uploaded"
     for step in (2, 4):  # recorded by attempt 1
-        files = upload_dir(store, _checkpoint(uploaded, step), checkpoint_prefix(job_id, 1, step),
+        files = upload_dir(store, _checkpoint(uploaded, step), _prefix(job_id, step),
                            retry_seconds=5)
         with sessions() as session:
             assert record_checkpoint(session, job_id=job_id, owner="w", attempt=1, step=step,
-                                     prefix=checkpoint_prefix(job_id, 1, step), files=files,
+                                     prefix=_prefix(job_id, step), files=files,
                                      metrics={})
 
     # another node: nothing local -> step 4 downloaded, verified
@@ -157,7 +163,7 @@ def test_a_failed_upload_leaves_nothing_in_the_store(settings: Settings, tmp_pat
     finally:
         uploader.close()
     assert uploader.failed == [3] and uploader.recorded == []
-    assert list(store.list(checkpoint_prefix(job_id, 1, 3))) == []
+    assert list(store.list(_prefix(job_id, 3))) == []
     assert _recorded(settings, job_id) == []
 
 
@@ -181,7 +187,7 @@ def test_an_abandoned_upload_stops_and_deletes_what_it_stored(
         assert uploader.submit(CheckpointEvent(step=step, path=str(_checkpoint(tmp_path, step))),
                                {})
     assert uploading.wait(30)
-    assert list(store.list(checkpoint_prefix(job_id, 1, 3)))  # one file stored so far
+    assert list(store.list(_prefix(job_id, 3)))  # one file stored so far
     uploader.close()  # waits CLOSE_WAIT_SECONDS, then leaves the thread to finish
     release.set()
     uploader._thread.join(30)
@@ -215,7 +221,95 @@ def test_a_failed_recording_deletes_the_upload_unless_the_row_landed(
     finally:
         uploader.close()
     assert uploader.failed == [3]
-    stored = [o.key.rsplit("/", 1)[-1] for o in store.list(checkpoint_prefix(job_id, 1, 3))]
+    stored = [o.key.rsplit("/", 1)[-1] for o in store.list(_prefix(job_id, 3))]
     assert _recorded(settings, job_id) == ([3] if landed else [])
     assert sorted(stored) == (sorted(["COMPLETE", "adapter_model.safetensors",
                                       "trainer_state.json", "manifest.json"]) if landed else [])
+
+
+def _pause_and_resume(settings: Settings, job_id: str, *, owner: str, then: str) -> None:
+    """The run of `owner` ends paused (the attempt is refunded) and `then` claims the job:
+    the same attempt number again."""
+    from lorajobs.core.policy import Outcome
+    from lorajobs.core.tables import Job
+
+    with get_sessionmaker(settings)() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.attempt == 1
+        jobs.request_pause(session, job)
+        jobs.end_attempt(session, job, Outcome.PAUSE_STOP, owner=owner)
+        session.commit()
+        jobs.request_resume(session, job)
+    with get_sessionmaker(settings)() as session:
+        job = jobs.claim(session, job_id, owner=then, lease_seconds=60)
+        assert job is not None and job.attempt == 1
+
+
+@pytest.mark.parametrize("late", ["while_the_new_run_uploads", "after_it_recorded"])
+def test_an_earlier_runs_late_cleanup_never_touches_the_resumed_run(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: str) -> None:
+    """A pause refunds the attempt, so the resumed run is attempt 1 again and saves the same
+    step. The paused run's uploader, given up by close() but still holding step 3's upload,
+    goes on to delete what it stored: under its own run's keys (and its own snapshot dir), so
+    the resumed run's step 3 is recorded whole and resumes, whether the late cleanup comes
+    while the new run uploads or after it recorded."""
+    job_id = make_job(settings)
+    sessions = get_sessionmaker(settings)
+    store = get_store(settings)
+    with sessions() as session:
+        assert jobs.claim(session, job_id, owner="w1", lease_seconds=60) is not None
+    old_run, new_run = run_prefix(job_id, 1, "w1"), run_prefix(job_id, 1, "w2")
+    assert old_run != new_run
+    held = {old_run: (threading.Event(), threading.Event())}  # prefix -> (arrived, release)
+    if late == "while_the_new_run_uploads":
+        held[new_run] = (threading.Event(), threading.Event())
+    real_put = store.put_file
+
+    def put_file(key: str, src: Path, *, immutable: bool = False) -> None:
+        real_put(key, src, immutable=immutable)
+        for prefix, (arrived, release) in held.items():
+            if key.startswith(prefix + "/") and not arrived.is_set():  # its first file
+                arrived.set()
+                assert release.wait(30)
+
+    monkeypatch.setattr(store, "put_file", put_file)
+    upload_root = tmp_path / "scratch" / "upload"  # one node: both runs share the job's dir
+    old = CheckpointUploader(sessions, store, job_id=job_id, attempt=1, owner="w1",
+                             upload_dir_root=upload_root, retry_seconds=5)
+    assert old.submit(CheckpointEvent(step=3, path=str(_checkpoint(tmp_path / "run1", 3))), {})
+    assert held[old_run][0].wait(30)
+    old.close()  # the paused run settles; its thread is still inside step 3's upload
+    assert old._thread.is_alive()
+    _pause_and_resume(settings, job_id, owner="w1", then="w2")
+
+    resumed = _checkpoint(tmp_path / "run2", 3)
+    (resumed / "adapter" / "adapter_model.safetensors").write_bytes(b"resumed" * 50)
+    new = CheckpointUploader(sessions, store, job_id=job_id, attempt=1, owner="w2",
+                             upload_dir_root=upload_root, retry_seconds=5)
+    try:
+        assert new.submit(CheckpointEvent(step=3, path=str(resumed)), {})
+        if late == "while_the_new_run_uploads":
+            assert held[new_run][0].wait(30)
+        else:
+            assert new.drain(60) and new.recorded == [3]
+        held[old_run][1].set()  # the old thread stops at its next file and cleans up
+        old._thread.join(30)
+        assert not old._thread.is_alive() and old.failed == [3] and old.recorded == []
+        if late == "while_the_new_run_uploads":
+            held[new_run][1].set()
+        assert new.drain(60)
+    finally:
+        new.close()
+    assert new.recorded == [3] and new.failed == []
+    with sessions() as session:
+        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id))
+        assert row is not None and row.path == _prefix(job_id, 3, "w2")
+        files = [f["path"] for f in (row.manifest or {})["files"]]
+    stored = {o.key[len(row.path) + 1:] for o in store.list(row.path)}
+    assert stored == {*files, "manifest.json"}
+    node_b = tmp_path / "b" / "checkpoints"
+    assert prepare_resume(sessions, store, job_id=job_id, checkpoints_dir=node_b,
+                          retry_seconds=5) == 3
+    assert (node_b / "checkpoint-3" / "adapter" / "adapter_model.safetensors").read_bytes() \
+        == b"resumed" * 50
+    assert list(store.list(old_run)) == []  # the old run deleted its own objects

@@ -28,6 +28,7 @@ from lorajobs.worker.checkpoint_sync import (
     CheckpointUploader,
     checkpoint_prefix,
     record_checkpoint,
+    run_prefix,
     upload_dir,
 )
 from lorajobs.worker.event_recorder import EventRecorder
@@ -96,7 +97,7 @@ def test_a_worker_that_lost_its_lease_registers_nothing(settings: Settings,
     finally:
         uploader.close()
     assert uploader.lease_lost and lost == [True] and uploader.recorded == []
-    assert _keys(store, checkpoint_prefix(job_id, 1, 4)) == []
+    assert _keys(store, checkpoint_prefix(run_prefix(job_id, 1, "A"), 4)) == []
     assert _rows(settings, job_id) == (0, 0, 0)
     assert ckpt.is_dir() and not (tmp_path / "a-upload" / "step-4").exists()
 
@@ -117,10 +118,11 @@ def test_a_worker_that_lost_its_lease_registers_nothing(settings: Settings,
     assert get_job(settings, job_id).status == "running"  # B's attempt, untouched
 
     # B, the lease holder, records its checkpoint of the same step: it lands
-    files = upload_dir(store, ckpt, checkpoint_prefix(job_id, 2, 4), retry_seconds=5)
+    b_prefix = checkpoint_prefix(run_prefix(job_id, 2, "B"), 4)
+    files = upload_dir(store, ckpt, b_prefix, retry_seconds=5)
     with sessions() as session:
         assert record_checkpoint(session, job_id=job_id, owner="B", attempt=2, step=4,
-                                 prefix=checkpoint_prefix(job_id, 2, 4), files=files,
+                                 prefix=b_prefix, files=files,
                                  metrics={"train_loss": 0.5})
     with sessions() as session:
         row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id))
