@@ -35,7 +35,6 @@ This module imports torch in its own process only: the worker imports prewarm.py
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
 import importlib
 import importlib.util
@@ -44,11 +43,11 @@ import os
 import select
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
+from lora_core.child_process import exit_now
 from lorajobs.worker.process_control import die_with_parent
 
 __all__ = ["PRELOAD_MODULES", "CPU_ONLY_PRELOAD", "fork_hazard", "exit_now", "main"]
@@ -250,29 +249,6 @@ def _run_trainer(job: _Job) -> int:
     sys.argv = [os.path.join(os.path.dirname(child_process.__file__), "__main__.py"), *job.args]
     print(f"lorajobs: trainer forked from the pre-warmed zygote {os.getppid()}", flush=True)
     return child_process.main(job.args)
-
-
-def exit_now(code: int) -> NoReturn:
-    """End a forked trainer without the interpreter's teardown.
-
-    Finalising an interpreter that holds torch, transformers, peft and a trained model frees
-    every object one by one: ~4.5 s after the trainer's `finished` event on 2 loaded cores
-    (bench/job_overhead_bench.py), and the worker waits for the exit before it uploads and
-    settles the job. What that teardown does that anyone can observe is done first, in the
-    same order: non-daemon threads joined, atexit handlers run (logging's flush among them),
-    stdio flushed. Only memory is left for the kernel to reclaim.
-    """
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed, or its pipe gone: nothing left to lose
-            pass
-    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

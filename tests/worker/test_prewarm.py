@@ -167,13 +167,13 @@ def test_cold_spawn_where_prewarm_does_not_apply(settings: Settings, tmp_path: P
 
 
 def test_exit_now_keeps_what_the_interpreters_teardown_does(tmp_path: Path) -> None:
-    """A forked trainer leaves through exit_now (no seconds of freeing objects one by one):
+    """A trainer, forked or cold, leaves through exit_now (no seconds freeing objects one by one):
     its exit code, its non-daemon threads finished before the atexit handlers run, and its
     buffered output in the log are what a normal interpreter exit gives."""
     script = f"""
 import atexit, sys, threading, time
 from pathlib import Path
-from lorajobs.worker.zygote import exit_now
+from lora_core.child_process import exit_now
 out = Path({str(tmp_path)!r})
 atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
 def late():
