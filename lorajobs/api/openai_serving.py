@@ -6,18 +6,30 @@
 `ft:` names resolve to the tenant's own deployments only (another tenant's name is 404, as
 OpenAI answers a model you cannot see); other names to a target's base models. The body is
 forwarded as sent (vLLM validates it) and the answer relayed unbuffered, SSE streams included
-(api/upstream_http.py: kept-alive connections, the body as it arrives). Routes are cached per
-(tenant, model) for ROUTE_CACHE_SECONDS, and dropped by a deploy or undeploy in this process;
-another API process sees a change within that time.
+(aiohttp: kept-alive connections, the body as it arrives, never decompressed). Routes are
+cached per (tenant, model) for ROUTE_CACHE_SECONDS, and dropped by a deploy or undeploy in this
+process; another API process sees a change within that time.
+
+What the client gets when the server fails it:
+    no connection to a server (refused, connect timeout)   the next server; none left: 502
+    the server closed the connection before an answer      502 (a kept-alive connection it
+                                                            closed under the request: once
+                                                            more on a new one first)
+    an answer that is not HTTP                             502
+    nothing for serving_read_timeout_seconds               500 internal_error (logged)
+    a failure once the answer has begun                    the client's connection is cut
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -25,7 +37,6 @@ from starlette.concurrency import run_in_threadpool
 
 from lorajobs.api.deps import PrincipalDep, SettingsDep
 from lorajobs.api.openai_compat import OpenAIRoute
-from lorajobs.api.upstream_http import UpstreamConnectError, UpstreamPool, UpstreamResponse
 from lorajobs.core import serving
 from lorajobs.core.errors import InvalidRequest, NotFound, UpstreamUnavailable
 
@@ -35,27 +46,64 @@ router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"], route_class=
 
 ROUTE_CACHE_SECONDS = 2.0
 CONNECT_TIMEOUT_S = 3.0
+# Connections per API process, to all servers together and to one server: a stream holds one
+# for its whole generation; vLLM batches up to 256 sequences by default (max_num_seqs).
+MAX_CONNECTIONS = 512
+MAX_CONNECTIONS_PER_SERVER = 256
+# An idle connection is reused for this long: under the servers' own keep-alive timeout
+# (uvicorn's default, vLLM's server: 5 s), so one is rarely closed under a request.
+KEEPALIVE_S = 4.0
 # Response headers worth relaying; hop-by-hop ones and content-length (we re-chunk) are not.
-RELAYED_HEADERS = (b"content-type", b"content-encoding", b"x-request-id")
+RELAYED_HEADERS = ("content-type", "content-encoding", "x-request-id")
 PROXY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the server's answer, relayed (JSON, or text/event-stream when "
                          "`stream` is true)"},
     502: {"description": "no server of the model's target answered (serving_unavailable)"}}
+# The server closed the connection (or reset it) before its answer's head.
+CLOSED_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                 aiohttp.ClientConnectionResetError)
 
 
-def _http(app: FastAPI) -> UpstreamPool:
-    pool: UpstreamPool | None = getattr(app.state, "serving_http", None)
-    if pool is None:
-        pool = UpstreamPool(connect_timeout=CONNECT_TIMEOUT_S,
-                            read_timeout=app.state.settings.serving_read_timeout_seconds)
-        app.state.serving_http = pool
-    return pool
+async def _reused(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+    ctx.trace_request_ctx["reused"] = True
+
+
+def _new_session(read_timeout: float) -> aiohttp.ClientSession:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_reused)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS,
+                                       limit_per_host=MAX_CONNECTIONS_PER_SERVER,
+                                       keepalive_timeout=KEEPALIVE_S),
+        # sock_read: the wait for the answer's next bytes; connect: for a connection, a free
+        # one from the pool (at the limits) or a new one, whose TCP + TLS is sock_connect.
+        timeout=aiohttp.ClientTimeout(total=None, connect=read_timeout,
+                                      sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout),
+        auto_decompress=False,  # bytes relayed as sent, with their content-encoding
+        skip_auto_headers=("Accept-Encoding",),  # so no encoding the client did not ask for
+        cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every tenant
+        trace_configs=[trace])
+
+
+async def _http(app: FastAPI) -> aiohttp.ClientSession:
+    """The process's session, for the running event loop (its connections belong to it)."""
+    loop = asyncio.get_running_loop()
+    held: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = getattr(
+        app.state, "serving_http", None)
+    if held is not None and held[0] is loop:
+        return held[1]
+    if held is not None and held[0].is_closed():
+        await held[1].close()  # nothing left to close on a closed loop: marks it closed
+    session = _new_session(app.state.settings.serving_read_timeout_seconds)
+    app.state.serving_http = (loop, session)
+    return session
 
 
 async def close_http(app: FastAPI) -> None:
-    pool: UpstreamPool | None = getattr(app.state, "serving_http", None)
-    if pool is not None:
-        pool.close()
+    held = getattr(app.state, "serving_http", None)
+    if held is not None and (held[0] is asyncio.get_running_loop() or held[0].is_closed()):
+        app.state.serving_http = None
+        await held[1].close()
 
 
 def _routes(app: FastAPI) -> dict[tuple[str, str], tuple[float, list[str], str | None]]:
@@ -96,40 +144,65 @@ async def _proxy(request: Request, tenant_id: str, path: str) -> Response:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model is required", param="model")
     urls, api_key = await _route(request, tenant_id, model)
-    headers = [(b"content-type", b"application/json")]
+    headers = {"content-type": "application/json"}
     if api_key:
-        headers.append((b"authorization", f"Bearer {api_key}".encode("latin-1")))
-    pool = _http(request.app)
+        headers["authorization"] = f"Bearer {api_key}"
+    session = await _http(request.app)
     failures = []
     for url in urls:  # loaded servers first; the next one only if this one refuses connections
         try:
-            resp = await pool.post(url, path, raw, headers)
-        except UpstreamConnectError as exc:
-            failures.append(f"{url}: {exc}")
+            resp = await _post(session, url.rstrip("/") + path, raw, headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            failures.append(f"{url}: {type(exc).__name__}: {exc}")
             continue
-        relayed = {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers
-                   if k in RELAYED_HEADERS}
+        except aiohttp.ClientResponseError as exc:  # the parser's: not an HTTP answer
+            raise UpstreamUnavailable(f"the answer of {url} is not HTTP: {exc.message}",
+                                      param="model") from exc
+        except CLOSED_ERRORS as exc:
+            raise UpstreamUnavailable(f"{url} closed the connection before an answer: "
+                                      f"{type(exc).__name__}: {exc}", param="model") from exc
+        relayed = {k: v for k in RELAYED_HEADERS if (v := resp.headers.get(k)) is not None}
         return StreamingResponse(_relay(resp), status_code=resp.status, headers=relayed,
                                  background=BackgroundTask(_close, resp))
     raise UpstreamUnavailable(f"no server of {model!r} answered: {'; '.join(failures)}",
                               param="model")
 
 
-async def _relay(resp: UpstreamResponse) -> AsyncIterator[bytes]:
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes,
+                headers: dict[str, str]) -> aiohttp.ClientResponse:
+    """The server's answer once its head arrived. A kept-alive connection the server closed
+    as the request went out (it read none of it) is retried once on a new connection: aiohttp
+    retries only idempotent methods, and a completion changes nothing on the server."""
+    for attempt in (1, 2):
+        state: dict[str, bool] = {}
+        try:
+            return await session.post(url, data=body, headers=headers, allow_redirects=False,
+                                      trace_request_ctx=state)
+        except CLOSED_ERRORS as exc:
+            if attempt == 2 or not state.get("reused") \
+                    or isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _relay(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """The server's bytes as they come; the upstream connection is closed however the relay
-    ends (a client that goes away mid-stream stops the generation's reading at once), or
-    kept for the next request when the answer was read to its end."""
+    ends early (a client that goes away mid-stream stops the generation's reading at once),
+    or kept for the next request when the answer was read to its end."""
     try:
-        async for chunk in resp.chunks():
+        async for chunk in resp.content.iter_any():
             yield chunk
-    finally:
+    except BaseException:
         resp.close()
+        raise
+    resp.release()
 
 
-async def _close(resp: UpstreamResponse) -> None:
+async def _close(resp: aiohttp.ClientResponse) -> None:
     """After the response (async: a sync background task would cost a threadpool hop); the
-    relay's own `finally` does it too, unless the response ended before the relay began."""
-    resp.close()
+    relay does it too, unless the response ended before the relay began. `release` keeps a
+    connection whose answer was read to its end, and closes any other."""
+    resp.release()
 
 
 @router.post("/chat/completions", responses=PROXY_RESPONSES)
