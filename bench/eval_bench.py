@@ -10,15 +10,18 @@ Two arms on the ~20M Llama-style model of train_bench.py ("small": hidden 256, 4
 
 Printed: each arm's wall time (trainer start to finish, imports excluded), the graded arm's own
 evaluation seconds (EvaluationCallback.seconds: generation + grading), the fraction of the
-graded run they take, and graded / plain wall. Target: evaluation < 10% of the job's time.
+graded run they take, graded / plain wall, and the load average before and after each arm (the
+box is shared: read the share, measured within one run, not walls across arms). Target:
+evaluation < 10% of the job's time.
 
-    python bench/eval_bench.py [--steps 60] [--repeats 1] [--quick]
+    python bench/eval_bench.py [--steps 60] [--repeats 1] [--arms plain,graded] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -89,6 +92,8 @@ def main() -> None:
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--arms", default="plain,graded",
+                   help="comma-separated, of plain and graded (graded alone: the share only)")
     p.add_argument("--quick", action="store_true", help="8k-vocab model, 6 steps: a smoke test")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-eval-bench"))
     p.add_argument("--child", choices=["plain", "graded"], help=argparse.SUPPRESS)
@@ -105,17 +110,20 @@ def main() -> None:
     model, steps = ("quick", 6) if a.quick else ("small", a.steps)
     paths = train_bench.build_workdir(a.workdir, model, steps)
     print(f"model {model}, {steps} steps, {CHECKPOINTS} checkpoints; CPU flags: {_cpu_flags()}")
-    rows: list[dict[str, Any]] = []
+    arms = [arm for arm in ("plain", "graded") if arm in a.arms.split(",")]
     for i in range(a.repeats):
-        for arm in ("plain", "graded"):
-            r = run_arm(arm, paths, steps, a.workdir)
-            rows.append(r)
+        rows: dict[str, dict[str, Any]] = {}
+        for arm in arms:
+            load = os.getloadavg()[0]
+            r = rows[arm] = run_arm(arm, paths, steps, a.workdir)
             print(f"repeat {i + 1} {arm:<7} wall {r['wall_s']:.1f} s"
                   + (f", evaluation {r['evaluation_s']:.1f} s over {r['evaluations']} "
                      f"evaluations = {r['evaluation_s'] / r['wall_s']:.1%} of the job"
-                     if arm == "graded" else ""))
-        plain, graded = rows[-2], rows[-1]
-        print(f"  graded / plain wall: {graded['wall_s'] / plain['wall_s']:.3f}")
+                     if arm == "graded" else "")
+                  + f" (load average {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+        if len(rows) == 2:
+            ratio = rows["graded"]["wall_s"] / rows["plain"]["wall_s"]
+            print(f"  graded / plain wall: {ratio:.3f}")
 
 
 if __name__ == "__main__":
