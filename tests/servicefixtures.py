@@ -173,7 +173,7 @@ class LiveService:
             except httpx.HTTPError:
                 return False
 
-        wait_for(_up, timeout=30, what="API /healthz")
+        wait_for(_up, timeout=180, what="API /healthz")  # a hang bound: imports crawl at load 20
         return self.base_url
 
     def log(self, name: str) -> str:

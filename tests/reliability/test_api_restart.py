@@ -37,7 +37,7 @@ def start_api_on(svc: LiveService, port: int) -> subprocess.Popen[bytes]:
         except httpx.HTTPError:
             return False
 
-    wait_for(_up, timeout=30, what="API /healthz")
+    wait_for(_up, timeout=180, what="API /healthz")  # a hang bound: imports crawl at load 20
     return proc
 
 
