@@ -26,13 +26,14 @@ demo: install
 # The suite runs in TEST_WORKERS processes, a test file each at a time (`--dist loadfile`: a
 # file's servers and fixtures stay in one process). Most tests wait on real subprocesses
 # (servers, workers, trainers), so 3 processes keep 2 cores busy; every test owns its ports,
-# databases, Redis db number and directories. The 10 slowest are listed at the end.
+# databases, Redis db number and directories. The longest files start first (tests/conftest.py,
+# LONGEST_FIRST; --no-loadscope-reorder keeps that order). The 10 slowest are listed at the end.
 TEST_WORKERS ?= 3
 test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m tests.vllm_env  # vLLM's CPU venv for tests/serving: built once per machine
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
 
 lint: dev
 	$(BIN)/ruff check .

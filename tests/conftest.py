@@ -14,6 +14,40 @@ from tests.s3fixtures import aws_env, private_s3, s3_bucket, s3_server  # noqa: 
 if TYPE_CHECKING:
     from tests.servicefixtures import LiveService
 
+# `make test` hands whole files to its processes (`--dist loadfile --no-loadscope-reorder`) in
+# collection order, and the suite ends when its last file does. These files took longest in a
+# full run (2026-12-06; most are one or two tests that start servers or train), so they start
+# first and the short ones fill in behind them. Only the order changes, never what runs.
+LONGEST_FIRST = (
+    "tests/worker/test_faults.py", "tests/lora_core/test_deepspeed.py",
+    "tests/reliability/test_fuzz.py", "tests/lora_core/test_evaluation.py",
+    "tests/lora_core/test_merge.py", "tests/lora_core/test_dpo.py",
+    "tests/lora_core/test_perf_loss.py", "tests/serving/test_vllm_e2e.py",
+    "tests/bench/test_train_bench_smoke.py", "tests/worker/test_webhook_delivery.py",
+    "tests/e2e/test_real_trainer.py", "tests/cli/test_client_install.py",
+    "tests/openai_compat/test_migration.py", "tests/reliability/test_fleet.py",
+    "tests/reliability/test_attacks.py", "tests/worker/test_checkpoint_sync.py",
+    "tests/api/test_streams.py", "tests/worker/test_prewarm.py",
+    "tests/reliability/test_kill9.py", "tests/worker/test_lifecycle.py",
+    "tests/cli/test_local.py", "tests/worker/test_embedded_webhooks.py",
+    "tests/api/test_artifacts_s3.py", "tests/e2e/test_pause_exact.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = config.rootpath
+
+    def key(item: pytest.Item) -> int:
+        try:
+            name = item.path.relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items.sort(key=key)  # stable: each file's own order, and the other files', is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A 2-layer, 64-wide Llama-style model with its tokenizer (fp32, safetensors)."""
