@@ -36,6 +36,7 @@ from lorajobs.core.errors import (
     ServiceError,
     StorageUnavailable,
     Unauthorized,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 
@@ -54,6 +55,7 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (InvalidRequest, 422),
     (LimitExceeded, 429),
     (StorageUnavailable, 503),
+    (UpstreamTimeout, 504),
     (UpstreamUnavailable, 502),
 )
 # A store outage is usually seconds (a restart, a failover): the client's retry policy waits.

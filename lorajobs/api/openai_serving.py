@@ -16,7 +16,7 @@ What the client gets when the server fails it:
                                                             closed under the request: once
                                                             more on a new one first)
     an answer that is not HTTP                             502
-    nothing for serving_read_timeout_seconds               500 internal_error (logged)
+    nothing for serving_read_timeout_seconds               504 serving_timeout
     a failure once the answer has begun                    the client's connection is cut
 """
 
@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from lorajobs.api.deps import PrincipalDep, SettingsDep
 from lorajobs.api.openai_compat import OpenAIRoute
 from lorajobs.core import serving
-from lorajobs.core.errors import InvalidRequest, NotFound, UpstreamUnavailable
+from lorajobs.core.errors import InvalidRequest, NotFound, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["router", "forget_routes", "close_http"]
 
@@ -58,7 +58,8 @@ RELAYED_HEADERS = ("content-type", "content-encoding", "x-request-id")
 PROXY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the server's answer, relayed (JSON, or text/event-stream when "
                          "`stream` is true)"},
-    502: {"description": "no server of the model's target answered (serving_unavailable)"}}
+    502: {"description": "no server of the model's target answered (serving_unavailable)"},
+    504: {"description": "the server sent no answer in time (serving_timeout)"}}
 # The server closed the connection (or reset it) before its answer's head.
 CLOSED_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                  aiohttp.ClientConnectionResetError)
@@ -155,6 +156,10 @@ async def _proxy(request: Request, tenant_id: str, path: str) -> Response:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             failures.append(f"{url}: {type(exc).__name__}: {exc}")
             continue
+        except aiohttp.ServerTimeoutError as exc:  # took the request, then said nothing
+            raise UpstreamTimeout(f"{url} sent no answer within "
+                                  f"{request.app.state.settings.serving_read_timeout_seconds} s",
+                                  param="model") from exc
         except aiohttp.ClientResponseError as exc:  # the parser's: not an HTTP answer
             raise UpstreamUnavailable(f"the answer of {url} is not HTTP: {exc.message}",
                                       param="model") from exc

@@ -28,6 +28,7 @@ __all__ = [
     "Unauthorized",
     "Forbidden",
     "StorageUnavailable",
+    "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
 
@@ -90,3 +91,9 @@ class UpstreamUnavailable(ServiceError):
     """A serving target's vLLM servers did not answer (down, refusing): 502, retry later."""
 
     code = "serving_unavailable"
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    """A serving target's server took a request but sent nothing back in time: 504."""
+
+    code = "serving_timeout"
