@@ -3,24 +3,21 @@ backend): manage endpoints, `test` one, and receive a job's event that `unwrap` 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import openai
 import pytest
-import uvicorn
 from openai import OpenAI
 from sqlalchemy import select
 
-from lorajobs.api.app import create_app
 from lorajobs.core import jobs, keys
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.settings import Settings
 from lorajobs.core.tables import Job
 from lorajobs.worker.webhook_sender import deliver_once
 from tests.dbfixtures import db_settings  # noqa: F401 - the parametrized fixture
-from tests.servicefixtures import free_port, wait_for
+from tests.servicefixtures import api_in_thread
 from tests.webhook_receiver import Receiver
 from tests.worker.jobfactory import make_job
 
@@ -40,19 +37,9 @@ def _serve(settings: Settings) -> Iterator[Server]:
         tenant_id = session.get(Job, job_id).tenant_id
         _, key = keys.create_key(session, tenant_id=tenant_id, manage_keys=True)
         session.commit()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn started")
-    try:
-        with OpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key=key,
-                    max_retries=0) as client:
-            yield Server(client, settings)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with api_in_thread(settings) as base_url, \
+            OpenAI(base_url=f"{base_url}/openai/v1", api_key=key, max_retries=0) as client:
+        yield Server(client, settings)
 
 
 @pytest.fixture

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from lorajobs.api.app import create_app
 from lorajobs.core import keys
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
-from lorajobs.localserver import free_port
-from tests.servicefixtures import wait_for
+from tests.servicefixtures import api_in_thread
 
 HANG_GUARD_S = 30.0  # a relay that buffers or never lets go fails here, instead of hanging
 
@@ -69,17 +66,10 @@ def proxy(tmp_path: Path) -> Iterator[tuple[str, str, SilentAfterFirstEvent]]:
         tenant = keys.create_tenant(session, name="t")
         _, key = keys.create_key(session, tenant_id=tenant.id)
         session.commit()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=HANG_GUARD_S)
     try:
-        yield f"http://127.0.0.1:{port}", key, upstream
+        with api_in_thread(settings, timeout=HANG_GUARD_S) as base_url:
+            yield base_url, key, upstream
     finally:
-        server.should_exit = True
-        thread.join(HANG_GUARD_S)
         upstream.sock.close()
 
 

@@ -20,15 +20,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import httpx
-import uvicorn
 
-from lorajobs.api.app import create_app
 from lorajobs.core import keys
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
 from lorajobs.localserver import free_port
-from tests.servicefixtures import wait_for
+from tests.servicefixtures import api_in_thread
 
 HANG_GUARD_S = 30.0  # a hang fails the test instead of the suite
 SERVER_KEY = "server-secret"
@@ -99,19 +97,10 @@ def proxy_to(tmp_path: Path, *urls: str, read_timeout: float = 600) -> Iterator[
         tenant = keys.create_tenant(session, name="t")
         _, key = keys.create_key(session, tenant_id=tenant.id)
         session.commit()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=HANG_GUARD_S)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/openai/v1", timeout=HANG_GUARD_S,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(HANG_GUARD_S)
+    with api_in_thread(settings, timeout=HANG_GUARD_S) as base_url, \
+            httpx.Client(base_url=f"{base_url}/openai/v1", timeout=HANG_GUARD_S,
+                         headers={"Authorization": f"Bearer {key}"}) as client:
+        yield client
 
 
 @contextmanager
