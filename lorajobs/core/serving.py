@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from lora_core.errors import validation_problems
 from lorajobs.core import jobs
@@ -358,21 +359,24 @@ def find_deployment(session: Session, *, job: Job, target_name: str,
 
 def undeploy(session: Session, *, job: Job, target_name: str, step: int | None,
              settings: Settings, client: ClientFactory = _default_client) -> None:
-    """Unload from every server (a server that is down forgets it when it restarts) and
-    forget the deployment; the files go when no other deployment reads them."""
+    """Forget the deployment, then unload it from every server (a server that is down forgets
+    it when it restarts); the files go when no other deployment reads them. The row goes
+    first: the reconciler reloads what a row lists and a server lacks, so a row still there
+    after the unload would bring the adapter back (it also re-checks after each load)."""
     row = find_deployment(session, job=job, target_name=target_name, step=step)
     target = get_target(session, settings, target_name)
+    model_name, adapter_path = row.model_name, row.adapter_path
+    session.delete(row)
+    session.commit()
     for url in target.urls:
         with client(url, target.api_key) as vllm:
             try:
-                vllm.unload(row.model_name)
+                vllm.unload(model_name)
             except UpstreamUnavailable as exc:
-                log.warning("undeploy %s: %s", row.model_name, exc.message)
+                log.warning("undeploy %s: %s", model_name, exc.message)
     local_dir, _ = _dirs(target, job, step)
-    session.delete(row)
-    session.commit()
     others = session.scalar(select(Deployment.id).where(
-        Deployment.adapter_path == row.adapter_path).limit(1))
+        Deployment.adapter_path == adapter_path).limit(1))
     if others is None:
         shutil.rmtree(local_dir, ignore_errors=True)
 
@@ -398,7 +402,11 @@ def reconcile(session: Session, settings: Settings, store: ArtifactStore,
             continue
         for url in target.urls:
             loads += _reconcile_server(session, target, url, rows, store, client)
-    session.commit()
+    try:
+        session.commit()
+    except StaleDataError:  # a row marked here was undeployed meanwhile: the marks are only
+        session.rollback()  # what was last seen, and the next sweep sees again
+        log.info("serving reconcile: a deployment went away during the sweep")
     return loads
 
 
@@ -420,20 +428,39 @@ def _reconcile_server(session: Session, target: TargetSpec, url: str, rows: list
             job = session.get(Job, row.job_id)
             if job is None:
                 continue
+            error: str | None = None
             try:
                 local_dir, _ = _dirs(target, job, row.step)
                 _materialise(store, _adapter_rows(session, job, row.step), local_dir)
                 vllm.load(row.model_name, row.adapter_path)
             except (UpstreamUnavailable, InvalidRequest, NotFound, Conflict) as exc:
-                _mark(row, url, loaded=False, error=exc.message)
-                continue
+                error = exc.message
             except OSError as exc:  # the adapter directory: next sweep
-                _mark(row, url, loaded=False, error=f"adapter_dir: {exc}")
+                error = f"adapter_dir: {exc}"
+            if not _still_deployed(session, row.id):  # undeployed while this loaded it
+                if error is None:
+                    _unload_quietly(vllm, row.model_name)
+                session.expunge(row)
                 continue
-            log.info("reloaded %s on %s", row.model_name, url)
-            _mark(row, url, loaded=True, error=None)
-            loads += 1
+            _mark(row, url, loaded=error is None, error=error)
+            if error is None:
+                log.info("reloaded %s on %s", row.model_name, url)
+                loads += 1
     return loads
+
+
+def _still_deployed(session: Session, deployment_id: str) -> bool:
+    """Whether the row is there now, read on a connection of its own (this session's
+    transaction may still see the snapshot it began with)."""
+    with Session(bind=session.get_bind()) as fresh:
+        return fresh.get(Deployment, deployment_id) is not None
+
+
+def _unload_quietly(vllm: Any, name: str) -> None:
+    try:
+        vllm.unload(name)
+    except (UpstreamUnavailable, InvalidRequest) as exc:  # a restart forgets it anyway
+        log.warning("unloading %s again after its undeploy: %s", name, exc.message)
 
 
 def _mark(row: Deployment, url: str, *, loaded: bool, error: str | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,37 @@ def test_a_spec_deploy_target_is_checked_at_submit_and_deployed_once_on_success(
     assert len(deployed) == 1 and deployed[0]["data"]["model"] == name
     listed = api.client.get(f"/v1/jobs/{plain.id}/deployments", headers=api.h("alice"))
     assert listed.status_code == 200 and listed.json()["data"] == []
+
+
+def test_an_undeploy_during_a_reconcile_leaves_no_adapter_behind(
+        api: Api, fake: FakeVllm, target: dict[str, Any], tmp_path: Path) -> None:
+    """The reconciler read the deployment, then the undeploy ran (row gone, adapter unloaded)
+    while its reload was on the way: the reload lands after the unload, so the reconciler
+    re-checks the row and unloads again. Before, the adapter stayed on the server with no
+    deployment (found by test_vllm_e2e on a loaded box)."""
+    from lorajobs.core.vllm_client import VllmClient
+
+    job = finished_job(api)
+    dep = api.client.post(f"/v1/jobs/{job.id}/deploy", headers=api.h("alice"),
+                          json={"target": "local"}).json()
+    fake.restart()  # the server forgot it: the next sweep reloads it
+
+    class UndeployedMidLoad(VllmClient):
+        def load(self, name: str, path: str) -> None:
+            kept = shutil.copytree(path, tmp_path / "kept")  # files a server still reads
+            with api.sessions() as other:  # another process's undeploy, between read and load
+                serving.undeploy(other, job=other.get(Job, job.id), target_name="local",
+                                 step=None, settings=api.settings)
+            assert name not in fake.adapters
+            shutil.copytree(kept, path)
+            super().load(name, path)
+            assert name in fake.adapters  # landed after the unload
+
+    with api.sessions() as session:
+        assert serving.reconcile(session, api.settings, get_store(api.settings),
+                                 client=UndeployedMidLoad) == 0
+    assert dep["model"] not in fake.adapters
+    with api.sessions() as session:
+        assert serving.list_deployments(session, job_id=job.id) == []
+        assert serving.reconcile(session, api.settings, get_store(api.settings)) == 0
+    assert dep["model"] not in fake.adapters
