@@ -25,11 +25,11 @@ demo: install
 # re-run at seconds.
 # The suite runs in TEST_WORKERS processes, a test file each at a time (`--dist loadfile`: a
 # file's servers and fixtures stay in one process). Most tests wait on real subprocesses
-# (servers, workers, trainers): on 2 cores 4 processes ran the suite in 10:13 against 11:24 for
-# 3 (fresh clones, 2026-12-06, load 3-5), with the CPUs still not saturated; every test owns its ports,
+# (servers, workers, trainers), so 3 processes keep 2 cores busy (4 ran the suite in 10:13 against
+# 11:24 for 3, fresh clones, 2026-12-06, but with more load-dependent failures); every test owns its ports,
 # databases, Redis db number and directories. The longest files start first (tests/conftest.py,
 # LONGEST_FIRST; --no-loadscope-reorder keeps that order). The 10 slowest are listed at the end.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
