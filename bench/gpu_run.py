@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA datasheets, without sparsity), matched in
-# order against torch.cuda.get_device_name(): the first key contained in the name wins.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
-                    "A100": 312.0, "L40S": 362.0}  # fmt: skip
+# order against torch.cuda.get_device_name(): the first key contained in the name wins, so a
+# variant ("H200 NVL", "H100 PCIe") comes before its family. GH200 matches "H200" (989 too).
+BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # fmt: skip
 RUN_BUDGET_S = 300  # steps only; gpu.sh's install (< 180 s) comes before: 8 minutes in all
 TARGET_MFU, TARGET_RATIO = 0.50, 1.5  # issue 15, item 3: ours on the ~0.5B model
+# What gpu.sh installs besides the package: the extras the steps use (train: torch, deepspeed;
+# server: `lorajobs serve` for the job step). nvidia-ml-py is what DeepSpeed's setup.py adds
+# on a CUDA machine; gpu.sh builds it with DS_ACCELERATOR=cpu, which leaves it out.
+GPU_EXTRAS = ("train", "server")
+GPU_EXTRA_REQUIREMENTS = ("nvidia-ml-py",)
 
 
 @dataclass
@@ -82,6 +90,69 @@ def plan(work: Path, cpu: bool, peak: float) -> list[Step]:
     ]  # fmt: skip
 
 
+def requirements(pyproject: Path, extras: tuple[str, ...] = GPU_EXTRAS) -> list[str]:
+    """The package's dependencies with `extras`, as pip arguments, read from pyproject.toml.
+
+    gpu.sh installs these first and then the package itself with --no-deps
+    --ignore-requires-python: the project pins Python 3.11 (requires-python), a GPU image may
+    carry 3.12, and ignoring requires-python for the dependencies too would let pip pick
+    releases that do not support the running Python."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    optional = project.get("optional-dependencies", {})
+    missing = [e for e in extras if e not in optional]
+    if missing:
+        raise SystemExit(f"pyproject.toml has no extra {', '.join(missing)}")
+    out = [*project.get("dependencies", []), *(r for e in extras for r in optional[e])]
+    return list(dict.fromkeys([*out, *GPU_EXTRA_REQUIREMENTS]))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant, parents first, from /proc. Read before killing: a
+    process in a session of its own (`lorajobs serve`, a torchrun rank, a trainer) is out of
+    reach of killpg, and once its parent dies it is re-parented out of the tree."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                ppid = int(fh.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, queue = [], [pid]
+    while queue:
+        tree.append(current := queue.pop(0))
+        queue.extend(children.get(current, []))
+    return tree
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the step and every descendant, their GPU memory with them: stopped first
+    (SIGSTOP) until the tree stops growing, so that none forks a child the kill would miss."""
+    tree: list[int] = []
+    for _ in range(5):
+        grown = [pid for pid in _process_tree(proc.pid) if pid not in tree]
+        if not grown:
+            break
+        _signal(grown, signal.SIGSTOP)
+        tree += grown
+    _signal(tree, signal.SIGKILL)
+    try:  # and whatever is left in the step's group (it leads one: start_new_session)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_step(step: Step, timeout_s: float, log: Path) -> tuple[bool, str]:
     """Run one step, stream its output to the console and `log`; (ok, the reason if not)."""
     t0 = time.monotonic()
@@ -98,8 +169,7 @@ def run_step(step: Step, timeout_s: float, log: Path) -> tuple[bool, str]:
                 if not line.startswith(("Loading weights", "Writing model shards")):
                     print(f"  [{step.name}] {line}", end="", flush=True)
         except TimeoutError:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            _kill_tree(proc)
             return False, f"timed out after {timeout_s:.0f} s (log: {log})"
     status = proc.wait()
     if status != 0:
@@ -162,9 +232,17 @@ def main() -> int:
         help=f"seconds for all steps (default {RUN_BUDGET_S}; --cpu: no limit)",
     )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-gpu-run"))
+    ap.add_argument(
+        "--requirements",
+        action="store_true",
+        help="print what gpu.sh installs before the package, one per line; run nothing",
+    )
     ap.add_argument("--step", choices=["job", "zero3"], help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.requirements:
+        print("\n".join(requirements(ROOT / "pyproject.toml")))
+        return 0
     if a.step:
         from bench.gpu_steps import STEPS
 
@@ -210,7 +288,12 @@ def _device(cpu: bool) -> tuple[str, float]:
 
     if cpu or not torch.cuda.is_available():
         if not cpu:
-            raise SystemExit("FAILED env: torch sees no CUDA device (use --cpu to test on CPU)")
+            raise SystemExit(
+                f"FAILED env: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA "
+                "device: a CPU-only torch, no GPU, or a driver older than this CUDA needs "
+                "(PyPI's torch 2.13 is built for CUDA 13.0: NVIDIA driver >= 580; nvidia-smi "
+                "shows the driver); --cpu tests the script on CPU"
+            )
         return "CPU (toy sizes: no MFU)", float(BF16_PEAK_TFLOPS["H200"])
     name = torch.cuda.get_device_name(0)
     peak = gpu_peak(name)
