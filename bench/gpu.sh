@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a bare machine with one H200/H100 and only Python (+ PyPI).
 #
-#   bash bench/gpu.sh              # install (< 3 min), then the steps of bench/gpu_run.py (< 5 min)
+#   bash bench/gpu.sh              # install (target < 3 min), then the steps of bench/gpu_run.py
+#                                  # (target: all within 8 min; hang bound 570 s in all)
 #   bash bench/gpu.sh --dry-run    # print what would be installed and run; install nothing
 #   bash bench/gpu.sh --cpu        # no install: every step at toy size with this checkout's venv
 #
@@ -17,6 +18,8 @@ VENV="${VENV:-.gpu-venv}"
 TORCH_PIN="torch==2.13.0"          # the project's pin (pyproject.toml); PyPI's Linux wheel is CUDA
 INSTALL_TIMEOUT_S="${INSTALL_TIMEOUT_S:-170}"
 FLASH_TIMEOUT_S="${FLASH_TIMEOUT_S:-45}"   # a prebuilt wheel or nothing: never a source build
+TARGET_S=480                             # issue 15: install + steps within 8 minutes
+TOTAL_LIMIT_S="${TOTAL_LIMIT_S:-570}"   # hang bound: under a lent machine's 10-minute command
 START=$(date +%s)
 say() { echo "[gpu.sh $(( $(date +%s) - START ))s] $*"; }
 run() { if [[ "$MODE" == "--dry-run" ]]; then echo "  would run: $*"; else "$@"; fi; }
@@ -82,10 +85,11 @@ if [[ "$MODE" == "--dry-run" ]]; then
   exit 0
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-# The steps get what is left of 8 minutes (at most 300 s: gpu_run.py's RUN_BUDGET_S).
-LEFT=$(( 480 - ($(date +%s) - START) ))
-"$PY" bench/gpu_run.py --budget-s "$(( LEFT < 300 ? LEFT : 300 ))" \
+# The steps get what is left of TOTAL_LIMIT_S, at most 400 s (gpu_run.py's RUN_BUDGET_S).
+LEFT=$(( TOTAL_LIMIT_S - ($(date +%s) - START) ))
+"$PY" bench/gpu_run.py --budget-s "$(( LEFT < 400 ? LEFT : 400 ))" \
   --workdir "${WORKDIR:-/tmp/lorajobs-gpu-run}"
 STATUS=$?
-say "finished: $STATUS step(s) failed"
+TOTAL=$(( $(date +%s) - START ))
+say "finished in ${TOTAL} s [$([[ $TOTAL -le TARGET_S ]] && echo ok || echo MISSED): target <= ${TARGET_S} s]: $STATUS step(s) failed"
 exit "$STATUS"

@@ -41,7 +41,11 @@ sys.path.insert(0, str(ROOT))
 # variant ("H200 NVL", "H100 PCIe") comes before its family. GH200 matches "H200" (989 too).
 BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                     "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # fmt: skip
-RUN_BUDGET_S = 300  # steps only; gpu.sh's install (< 180 s) comes before: 8 minutes in all
+# The steps' hang bound (gpu.sh passes what is left of its own, 570 s: under the 10 minutes a
+# lent machine runs one command). Issue 15's target is 8 minutes for install + steps; a step's
+# timeout is a hang bound too, set above its expected time (bench/README.md): on a first run
+# nobody has timed, a check cut short by a tight bound proves nothing.
+RUN_BUDGET_S = 400
 TARGET_MFU, TARGET_RATIO = 0.50, 1.5  # issue 15, item 3: ours on the ~0.5B model
 # What gpu.sh installs besides the package: the extras the steps use (train: torch, deepspeed;
 # server: `lorajobs serve` for the job step). nvidia-ml-py is what DeepSpeed's setup.py adds
@@ -78,10 +82,10 @@ def plan(work: Path, cpu: bool, peak: float) -> list[Step]:
     steps = "3" if cpu else "20"
     me = [py, str(Path(__file__).resolve())]
     return [
-        Step("train", 110 if cpu else 150, train, "ratio ours/peer"),
-        Step("job", 240 if cpu else 90, [*me, "--step", "job", str(model_dir), train_file,
+        Step("train", 110 if cpu else 180, train, "ratio ours/peer"),
+        Step("job", 240 if cpu else 120, [*me, "--step", "job", str(model_dir), train_file,
                                          steps, str(work / "job")], "job succeeded"),
-        Step("zero3", 240 if cpu else 75, [*me, "--step", "zero3", str(model_dir), train_file,
+        Step("zero3", 240 if cpu else 120, [*me, "--step", "zero3", str(model_dir), train_file,
                                            steps, str(work / "zero3")], "zero3 completed"),
         Step("merge", 200 if cpu else 90,
              [py, str(bench / "merge_bench.py"), "--size", merge_size, "--repeats", "1",
