@@ -90,5 +90,21 @@ def init_distributed(backend: str | None = None) -> None:
 
     if dist.is_initialized():
         return
+    if not torch.cuda.is_available():
+        _skip_shm_comm_op()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory comm op on CPU.
+
+    Its TorchBackend builds `deepspeed_shm_comm` (two C++ files, ~50 CPU-s and over a minute on
+    2 cores, again whenever the venv's path changes) for `inference_all_reduce` only; ZeRO
+    training's all_gather/reduce_scatter go through gloo whether it is built or not. Marking it
+    incompatible in the probe's dict (cached by deepspeed.ops, edits persist) makes
+    `build_shm_op` return None, its documented fallback.
+    """
+    import deepspeed  # imports deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
