@@ -10,7 +10,8 @@ PaddingCollator: pad each batch to its longest example (not to max_seq_length: F
 models whose attention cannot take flattened batches (and `packing: false`).
 
 Both count the loss-bearing tokens they emit (`label_tokens`) so progress can report useful
-tokens/s.
+tokens/s, and every token they emit, padding included (`tokens`: the work of a step, which the
+thread tuner divides its time by).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.label_tokens = 0  # loss-bearing tokens emitted so far (read by the progress hook)
+        self.tokens = 0  # every position of every batch, padding included
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -48,6 +50,7 @@ class PaddingCollator:
             batch["labels"][i, :n] = torch.as_tensor(f["labels"])
             batch["attention_mask"][i, :n] = 1
         self.label_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.tokens += batch["input_ids"].numel()
         return batch
 
 
@@ -64,6 +67,7 @@ class FlatteningCollator:
 
     def __init__(self) -> None:
         self.label_tokens = 0
+        self.tokens = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(f["input_ids"]) for f in features]
@@ -74,6 +78,7 @@ class FlatteningCollator:
         cu[1:] = torch.as_tensor(lengths, dtype=torch.int32).cumsum(0)
         labels[cu[:-1].long()] = IGNORE_INDEX
         self.label_tokens += int((labels != IGNORE_INDEX).sum())
+        self.tokens += len(ids)
         longest = max(lengths)
         return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None],
                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,

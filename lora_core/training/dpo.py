@@ -49,6 +49,7 @@ from lora_core.training.trainer import (
     resolve_precision,
     tune_cpu_allocator,
     validate_model,
+    world_size,
 )
 
 __all__ = ["PreferenceData", "prepare_preferences", "build_dpo_args", "train_dpo",
@@ -220,6 +221,7 @@ def _run(spec: RunSpec, args: Any, data: PreferenceData, emit: OnEvent,
         export_adapter,
         list_checkpoints,
     )
+    from lora_core.training.thread_tuner import thread_tuning_callback
 
     datasets.disable_progress_bars()
     ckpt, ckpt_step = _prepare_output_dir(spec)
@@ -231,11 +233,15 @@ def _run(spec: RunSpec, args: Any, data: PreferenceData, emit: OnEvent,
     events = EventCallback(emit, lambda: counter[0].label_tokens if counter else 0,
                            started={"resumed_from_step": ckpt_step})
     stop = StopCallback(should_stop)
+    # completion tokens as the unit of work: TRL's batches carry no count of their own
+    threads = thread_tuning_callback(lambda: counter[0].label_tokens if counter else 0, emit,
+                                     world_size=world_size())
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(data.train),
         eval_dataset=datasets.Dataset.from_list(data.eval) if data.eval else None,
         processing_class=data.tokenizer,
-        callbacks=[events, stop, CheckpointCallback(root, emit)],
+        callbacks=[events, stop, CheckpointCallback(root, emit),
+                   *([threads] if threads is not None else [])],
     )
     trainer.remove_callback(PrinterCallback)
     use_base_as_reference(trainer.model)

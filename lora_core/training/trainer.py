@@ -10,7 +10,8 @@ Order of work, so that a bad input costs nothing and leaves nothing behind:
 
 Precision "auto" = bf16 on a CUDA GPU that supports it or a CPU with native bf16 (AVX512-BF16 /
 AMX), fp32 otherwise. bf16 on CPU runs under bf16 autocast: trainable weights fp32, frozen
-Linear weights stored in bf16 (FROZEN_BF16_ON_CPU). Events go through
+Linear weights stored in bf16 (FROZEN_BF16_ON_CPU). On CPU the intra-op thread count is
+chosen by measurement unless pinned (lora_core.training.thread_tuner). Events go through
 `on_event(type, **fields)` on rank 0 only.
 """
 
@@ -452,6 +453,7 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
         list_checkpoints,
     )
     from lora_core.training.dropout import use_bits_dropout
+    from lora_core.training.thread_tuner import thread_tuning_callback
 
     ckpt, ckpt_step = _prepare_output_dir(spec)
     _barrier()
@@ -473,11 +475,13 @@ def _run(spec, args, data, collator, emit, should_stop) -> TrainResult:
     stop = StopCallback(should_stop)
     evaluation = evaluation_callback(spec, data, emit, precision=args_precision(args), root=root,
                                      stopped=lambda: stop.stopped, zero3=_is_zero3(spec))
+    threads = thread_tuning_callback(lambda: collator.tokens, emit, world_size=world_size())
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=collator, processing_class=data.tokenizer,
         callbacks=[events, stop, CheckpointCallback(root, emit),
-                   *([evaluation] if evaluation is not None else [])],
+                   *([evaluation] if evaluation is not None else []),
+                   *([threads] if threads is not None else [])],
     )
     trainer.remove_callback(PrinterCallback)  # progress is reported through events, not stdout
     output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

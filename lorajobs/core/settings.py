@@ -198,7 +198,11 @@ class Settings(BaseSettings):
     # Python used to run the trainer child (`python -m lora_core run`); default: this one.
     trainer_python: str | None = None
     torchrun: str | None = None
-    # Extra environment for the trainer child, e.g. thread counts in tests.
+    # The trainer's CPU threads: None (default) = chosen by measurement while it trains, one
+    # thread on an oversubscribed machine, all cores on a quiet one
+    # (lora_core/training/thread_tuner.py; LORAJOBS_THREAD_TUNING=off in the worker's
+    # environment leaves torch's default); an int pins OMP/MKL threads to it, and reruns of a
+    # spec are then bit-identical.
     trainer_threads: int | None = None
     # Fork single-process trainers from a pre-warmed zygote that has imported torch,
     # transformers and peft once per worker (lorajobs/worker/prewarm.py): a job's `started`
