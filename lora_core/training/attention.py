@@ -20,11 +20,19 @@ Registered in transformers' AttentionInterface as VARLEN_ATTENTION and set on th
 `use_varlen_attention`. Without `cu_seq_lens_q` the whole row is one causal sequence, which is
 also exact for right-padded batches (a real token never sees a later pad); left padding would
 not be, and no collator of ours produces it. On CUDA with flash-attn installed, transformers'
-own "flash_attention_2" consumes the same batch format and is used instead.
+own "flash_attention_2" consumes the same batch format and is used instead. On CUDA without it
+(PyPI has no flash-attn wheel), a bf16/fp16 batch goes through torch's own varlen flash kernel
+(`torch.nn.attention.varlen.varlen_attn`, causal, GQA native): one call per layer instead of one
+per example, which on a GPU is one kernel launch instead of dozens. Should that kernel refuse
+(an old GPU, a head_dim it lacks), the first refusal is logged and every later call takes the
+per-example path (`CUDA_VARLEN`). It has not run on a GPU in this project's CI: its plumbing
+(layouts, boundaries, gradients) is tested on CPU against a reference kernel
+(tests/lora_core/test_attention.py), the kernel itself by bench/gpu.sh.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from typing import Any
 
@@ -36,6 +44,46 @@ __all__ = ["VARLEN_ATTENTION", "varlen_attention_forward", "register", "use_varl
 
 VARLEN_ATTENTION = "lora_varlen"
 CPU_ATTENTION_FP32 = True  # see the module docstring; bench/README.md has the figures
+CUDA_VARLEN = True  # torch's varlen flash kernel for flattened CUDA batches (module docstring)
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+FLASH_MAX_HEAD_DIM = 256
+log = logging.getLogger(__name__)
+_kernel_refused: str | None = None  # why torch's varlen kernel failed once in this process
+
+
+def _can_use_varlen_kernel(query: torch.Tensor, dropout: float) -> bool:
+    """CUDA, a flash dtype and head size, no attention dropout (the kernel has none)."""
+    return (CUDA_VARLEN and _kernel_refused is None and query.is_cuda and dropout == 0.0
+            and query.dtype in FLASH_DTYPES and query.shape[-1] <= FLASH_MAX_HEAD_DIM)
+
+
+def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                   max_len: int, *, scale: float | None, gqa: bool) -> torch.Tensor:
+    """(1, H, S, D) q/k/v of a flattened row -> (1, S, Hq, D), one causal varlen call."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    def tokens_first(x: torch.Tensor) -> torch.Tensor:  # (1, H, S, D) -> (S, H, D)
+        return x[0].transpose(0, 1).contiguous()
+
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    out = varlen_attn(tokens_first(q), tokens_first(k), tokens_first(v), cu, cu, max_len,
+                      max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+    assert isinstance(out, torch.Tensor)  # a tuple only when return_aux asks for the lse
+    return out.unsqueeze(0)
+
+
+def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 lengths: list[int], *, scale: float | None, dropout: float,
+                 gqa: bool) -> torch.Tensor:
+    """One causal SDPA call per example of the flattened row -> (1, S, Hq, D)."""
+    # split, not slices: a slice's backward writes its gradient into a zero tensor of the
+    # whole row (one per example, then summed); split's backward is one cat
+    return torch.cat([
+        _sdpa_causal(q, k, v, scale=scale, dropout=dropout, gqa=gqa).transpose(1, 2)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                           value.split(lengths, dim=2), strict=True)
+        if q.shape[2]
+    ], dim=1)  # (1, S, H, D) contiguous: cat writes the layout the caller reshapes
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None,
@@ -74,16 +122,29 @@ def varlen_attention_forward(
         else:
             if query.shape[0] != 1:
                 raise ValueError("cu_seq_lens_q needs a flattened batch of one row")
-            # split, not slices: a slice's backward writes its gradient into a zero tensor of
-            # the whole row (one per example, then summed); split's backward is one cat
             lengths = torch.diff(cu).tolist()
-            out = torch.cat([
-                _sdpa_causal(q, k, v, scale=scaling, dropout=dropout, gqa=gqa).transpose(1, 2)
-                for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
-                                   value.split(lengths, dim=2), strict=True)
-                if q.shape[2]
-            ], dim=1)  # (1, S, H, D) contiguous: cat writes the layout the caller reshapes
+            kernel_out = None
+            if _can_use_varlen_kernel(query, dropout):
+                kernel_out = _try_varlen_kernel(query, key, value, cu, max(lengths),
+                                                scale=scaling, gqa=gqa)
+            out = kernel_out if kernel_out is not None else _per_example(
+                query, key, value, lengths, scale=scaling, dropout=dropout, gqa=gqa)
     return out.to(out_dtype).contiguous(), None
+
+
+def _try_varlen_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       cu: torch.Tensor, max_len: int, *, scale: float | None,
+                       gqa: bool) -> torch.Tensor | None:
+    """The kernel's output, or None after logging why it refused (once per process: every
+    later call goes per example)."""
+    global _kernel_refused
+    try:
+        return _varlen_kernel(query, key, value, cu, max_len, scale=scale, gqa=gqa)
+    except (ImportError, NotImplementedError, RuntimeError, ValueError) as exc:
+        _kernel_refused = f"{type(exc).__name__}: {exc}"
+        log.warning("torch's varlen attention kernel refused (%s); attention runs one SDPA "
+                    "call per example from now on", _kernel_refused)
+        return None
 
 
 def register() -> None:

@@ -157,3 +157,94 @@ def test_tied_head_stays_fp32(tmp_path):
     assert model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def _reference_varlen_attn(calls):
+    """torch.nn.attention.varlen.varlen_attn's documented contract, on CPU: (T, H, D) q/k/v,
+    int32 boundaries, causal when window_size == (-1, 0); one SDPA per sequence."""
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False, **_):
+        calls.append(1)
+        assert q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == k.shape[0]
+        assert cu_q.dtype == torch.int32 and cu_q.device == q.device and cu_k is cu_q
+        assert window_size == (-1, 0) and max_q == max_k == int(torch.diff(cu_q).max())
+        bounds = cu_q.tolist()
+        return torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+            for s, e in zip(bounds, bounds[1:], strict=False)])
+    return varlen_attn
+
+
+def _attend(seed=0):
+    from lora_core.training import attention
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 1, 9, 3]
+    q, k, v = (torch.randn(1, h, sum(lengths), 8, generator=g, requires_grad=True)
+               for h in (4, 2, 2))  # GQA 2:1
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    out, _ = attention.varlen_attention_forward(None, q, k, v, None, scaling=0.3,
+                                                cu_seq_lens_q=cu)
+    out.pow(2).sum().backward()
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
+@pytest.fixture
+def fake_cuda_kernel(monkeypatch):
+    """The CUDA branch taken on CPU: the device check passes and varlen_attn is the reference."""
+    import torch.nn.attention.varlen as varlen
+
+    from lora_core.training import attention
+
+    calls: list[int] = []
+    monkeypatch.setattr(attention, "_can_use_varlen_kernel",
+                        lambda q, d: attention._kernel_refused is None)
+    monkeypatch.setattr(attention, "_kernel_refused", None)
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen_attn(calls))
+    return calls
+
+
+def test_cuda_varlen_kernel_path_matches_per_example_calls(fake_cuda_kernel):
+    expected, expected_grads = _attend()  # through the (reference) kernel
+    assert fake_cuda_kernel == [1]  # one call for the whole row
+    from lora_core.training import attention
+
+    attention.CUDA_VARLEN = False
+    try:
+        per_example, grads = _attend()
+    finally:
+        attention.CUDA_VARLEN = True
+    assert per_example.shape == expected.shape == (1, 18, 4, 8)
+    torch.testing.assert_close(expected, per_example, rtol=0, atol=1e-6)
+    for a, b in zip(expected_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_refusing_kernel_is_logged_once_and_attention_goes_per_example(
+        fake_cuda_kernel, monkeypatch, caplog):
+    import torch.nn.attention.varlen as varlen
+
+    from lora_core.training import attention
+
+    refusals: list[int] = []
+
+    def refuse(*args, **kwargs):
+        refusals.append(1)
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+
+    attention.CUDA_VARLEN = False
+    try:
+        reference, _ = _attend()
+    finally:
+        attention.CUDA_VARLEN = True
+    monkeypatch.setattr(varlen, "varlen_attn", refuse)
+    with caplog.at_level("WARNING", logger=attention.__name__):
+        first, _ = _attend()
+        second, _ = _attend()
+    assert refusals == [1]  # tried once; the second call went straight to per-example SDPA
+    assert "Ampere" in attention._kernel_refused
+    assert sum("refused" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(first, reference, rtol=0, atol=1e-6)  # CPU SDPA: run-to-run
+    torch.testing.assert_close(second, reference, rtol=0, atol=1e-6)  # noise ~2e-7
