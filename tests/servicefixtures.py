@@ -168,9 +168,30 @@ class LiveService:
 
     def start_worker(self, name: str = "worker", pool: str = "solo",
                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """`env`: overrides for this worker alone (a node's own scratch_dir, model cache)."""
-        return self._spawn(["-m", "lorajobs.worker.main", "worker", "--loglevel", "INFO",
+        """`env`: overrides for this worker alone (a node's own scratch_dir, model cache).
+
+        With the real trainer, returns once the worker's pre-warmed trainer zygote is ready
+        (lorajobs/worker/prewarm.py). A job that comes sooner waits at most half a lease for
+        it, 1.5 s with the tests' 3 s leases, then starts cold beside it: two processes
+        imported torch, transformers and peft (~5 CPU-s each) for every real-trainer test, and
+        its job ran the cold path where production (60 s leases) forks."""
+        warm_before = self._zygote_outcomes(name)
+        proc = self._spawn(["-m", "lorajobs.worker.main", "worker", "--loglevel", "INFO",
                             "--pool", pool], name, env)
+        if self.settings.trainer_prewarm and self.settings.trainer_python is None:
+            def _warm() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"worker {name} exited: {self.log(name)[-2000:]}")
+                return self._zygote_outcomes(name) > warm_before
+
+            wait_for(_warm, timeout=180, interval=0.2,  # a hang bound: ~4 s quiet, 12 at load 8
+                     what=f"worker {name}'s trainer zygote ready")
+        return proc
+
+    def _zygote_outcomes(self, name: str) -> int:
+        """How many zygotes of worker `name` got ready, or failed to, so far (its log)."""
+        return len(re.findall(r"trainer zygote (?:\d+ ready|cannot serve)|starting the trainer "
+                              r"zygote failed", self.log(name)))
 
     def start_reaper(self) -> subprocess.Popen[bytes]:
         return self._spawn(["-m", "lorajobs.worker.main", "reaper"], "reaper")
@@ -240,12 +261,12 @@ class LiveService:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def live_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveService]:
-    """A migrated service with one worker (and the API when it exists), on each backend."""
+    """A migrated service with one worker, on each backend. No API: its users (the worker's
+    lifecycle tests) enqueue and read the database directly (start_api() where one is needed)."""
     service = LiveService(tmp_path, request.param)
     try:
         service.migrate()
         service.start_worker()
-        service.start_api()
         yield service
     finally:
         service.close()
