@@ -32,9 +32,16 @@ TRAINING = {"max_steps": 6, "batch_size": 4, "gradient_accumulation_steps": 1,
             "max_seq_length": 256, "save_steps": 2, "learning_rate": 1e-3, "seed": 3}
 
 
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Live]:
+    """API, worker and reaper, the real trainer, for the tests that leave the processes as they
+    found them (each reads its own job only): one set of processes and one zygote's imports."""
+    yield from start_live(tmp_path_factory.mktemp("real-trainer"), tiny_model_dir, trainer=None)
+
+
 @pytest.fixture
-def live(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Live]:
-    """API, worker and reaper of our own (tests stop the worker), the real trainer."""
+def own_live(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Live]:
+    """API, worker and reaper of this test's own (it stops the worker), the real trainer."""
     yield from start_live(tmp_path, tiny_model_dir, trainer=None)
 
 
@@ -134,23 +141,23 @@ def test_real_trainer_cancel_keeps_checkpoint(live: Live) -> None:
     assert _event_types(live, job_id).count("finished") == 1
 
 
-def test_real_trainer_resumes_after_worker_sigterm(live: Live) -> None:
+def test_real_trainer_resumes_after_worker_sigterm(own_live: Live) -> None:
     """Warm shutdown: the trainer checkpoints, the job is requeued, another worker resumes."""
-    worker = live.svc.procs[0]
+    worker = own_live.svc.procs[0]
     total = 24
-    job_id = _at_first_checkpoint(live, total=total, save_steps=4)
-    with _frozen_until_asked_to_stop(live, job_id, total):
+    job_id = _at_first_checkpoint(own_live, total=total, save_steps=4)
+    with _frozen_until_asked_to_stop(own_live, job_id, total):
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     print(f"worker SIGTERM -> exit (real trainer): {time.monotonic() - t0:.2f}s")
-    assert live.job(job_id)["status"] == "queued"
-    live.svc.start_worker("worker2")
-    job = live.wait_end(job_id, timeout=180)
+    assert own_live.job(job_id)["status"] == "queued"
+    own_live.svc.start_worker("worker2")
+    job = own_live.wait_end(job_id, timeout=180)
     assert job["status"] == "succeeded", job
-    body = live.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()
+    body = own_live.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()
     started = [e for e in body["data"] if e["type"] == "started"]
     assert len(started) == 2 and started[1]["data"]["resumed_from_step"] > 0
-    metrics = live.http.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    metrics = own_live.http.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
     steps = [m["step"] for m in metrics]
     assert steps == sorted(set(steps)) and steps[-1] == total  # redone steps overwrote
