@@ -12,20 +12,23 @@ Arms run interleaved, each in a fresh child (`lora_core.training.trainer.train` 
 train_bench's "body" shape, Llama-3.1-8B-like, precision auto), conditions alternate per
 repeat and the arm order rotates. Figure: useful (loss-bearing) tokens/s from the end of the
 first optimizer step (warm-up in every arm) to the end of the last, so the tuner's probing is
-inside the timed window; CPU ms per useful token of the child; the tuner's switches as it
-reported them ("warning" events). Ratios per condition: tuned / best pinned, tuned / pinned-2
-(target: tuned >= 0.9x the best pinned in both).
+inside the timed window (every arm trains on the same steps: a run of 12 pinned steps beside
+40 tuned ones timed other examples); CPU ms per useful token of the child; the tuner's
+switches as it reported them ("warning" events). Ratios per condition: tuned / best pinned,
+tuned / pinned-2 (target: tuned >= 0.9x the best pinned in both).
 
-    .venv/bin/python bench/thread_bench.py                      # 40 steps, 3 neighbours, 1 repeat
+    .venv/bin/python bench/thread_bench.py          # 40 steps per arm, 3 neighbours
     .venv/bin/python bench/thread_bench.py --steps 60 --repeats 2 --neighbours 4
-    .venv/bin/python bench/thread_bench.py --quick              # smoke: tiny model, seconds
+    .venv/bin/python bench/thread_bench.py --quick  # smoke: tiny model, 6 steps
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,13 +120,15 @@ class Neighbours:
             p.wait()
 
 
-def bench(steps: int, repeats: int, neighbours: int, workdir: Path, model: str) -> None:
+def bench(steps: int, repeats: int, neighbours: int, workdir: Path, model: str,
+          arms: list[str], busy_only: bool = False) -> None:
     tb.BATCH, tb.ACCUM = BATCH, ACCUM  # build_workdir sizes the data as steps x batch x accum
     paths = tb.build_workdir(workdir / f"b{BATCH}x{ACCUM}", model, steps)[:2]
     conditions = {"quiet": 0, f"busy({neighbours})": neighbours}
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {a: [] for a in ARMS}
+    if busy_only:
+        del conditions["quiet"]
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {a: [] for a in arms}
                                                             for c in conditions}
-    arms = list(ARMS)
     print(f"model {model}, {steps} steps of {BATCH} x {ACCUM}, {os.cpu_count()} CPUs, "
           f"cpu flags {tb.cpu_flags()}", flush=True)
     for rep in range(repeats):
@@ -133,7 +138,8 @@ def bench(steps: int, repeats: int, neighbours: int, workdir: Path, model: str) 
                 for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
                     r = run_arm(arm, paths, steps, workdir / "runs" / f"{cond}-{arm}")
                     results[cond][arm].append(r)
-                    print(f"  rep {rep} {cond:9} {arm:9} {r['tokens_per_s']:7.1f} useful tok/s"
+                    print(f"  rep {rep} {cond:9} {arm:9} {r['steps'] + 1:3} steps"
+                          f" {r['tokens_per_s']:7.1f} useful tok/s"
                           f"  {r['cpu_ms_per_token']:6.2f} CPU ms/tok  {r['seconds']:6.1f} s"
                           f"  load {r['load'][0]:.1f}->{r['load'][1]:.1f}  "
                           + "; ".join(r["switches"]), flush=True)
@@ -141,28 +147,33 @@ def bench(steps: int, repeats: int, neighbours: int, workdir: Path, model: str) 
           + "  tuned/best  tuned/2thr  load")
     for cond, by_arm in results.items():
         tps = {a: statistics.median(r["tokens_per_s"] for r in rs) for a, rs in by_arm.items()}
-        best = max(tps["pinned-2"], tps["pinned-1"])
         loads = [x for rs in by_arm.values() for r in rs for x in r["load"]]
-        ratio = tps["tuned"] / best
-        print(f"{cond:12} " + " ".join(f"{tps[a]:9.1f}" for a in ARMS)
+        best = max((tps[a] for a in ("pinned-2", "pinned-1") if a in tps), default=math.nan)
+        ratio = tps.get("tuned", math.nan) / best
+        print(f"{cond:12} " + " ".join(f"{tps.get(a, math.nan):9.1f}" for a in ARMS)
               + f"  {ratio:9.2f}x{'' if ratio >= TARGET else '!'}"
-              + f"  {tps['tuned'] / tps['pinned-2']:9.2f}x  {min(loads):.1f}-{max(loads):.1f}")
+              + f"  {tps.get('tuned', math.nan) / tps.get('pinned-2', math.nan):9.2f}x"
+              + f"  {min(loads):.1f}-{max(loads):.1f}")
     print(f"(useful tok/s, median of {repeats}; '!' = below the {TARGET}x target; "
           f"cpu flags {tb.cpu_flags()})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per arm")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--neighbours", type=int, default=3,
                    help="busy-loop processes beside the arms of the busy condition")
     p.add_argument("--quick", action="store_true", help="tiny model, 6 steps: a smoke test")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma list of " + ", ".join(ARMS))
+    p.add_argument("--busy-only", action="store_true", help="skip the quiet condition")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorajobs-thread-bench"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--model-dir", "--train", "--out"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     a = p.parse_args()
+    # a SIGTERM unwinds like Ctrl-C: Neighbours ends its busy loops, subprocess.run its arm
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.quick:
         tb.use_quick_shape()
     if a.child:
@@ -170,9 +181,9 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(r), flush=True)
         return
     if a.quick:
-        bench(6, 1, 1, a.workdir, "quick")
+        bench(6, 1, 1, a.workdir, "quick", list(ARMS))
         return
-    bench(a.steps, a.repeats, a.neighbours, a.workdir, "body")
+    bench(a.steps, a.repeats, a.neighbours, a.workdir, "body", a.arms.split(","), a.busy_only)
 
 
 if __name__ == "__main__":

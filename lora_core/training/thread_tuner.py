@@ -18,8 +18,9 @@ How (`ThreadTuner`, pure, clock injected; `ThreadTuningCallback` drives it from 
               first: the first round measures n/2 (from the run's first step, its warm-up),
               then n, then on down while each count is the fastest; a later round measures
               the chosen count, then its neighbours. A count already ABORT_RATIO x as slow
-              as the fastest one (its warm-up step included) is dropped at once: on a busy
-              box a probe of the count it left costs about one step
+              as the fastest one (its warm-up step included) is dropped at once, mid-step
+              if need be (`deadline`: the rest of that step runs on the fastest count), so on
+              a busy box a probe of more threads costs ABORT_RATIO steps' time at most
     decision  switch only if the chosen count takes >= 1 + SWITCH_MARGIN as long per token
               as the fastest one measured in the round (noise must not flip it)
     re-probe  after REPROBE_MIN_STEPS steps and REPROBE_SECONDS of training, or longer so
@@ -86,13 +87,15 @@ class ThreadSwitch:
     old: int
     new: int
     ratio: float
+    at_least: bool = False  # `old` was cut short: its step would have taken longer still
 
     def message(self) -> str:
         def threads(n: int) -> str:
             return f"{n} thread{'s' if n != 1 else ''}"
 
         return (f"threads {self.old} -> {self.new}: {threads(self.old)} took "
-                f"{self.ratio:.1f}x as long per token as {self.new}")
+                f"{'over ' if self.at_least else ''}{self.ratio:.1f}x as long per token as "
+                f"{self.new}")
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Round:
     rates: dict[int, float] = field(default_factory=dict)
     window: _Window = field(default_factory=_Window)  # the count running now, counted steps
     steps: list[tuple[int, float, int]] = field(default_factory=list)
+    cut: set[int] = field(default_factory=set)  # counts whose rate is a cut-short lower bound
 
 
 class ThreadTuner:
@@ -160,17 +164,48 @@ class ThreadTuner:
         self._recent: deque[tuple[float, int]] = deque(maxlen=window_steps)
         self._wait_seconds = reprobe_seconds
         self._t0: float | None = None
+        self._step_tokens = 0
+        self.fallback = self.threads
 
     @property
     def probing(self) -> bool:
         return self._round is not None
 
-    def begin_step(self) -> None:
+    def begin_step(self, tokens: int = 0) -> None:
+        """`tokens`: the step's tokens, where known before it runs (Trainer batches a whole
+        step first); they let a probe that is already too slow be cut short (`deadline`)."""
         self._t0 = self.clock()
+        self._step_tokens = tokens
+
+    def deadline(self) -> float | None:
+        """Clock time past which the running step proves its count too slow, or None: a count
+        being probed after a faster one was measured takes ABORT_RATIO x that one's time for
+        these tokens at most. Past it, the caller runs the rest of the step on `fallback`
+        and calls `cut_short`: on a busy box a probe of more threads then costs ABORT_RATIO
+        steps at most, not the 10-20x a whole step on them can take."""
+        rnd = self._round
+        if (rnd is None or self._t0 is None or self._first_step or self._step_tokens <= 0
+                or not rnd.rates or self.threads in rnd.rates):
+            return None
+        return self._t0 + self.abort_ratio * self._step_tokens * min(rnd.rates.values())
+
+    def cut_short(self) -> ThreadSwitch | None:
+        """The running step passed `deadline()`: record its count as too slow and move on, as
+        end_step would have; that step's end_step is then ignored. `fallback`: the fastest
+        count measured, for the rest of the step; `threads`: the next step's."""
+        rnd = self._round
+        assert rnd is not None and self._t0 is not None and self._step_tokens > 0
+        seconds, self._t0 = self.clock() - self._t0, None
+        rnd.steps.append((self.threads, seconds, self._step_tokens))
+        rnd.rates[self.threads] = seconds / self._step_tokens
+        rnd.cut.add(self.threads)
+        self.fallback = min(rnd.rates, key=rnd.rates.__getitem__)
+        self._first_step = False
+        return self._next_count()
 
     def end_step(self, tokens: int) -> ThreadSwitch | None:
         """Account one step of `tokens` tokens, run on `threads` as it was at begin_step."""
-        if self._t0 is None:
+        if self._t0 is None:  # cut short (or never begun): already accounted
             return None
         seconds, self._t0 = self.clock() - self._t0, None
         warm_up, self._warm_up = self._warm_up, False
@@ -237,7 +272,8 @@ class ThreadTuner:
         old_rate = rnd.rates.get(old, math.inf)
         switch = None
         if fastest != old and old_rate >= (1 + self.margin) * rnd.rates[fastest]:
-            switch = ThreadSwitch(old, fastest, old_rate / rnd.rates[fastest])
+            switch = ThreadSwitch(old, fastest, old_rate / rnd.rates[fastest],
+                                  at_least=old in rnd.cut)
             self.switches.append(switch)
             self.chosen = fastest
         self.chosen_rate = rnd.rates[self.chosen]
@@ -285,6 +321,11 @@ def tuning_off_reason(env: Mapping[str, str], *, cuda: bool, world_size: int,
 class ThreadTuningCallback(TrainerCallback):
     """Times each optimizer step, feeds the tuner, applies its count with torch.set_num_threads;
     restores the starting count when training ends (train() may run inside a caller's process).
+
+    During a probe step that can be cut short, hooks on the trainable (LoRA) modules' forward
+    and their parameters' gradients check the tuner's deadline, so a count that is already too
+    slow gives way mid-step (OpenMP's count is the calling thread's: the hooks run on the
+    training thread, forward and CPU backward alike).
     """
 
     def __init__(self, tuner: ThreadTuner, token_counter: Callable[[], int],
@@ -293,6 +334,8 @@ class ThreadTuningCallback(TrainerCallback):
         self.token_counter = token_counter
         self.emit = emit
         self._tokens = 0
+        self._hooks: list[Any] = []
+        self._deadline: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._tokens = self.token_counter()
@@ -301,23 +344,56 @@ class ThreadTuningCallback(TrainerCallback):
         # Trainer's eval batches go through the same collator, between two steps' counts
         self._tokens = self.token_counter()
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                      **kwargs: Any) -> None:
         import torch
 
         if torch.get_num_threads() != self.tuner.threads:
             torch.set_num_threads(self.tuner.threads)
-        self.tuner.begin_step()
+        # Trainer collates all of a step's micro-batches before on_step_begin
+        self.tuner.begin_step(self.token_counter() - self._tokens)
+        self._deadline = self.tuner.deadline()
+        if self._deadline is not None and model is not None:
+            self._watch(model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._unwatch()
         tokens, self._tokens = self._tokens, self.token_counter()
-        switch = self.tuner.end_step(self._tokens - tokens)
-        if switch is not None:
-            self.emit(REPORT_EVENT, message=switch.message())
+        self._report(self.tuner.end_step(self._tokens - tokens))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import torch
 
+        self._unwatch()
         torch.set_num_threads(self.tuner.max_threads)
+
+    def check(self, *_: Any) -> None:
+        """A hook: past the deadline, the rest of the step runs on the tuner's fallback."""
+        if self._deadline is None or self.tuner.clock() < self._deadline:
+            return
+        import torch
+
+        self._deadline = None  # once; the hooks stay until the step ends (removing a tensor
+        switch = self.tuner.cut_short()  # hook while autograd iterates them is not allowed)
+        torch.set_num_threads(self.tuner.fallback)
+        self._report(switch)
+
+    def _watch(self, model: Any) -> None:
+        for module in model.modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if params:
+                self._hooks.append(module.register_forward_hook(self.check))
+                self._hooks.extend(p.register_hook(self.check) for p in params)
+
+    def _unwatch(self) -> None:
+        self._deadline = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _report(self, switch: ThreadSwitch | None) -> None:
+        if switch is not None:
+            self.emit(REPORT_EVENT, message=switch.message())
 
 
 def thread_tuning_callback(token_counter: Callable[[], int], emit: Callable[..., None], *,

@@ -27,14 +27,22 @@ class FakeClock:
 def run(tuner: ThreadTuner, clock: FakeClock, steps: int,
         rate: Callable[[int, int], float], seed: int = 0) -> list[int]:
     """Drive `steps` steps of 500-1500 tokens; a step on n threads takes rate(step, n) s per
-    1000 tokens, +-10%. Returns the count each step ran on."""
+    1000 tokens, +-10%; past the tuner's deadline the rest of it runs on `fallback`, as
+    ThreadTuningCallback does. Returns the count each step started on."""
     rng = random.Random(seed)
     ran = []
     for i in range(steps):
         tokens = rng.randint(500, 1500)
         ran.append(tuner.threads)
-        tuner.begin_step()
-        clock.now += rate(i, tuner.threads) * tokens / 1000 * rng.uniform(0.9, 1.1)
+        tuner.begin_step(tokens)
+        deadline, start = tuner.deadline(), clock.now
+        seconds = rate(i, tuner.threads) * tokens / 1000 * rng.uniform(0.9, 1.1)
+        if deadline is not None and start + seconds > deadline:
+            clock.now = deadline
+            tuner.cut_short()
+            left = 1 - (deadline - start) / seconds
+            seconds = left * rate(i, tuner.fallback) * tokens / 1000
+        clock.now += seconds
         tuner.end_step(tokens)
         assert tuner.threads in tuner.ladder
     return ran
@@ -50,11 +58,34 @@ def test_goes_down_when_fewer_threads_are_faster() -> None:
     ran = run(tuner, clock, 40, fixed(BUSY))
     assert tuner.chosen == 1 and tuner.threads == 1
     [switch] = tuner.switches
-    assert (switch.old, switch.new) == (2, 1) and 3.0 < switch.ratio < 5.0
-    assert switch.message().startswith("threads 2 -> 1: 2 threads took")
-    # 1 thread is measured first (from the run's first step); 2 threads are dropped after
-    # their warm-up step, 4x as slow: the busy box pays for one step at 2 threads
+    assert (switch.old, switch.new) == (2, 1) and switch.at_least
+    assert switch.ratio == pytest.approx(tt.ABORT_RATIO, rel=0.2)
+    assert switch.message().startswith("threads 2 -> 1: 2 threads took over 1.")
+    # 1 thread is measured first (from the run's first step); 2 threads are dropped during
+    # their warm-up step, 4x as slow: the busy box pays for 1.5 steps' time there, not 4
     assert ran[:6] == [1, 1, 1, 1, 2, 1] and ran.count(2) == 1
+
+
+def test_a_probe_is_cut_short_once_it_is_too_slow() -> None:
+    clock = FakeClock()
+    tuner = ThreadTuner(2, clock=clock)
+    for _ in range(4):  # the run's first step, then 3 counted steps on 1 thread at 2 s each
+        assert tuner.threads == 1
+        tuner.begin_step(1000)
+        assert tuner.deadline() is None  # nothing faster measured yet: nothing to cut
+        clock.now += 2.0
+        tuner.end_step(1000)
+    assert tuner.threads == 2  # the probe of 2 threads
+    tuner.begin_step(1000)
+    assert tuner.deadline() == pytest.approx(clock.now + tt.ABORT_RATIO * 2.0)
+    clock.now += tt.ABORT_RATIO * 2.0
+    switch = tuner.cut_short()
+    assert switch is not None and (switch.old, switch.new) == (2, 1)
+    assert tuner.fallback == 1 and tuner.threads == 1
+    clock.now += 20.0  # the rest of the step, whatever it took, is not measured
+    assert tuner.end_step(1000) is None and tuner.chosen_rate == pytest.approx(2.0 / 1000)
+    tuner.begin_step(1000)
+    assert tuner.deadline() is None  # steady: no probe
 
 
 def test_stays_when_fewer_threads_are_not_faster() -> None:
@@ -81,7 +112,7 @@ def test_switch_needs_the_margin(one_thread: float, switches: bool) -> None:
 def test_reprobes_and_goes_back_up_when_the_box_goes_quiet() -> None:
     clock = FakeClock()
     tuner = ThreadTuner(2, clock=clock, reprobe_seconds=60.0)
-    run(tuner, clock, 30, fixed(BUSY))
+    run(tuner, clock, 8, fixed(BUSY))  # the first round ends at step 5: ~6 s steady
     assert tuner.chosen == 1
     quiet_from = clock.now
     ran = run(tuner, clock, 200, fixed(QUIET), seed=1)
@@ -90,7 +121,7 @@ def test_reprobes_and_goes_back_up_when_the_box_goes_quiet() -> None:
     assert tuner.chosen == 2 and ran[-50:].count(1) <= 1
     # the periodic round, not sooner: at least reprobe_seconds of steady training first
     first_on_two = ran.index(2)
-    assert first_on_two >= 60 / QUIET[1] and clock.now - quiet_from > 60
+    assert first_on_two >= (60 - 8) / QUIET[1] and clock.now - quiet_from > 60
 
 
 def test_load_arriving_triggers_a_round_before_the_period() -> None:
@@ -107,15 +138,15 @@ def test_load_arriving_triggers_a_round_before_the_period() -> None:
 
 def test_reprobes_are_spaced_by_what_they_cost() -> None:
     clock = FakeClock()
-    tuner = ThreadTuner(2, clock=clock, reprobe_seconds=10.0, probe_budget=0.05)
+    tuner = ThreadTuner(2, clock=clock, reprobe_seconds=10.0, probe_budget=0.01)
     ran = run(tuner, clock, 400, fixed(BUSY))
     assert tuner.chosen == 1 and len(tuner.switches) == 1
-    # each later round costs one step at 2 threads (~6 s lost), so rounds come every ~120 s
-    # of training (~60 steps at 2 s), not every 10 s: 2 threads run in few of the 400 steps
+    # each later round loses ~1 s (a probe of 2 threads cut at 1.5x a 2 s step), so at a 1%
+    # budget rounds come every ~100 s of training (~50 steps at 2 s), not every 10 s
     on_two = ran.count(2)
-    assert 3 <= on_two <= 9
-    lost = sum(BUSY[2] - BUSY[1] for n in ran if n == 2)
-    assert lost < 0.1 * clock.now
+    assert 4 <= on_two <= 10
+    lost = (tt.ABORT_RATIO - 1) * BUSY[1] * on_two
+    assert lost < 0.02 * clock.now
 
 
 def test_ladder_never_goes_below_one_or_above_the_start() -> None:
@@ -173,9 +204,9 @@ def test_real_train_runs_it_and_restores_the_thread_count(
             super().__init__(max_threads, window_seconds=0.0)
             tuners.append(self)
 
-        def begin_step(self) -> None:
+        def begin_step(self, tokens: int = 0) -> None:
             seen.append((torch.get_num_threads(), self.threads))
-            super().begin_step()
+            super().begin_step(tokens)
 
     monkeypatch.setattr(tt, "ThreadTuner", Recorded)
     from lora_core.data.synthetic import make_examples
@@ -233,3 +264,36 @@ def test_callback_applies_the_count_reports_switches_and_restores(
     assert events == [("warning", {"message": "threads 2 -> 1: 2 threads took 4.0x as long "
                                               "per token as 1"})]
     assert fed == [1000] * 8 and after == 2
+
+
+def test_callback_cuts_a_slow_probe_from_inside_the_step() -> None:
+    import torch
+
+    clock = FakeClock()
+    tuner = ThreadTuner(2, clock=clock)
+    for _ in range(4):  # the run's first step, then 1 thread measured at 2 s per 1000 tokens
+        tuner.begin_step(1000)
+        clock.now += 2.0
+        tuner.end_step(1000)
+    assert tuner.threads == 2
+    events: list[tuple[str, dict]] = []
+    counter = [1000]  # the step's batches, collated before on_step_begin
+    callback = tt.ThreadTuningCallback(tuner, lambda: counter[0],
+                                       lambda type_, **f: events.append((type_, f)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)  # frozen: hooks go where trainable parameters are
+    before = torch.get_num_threads()
+    try:
+        callback.on_step_begin(None, None, None, model=model)
+        assert torch.get_num_threads() == 2 and callback._hooks
+        clock.now += 4.0  # past the deadline (1.5 x 2 s) before the forward pass
+        model(torch.ones(3, 4)).sum().backward()
+        assert torch.get_num_threads() == 1  # the rest of the step ran on the fallback
+        callback.on_step_end(None, None, None)
+        assert not callback._hooks and not model[2]._forward_hooks
+        assert not model[2].weight._backward_hooks  # the gradient hooks too
+    finally:
+        torch.set_num_threads(before)
+    assert events == [("warning", {"message": "threads 2 -> 1: 2 threads took over 2.0x as "
+                                              "long per token as 1"})]
+    assert tuner.chosen == 1 and tuner.threads == 1
