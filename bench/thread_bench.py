@@ -2,8 +2,9 @@
 (lora_core.training.thread_tuner), on a quiet machine and beside busy neighbours.
 
     pinned-N   OMP_NUM_THREADS=N in the trainer's environment (Settings.trainer_threads = N)
-    tuned      no OMP_NUM_THREADS (Settings.trainer_threads = None, the service default): the
-               tuner measures 1 and 2 threads and keeps the faster, re-measuring as it trains
+    tuned      no OMP_NUM_THREADS, LORAJOBS_THREAD_TUNING=on (Settings.trainer_thread_tuning,
+               opt-in): the tuner measures 1 and 2 threads and keeps the faster, re-measuring
+               as it trains
 
 Conditions: "quiet" (whatever else runs on the machine: the load is printed) and "busy" with
 --neighbours busy-loop processes started by this script for the arms of that condition (the
@@ -92,6 +93,8 @@ def run_arm(arm: str, paths: tuple[Path, Path], steps: int, out: Path) -> dict[s
                LORAJOBS_TOKEN_CACHE="off")
     if ARMS[arm] is not None:
         env.update(OMP_NUM_THREADS=ARMS[arm], MKL_NUM_THREADS=ARMS[arm])
+    else:
+        env.update(LORAJOBS_THREAD_TUNING="on")  # opt-in (Settings.trainer_thread_tuning)
     cmd = [sys.executable, __file__, "--child", "--model-dir", str(paths[0]), "--train",
            str(paths[1]), "--steps", str(steps), "--out", str(out)]
     load0 = os.getloadavg()[0]

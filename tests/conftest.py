@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 # curves bit for bit (resume, perf_loss, DPO) must not depend on the machine's load. Off for
 # the test processes and the trainers they start (service tests also pin trainer_threads=1);
 # tests/lora_core/test_thread_tuner.py turns it on where it is the subject.
-os.environ.setdefault("LORAJOBS_THREAD_TUNING", "off")
+os.environ.setdefault("LORAJOBS_THREAD_TUNING", "off")  # off by default too: an operator's
+# `on` in the developer's shell must not reach the suite
 
 # `make test` hands whole files to its processes (`--dist loadfile --no-loadscope-reorder`) in
 # collection order, and the suite ends when its last file does. These files took longest in a

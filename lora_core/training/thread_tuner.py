@@ -31,12 +31,16 @@ How (`ThreadTuner`, pure, clock injected; `ThreadTuningCallback` drives it from 
 Each switch is reported as a "warning" event (the job's event log; the CLI prints it), e.g.
 "threads 2 -> 1: 2 threads took 3.1x as long per token as 1".
 
-When it runs: CPU training (no CUDA), one process (WORLD_SIZE 1), more than one thread at the
-start, and the count not pinned. Pinned = OMP_NUM_THREADS set in the trainer's environment
-(the worker sets it from `Settings.trainer_threads`; None, the default, leaves it unset) or
-THREAD_TUNING_ENV=off. The forked trainers of the pre-warmed zygote see the same inputs as a
-cold one: the worker's trainer environment, and torch's default count (the zygote runs no torch
-op before it forks).
+When it runs: only where switched on (THREAD_TUNING_ENV=on; the worker sets it from
+`Settings.trainer_thread_tuning`, off by default), on CPU training (no CUDA), one process
+(WORLD_SIZE 1), more than one thread at the start, and the count not pinned (OMP_NUM_THREADS
+set in the trainer's environment: the worker sets it from `Settings.trainer_threads`).
+Why off by default: on a quiet 2-core machine, where 2 threads train 1.7x faster than 1, the
+tuner measured its first steps on 2 threads (after 1) as slower and kept 1 thread: 0.59-0.61x
+of torch's default (bench/README.md, "Thread count by measurement"); beside busy neighbours it
+reached 0.92x of the best pinned count and 4.2-6.3x of 2 threads. The forked trainers of the
+pre-warmed zygote see the same inputs as a cold one: the worker's trainer environment, and
+torch's default count (the zygote runs no torch op before it forks).
 
 Reproducibility: with the tuner, a rerun of the same spec reproduces its losses within float
 tolerance, not bit for bit: when the count changes depends on timing, and the thread count
@@ -65,8 +69,8 @@ __all__ = [
     "tuning_off_reason",
 ]
 
-THREAD_TUNING_ENV = "LORAJOBS_THREAD_TUNING"  # "off" (or 0/false/no) disables the tuner
-OFF_VALUES = frozenset({"off", "0", "false", "no"})
+THREAD_TUNING_ENV = "LORAJOBS_THREAD_TUNING"  # "on" (or 1/true/yes) enables the tuner
+ON_VALUES = frozenset({"on", "1", "true", "yes"})
 # 3 counted steps per count: the counts this is for differ by 1.5-8x per token (bench/README),
 # far beyond step-to-step noise; more steps would only make a wrong count cost more.
 WINDOW_STEPS = 3
@@ -304,9 +308,11 @@ def _ladder(n: int) -> list[int]:
 
 def tuning_off_reason(env: Mapping[str, str], *, cuda: bool, world_size: int,
                       threads: int) -> str | None:
-    """Why the tuner must not run here, or None: it runs."""
-    if env.get(THREAD_TUNING_ENV, "").strip().lower() in OFF_VALUES:
-        return f"{THREAD_TUNING_ENV}={env[THREAD_TUNING_ENV]}"
+    """Why the tuner must not run here, or None: it runs. Off unless THREAD_TUNING_ENV is on
+    (Settings.trainer_thread_tuning): on a quiet machine it measured 0.59-0.61x of torch's
+    default count (bench/README.md), so it is for workers on oversubscribed machines."""
+    if env.get(THREAD_TUNING_ENV, "").strip().lower() not in ON_VALUES:
+        return f"{THREAD_TUNING_ENV} is not on (off by default)"
     if env.get("OMP_NUM_THREADS", "").strip():
         return f"pinned: OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     if cuda:

@@ -198,12 +198,14 @@ class Settings(BaseSettings):
     # Python used to run the trainer child (`python -m lora_core run`); default: this one.
     trainer_python: str | None = None
     torchrun: str | None = None
-    # The trainer's CPU threads: None (default) = chosen by measurement while it trains, one
-    # thread on an oversubscribed machine, all cores on a quiet one
-    # (lora_core/training/thread_tuner.py; LORAJOBS_THREAD_TUNING=off in the worker's
-    # environment leaves torch's default); an int pins OMP/MKL threads to it, and reruns of a
-    # spec are then bit-identical.
+    # The trainer's CPU threads: None (default) = torch's default (all cores); an int pins
+    # OMP/MKL threads to it, and reruns of a spec are then bit-identical.
     trainer_threads: int | None = None
+    # With trainer_threads None: let the trainer choose its count by measurement while it trains
+    # (lora_core/training/thread_tuner.py): one thread where busy neighbours oversubscribe the
+    # cores (2 threads ran 2.9-8.5x slower there). Off by default: on a quiet machine it kept 1
+    # thread where 2 were 1.7x faster (bench/README.md, "Thread count by measurement").
+    trainer_thread_tuning: bool = False
     # Fork single-process trainers from a pre-warmed zygote that has imported torch,
     # transformers and peft once per worker (lorajobs/worker/prewarm.py): a job's `started`
     # comes ~4 s sooner (bench/LATENCY.md), for ~0.4 GB of resident memory per worker. Not used

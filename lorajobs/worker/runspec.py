@@ -47,6 +47,7 @@ STOP_FILE_NAME = "STOP"
 NVIDIA_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
 DEV_DIR = Path("/dev")
 # Thread-count variables honoured by torch, OpenMP, MKL and the HF tokenizers.
+THREAD_TUNING_ENV = "LORAJOBS_THREAD_TUNING"  # lora_core.training.thread_tuner's switch
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "LORAJOBS_TRAINER_THREADS")
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
@@ -270,4 +271,6 @@ def trainer_env(settings: Settings) -> dict[str, str]:
     if settings.trainer_threads:
         for name in THREAD_ENV_VARS:
             env[name] = str(settings.trainer_threads)
+    elif settings.trainer_thread_tuning:
+        env[THREAD_TUNING_ENV] = "on"  # read by lora_core/training/thread_tuner.py
     return env

@@ -170,15 +170,19 @@ def test_message_names_the_counts() -> None:
         "threads 1 -> 2: 1 thread took 1.7x as long per token as 2"
 
 
+ON = {tt.THREAD_TUNING_ENV: "on"}
+
+
 @pytest.mark.parametrize(("env", "cuda", "world", "threads", "reason"), [
-    ({}, False, 1, 2, None),
-    ({"OPENBLAS_NUM_THREADS": "1"}, False, 1, 2, None),  # the worker's fork-safety setting
-    ({"OMP_NUM_THREADS": "2"}, False, 1, 2, "pinned"),
-    ({tt.THREAD_TUNING_ENV: "off"}, False, 1, 2, "LORAJOBS_THREAD_TUNING"),
-    ({tt.THREAD_TUNING_ENV: "0"}, False, 1, 2, "LORAJOBS_THREAD_TUNING"),
-    ({}, True, 1, 2, "CUDA"),
-    ({}, False, 2, 2, "processes"),
-    ({}, False, 1, 1, "1 thread"),
+    (ON, False, 1, 2, None),
+    ({tt.THREAD_TUNING_ENV: "1"}, False, 1, 2, None),
+    ({**ON, "OPENBLAS_NUM_THREADS": "1"}, False, 1, 2, None),  # the worker's fork-safety one
+    ({**ON, "OMP_NUM_THREADS": "2"}, False, 1, 2, "pinned"),
+    ({}, False, 1, 2, "off by default"),
+    ({tt.THREAD_TUNING_ENV: "off"}, False, 1, 2, "off by default"),
+    ({**ON}, True, 1, 2, "CUDA"),
+    ({**ON}, False, 2, 2, "processes"),
+    ({**ON}, False, 1, 1, "1 thread"),
 ])
 def test_when_it_runs(env: dict[str, str], cuda: bool, world: int, threads: int,
                       reason: str | None) -> None:
@@ -193,7 +197,7 @@ def test_real_train_runs_it_and_restores_the_thread_count(
     from lora_core.spec import RunSpec
     from lora_core.training.trainer import train
 
-    monkeypatch.delenv(tt.THREAD_TUNING_ENV, raising=False)  # tests/conftest.py turns it off
+    monkeypatch.setenv(tt.THREAD_TUNING_ENV, "on")  # off by default (tests/conftest.py too)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     tuners: list[ThreadTuner] = []
     seen: list[tuple[int, int]] = []  # (count torch ran the step on, count the tuner asked)

@@ -80,20 +80,23 @@ def test_a_job_wider_than_the_worker_fails_at_claim_as_a_user_error(tmp_path: Pa
     assert trainer_starts(settings, job_id) == []
 
 
-def test_trainer_threads_unset_leaves_the_count_to_the_trainers_tuner(
+def test_thread_tuning_is_off_unless_settings_turn_it_on_and_a_pinned_count_wins(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings.trainer_threads None: no OMP_NUM_THREADS, so the trainer measures its count
-    (lora_core.training.thread_tuner); an int pins it. A pre-warmed trainer gets this same
-    environment (prewarm.spawn), so it decides as a cold one does."""
+    """Settings.trainer_thread_tuning turns the trainer's tuner on through its environment
+    (lora_core.training.thread_tuner); trainer_threads pins and so keeps it off. A pre-warmed
+    trainer gets this same environment (prewarm.spawn), so it decides as a cold one does."""
     from lora_core.training.thread_tuner import THREAD_TUNING_ENV, tuning_off_reason
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(THREAD_TUNING_ENV, raising=False)  # tests/conftest.py sets it
 
-    def reason(settings: Settings) -> str | None:
+    def reason(**fields: object) -> str | None:
+        settings = Settings(data_dir=tmp_path, **fields)  # type: ignore[arg-type]
         return tuning_off_reason(trainer_env(settings), cuda=False, world_size=1, threads=2)
 
-    assert reason(Settings(data_dir=tmp_path)) is None
-    assert "OMP_NUM_THREADS=2" in (reason(Settings(data_dir=tmp_path, trainer_threads=2)) or "")
-    monkeypatch.setenv(THREAD_TUNING_ENV, "off")  # the operator's switch, in the worker's env
-    assert reason(Settings(data_dir=tmp_path)) is not None
+    assert "off by default" in (reason() or "")
+    assert reason(trainer_thread_tuning=True) is None
+    pinned = Settings(data_dir=tmp_path, trainer_thread_tuning=True, trainer_threads=2)
+    env = trainer_env(pinned)
+    assert env["OMP_NUM_THREADS"] == "2" and THREAD_TUNING_ENV not in env
+    assert reason(trainer_thread_tuning=True, trainer_threads=2) is not None
