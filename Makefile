@@ -25,8 +25,10 @@ demo: install
 # re-run at seconds.
 # The suite runs in TEST_WORKERS processes, a test file each at a time (`--dist loadfile`: a
 # file's servers and fixtures stay in one process). Most tests wait on real subprocesses
-# (servers, workers, trainers), so 3 processes keep 2 cores busy (4 ran the suite in 10:13 against
-# 11:24 for 3, fresh clones, 2026-12-06, but with more load-dependent failures); every test owns its ports,
+# (servers, workers, trainers), so 3 processes keep 2 cores busy (954 tests in 9:35 from a fresh clone;
+# `make test` in a built checkout 9:53 in all;
+# quiet 2-core box, 2026-12-06; 4 processes were ~70 s faster on an earlier suite but showed more
+# load-dependent failures); every test owns its ports,
 # databases, Redis db number and directories. The longest files start first (tests/conftest.py,
 # LONGEST_FIRST; --no-loadscope-reorder keeps that order). The 10 slowest are listed at the end.
 TEST_WORKERS ?= 3
