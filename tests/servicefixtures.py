@@ -81,6 +81,20 @@ def api_in_thread(settings: Any, *, timeout: float = 30.0) -> Iterator[str]:
         thread.join(timeout)
 
 
+def migrated_tenant_key(settings: Any) -> str:
+    """Migrate `settings`' database and create one tenant with one API key; the key."""
+    from lorajobs.core import keys
+    from lorajobs.core.db import get_sessionmaker
+    from lorajobs.core.migrate import upgrade
+
+    upgrade(settings)
+    with get_sessionmaker(settings)() as session:
+        tenant = keys.create_tenant(session, name="t")
+        _, key = keys.create_key(session, tenant_id=tenant.id)
+        session.commit()
+    return key
+
+
 def _claim_redis_db(base_url: str) -> tuple[str, int]:
     import redis
 

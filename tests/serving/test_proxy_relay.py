@@ -16,11 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorajobs.core import keys
-from lorajobs.core.db import get_sessionmaker
-from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
-from tests.servicefixtures import api_in_thread
+from tests.servicefixtures import api_in_thread, migrated_tenant_key
 
 HANG_GUARD_S = 30.0  # a relay that buffers or never lets go fails here, instead of hanging
 
@@ -61,11 +58,7 @@ def proxy(tmp_path: Path) -> Iterator[tuple[str, str, SilentAfterFirstEvent]]:
     settings = Settings(data_dir=tmp_path / "data", serving_targets=[
         {"name": "t", "urls": [upstream.url], "base_models": ["tiny"],
          "adapter_dir": str(tmp_path / "adapters")}])
-    upgrade(settings)
-    with get_sessionmaker(settings)() as session:
-        tenant = keys.create_tenant(session, name="t")
-        _, key = keys.create_key(session, tenant_id=tenant.id)
-        session.commit()
+    key = migrated_tenant_key(settings)
     try:
         with api_in_thread(settings, timeout=HANG_GUARD_S) as base_url:
             yield base_url, key, upstream

@@ -21,12 +21,9 @@ from typing import BinaryIO
 
 import httpx
 
-from lorajobs.core import keys
-from lorajobs.core.db import get_sessionmaker
-from lorajobs.core.migrate import upgrade
 from lorajobs.core.settings import Settings
 from lorajobs.localserver import free_port
-from tests.servicefixtures import api_in_thread
+from tests.servicefixtures import api_in_thread, migrated_tenant_key
 
 HANG_GUARD_S = 30.0  # a hang fails the test instead of the suite
 SERVER_KEY = "server-secret"
@@ -92,11 +89,7 @@ def proxy_to(tmp_path: Path, *urls: str, read_timeout: float = 600) -> Iterator[
                         serving_targets=[{"name": "t", "urls": list(urls), "api_key": SERVER_KEY,
                                           "base_models": ["tiny"],
                                           "adapter_dir": str(home / "adapters")}])
-    upgrade(settings)
-    with get_sessionmaker(settings)() as session:
-        tenant = keys.create_tenant(session, name="t")
-        _, key = keys.create_key(session, tenant_id=tenant.id)
-        session.commit()
+    key = migrated_tenant_key(settings)
     with api_in_thread(settings, timeout=HANG_GUARD_S) as base_url, \
             httpx.Client(base_url=f"{base_url}/openai/v1", timeout=HANG_GUARD_S,
                          headers={"Authorization": f"Bearer {key}"}) as client:
@@ -228,18 +221,13 @@ def test_an_answer_that_is_not_http_or_none_at_all_is_a_clear_502(tmp_path: Path
     def closes(server: RawServer, rfile: BinaryIO, conn: socket.socket, _: int) -> None:
         server.read_request(rfile)  # then closes without a byte
 
-    with raw_server(not_http) as bad, proxy_to(tmp_path, bad.url) as client:
-        resp = client.post("/chat/completions", content=CHAT)
-        assert resp.status_code == 502, resp.text
-        error = resp.json()["error"]
-        assert error["code"] == "serving_unavailable"
-        assert "not HTTP" in error["message"] and bad.url in error["message"]
-    with raw_server(closes) as mute, proxy_to(tmp_path, mute.url) as client:
-        resp = client.post("/chat/completions", content=CHAT)
-        assert resp.status_code == 502, resp.text
-        error = resp.json()["error"]
-        assert error["code"] == "serving_unavailable"
-        assert "closed the connection" in error["message"] and mute.url in error["message"]
+    for handler, said in ((not_http, "not HTTP"), (closes, "closed the connection")):
+        with raw_server(handler) as server, proxy_to(tmp_path, server.url) as client:
+            resp = client.post("/chat/completions", content=CHAT)
+            assert resp.status_code == 502, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "serving_unavailable"
+            assert said in error["message"] and server.url in error["message"]
 
 
 def test_a_refused_connection_goes_to_the_next_server_then_is_a_502(tmp_path: Path) -> None:
