@@ -40,6 +40,7 @@ __all__ = [
     "JobSender",
     "broker_ok",
     "pending_messages",
+    "declare_job_queue",
 ]
 
 log = logging.getLogger(__name__)
@@ -269,3 +270,15 @@ def pending_messages(settings: Settings | None = None) -> int | None:
     except Exception as exc:  # noqa: BLE001 - not knowing means "re-send to be safe"
         log.info("cannot count pending messages: %s", exc)
         return None
+
+
+def declare_job_queue(settings: Settings) -> None:
+    """Create the job queue on the broker before the processes that share it start.
+
+    kombu's SQLAlchemy transport (the embedded broker) creates a queue's row on first use by a
+    select then an insert: an API publishing and a worker consuming for the first time at once
+    can both insert, and the loser fails on `UNIQUE kombu_queue.name` (seen in CI: `lorajobs
+    serve`'s worker died at start and every job stayed queued). Declared once here, by the one
+    process that starts the others, both find the row."""
+    with get_celery_app(settings).connection_for_write() as conn:
+        conn.default_channel.queue_declare(queue=QUEUE_NAME)  # type: ignore[attr-defined]

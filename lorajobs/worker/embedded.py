@@ -25,6 +25,7 @@ import threading
 from lorajobs.core.db import get_sessionmaker
 from lorajobs.core.keys import ensure_admin_key
 from lorajobs.core.migrate import upgrade
+from lorajobs.core.queue import declare_job_queue
 from lorajobs.core.settings import Settings, get_settings
 from lorajobs.core.storage import private_dir, use_private_umask
 from lorajobs.worker.main import settings_env
@@ -89,6 +90,7 @@ def serve(settings: Settings | None = None, host: str | None = None,
     # The API process builds its settings from the environment (create_app is a factory).
     os.environ.update(settings_env(settings))
     get_settings.cache_clear()
+    declare_job_queue(settings)  # before the worker and the API race to create it
     worker = start_worker_process(settings)
     stop = threading.Event()
     reaper = threading.Thread(target=run_reaper_loop, args=(settings, stop), daemon=True,
